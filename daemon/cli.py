@@ -1,0 +1,60 @@
+"""The `conflux` command line. Each subcommand lives in the module that owns it.
+
+A subcommand module exposes ``configure_parser(parser)`` and ``run(args) -> int``; modules are
+imported only when their command runs, so `conflux --help` stays fast and a broken optional
+dependency only breaks the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("daemon.run_command", "run the supervisor and its worker pools"),
+    "config": ("daemon.config_command", "validate a config file and print the effective config"),
+    "dlq": ("daemon.dlq_command", "list, show, replay or purge dead-letter entries"),
+    "demo": ("demo.demo_command", "run the whole demo: upstream, analytics sink and daemon"),
+    "upstream": ("demo.upstream", "serve the demo upstream CRM/inventory APIs"),
+    "analytics": ("demo.analytics", "serve the demo analytics sink"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to configure its arguments."""
+    parser = argparse.ArgumentParser(prog="conflux", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module_name)
+        if name == command:
+            _configure(module_name, sub_parser)
+    return parser
+
+
+def _configure(module_name: str, parser: argparse.ArgumentParser) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        parser.set_defaults(_missing=True)
+        return
+    module.configure_parser(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    if getattr(args, "_missing", False):
+        print(f"conflux: '{args.command}' is not available in this build", file=sys.stderr)
+        return 2
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
