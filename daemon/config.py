@@ -1,0 +1,446 @@
+"""Configuration: one frozen, typed object loaded from TOML, overridden by the environment.
+
+Loaded by the supervisor at start and on SIGHUP, and by the CLI commands. Every error names the
+field it is about (``sources[1].page_size: ...``) so a broken file is fixed at a glance. Workers
+receive the already-validated object across fork and never parse files themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from daemon.errors import ConfigError
+
+PaginationStyle = Literal["page", "offset", "cursor", "link", "watermark"]
+SECRET_FIELD = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key)$", re.IGNORECASE)
+ENV_PREFIX = "CONFLUX_"
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base for config sections: immutable, keyword-only, unknown keys are errors."""
+
+
+class LogConfig(_Section):
+    backend: Literal["embedded", "kafka"] = "embedded"
+    path: str = "var/conflux.db"
+    partitions: int = 4
+    # "normal" survives a crash of any Conflux process; "full" also survives power loss (fsync per commit).
+    synchronous: Literal["normal", "full"] = "normal"
+    retention_s: float = 3600.0
+    bootstrap_servers: str = ""
+    group: str = "conflux"
+    topic_prefix: str = ""
+    replication_factor: int = 0  # 0 = min(3, number of brokers)
+
+    def __post_init__(self) -> None:
+        _require(self.partitions >= 1, "partitions must be >= 1")
+        _require(self.retention_s >= 0, "retention_s must be >= 0")
+        _require(self.replication_factor >= 0, "replication_factor must be >= 0")
+        if self.backend == "kafka":
+            _require(bool(self.bootstrap_servers), "bootstrap_servers is required when backend = \"kafka\"")
+
+
+class KafkaConfig(_Section):
+    """librdkafka settings passed through as they are; keys ending in _env/_file name a secret's source."""
+
+    producer: dict[str, str | int | float | bool] = {}
+    consumer: dict[str, str | int | float | bool] = {}
+    admin: dict[str, str | int | float | bool] = {}
+
+
+class PaginationConfig(_Section):
+    """Query parameter and response field names; the defaults are the demo upstream's."""
+
+    records_path: str = "data"
+    page_param: str = "page"
+    size_param: str = "size"
+    offset_param: str = "offset"
+    limit_param: str = "limit"
+    cursor_param: str = "cursor"
+    next_cursor_field: str = "next_cursor"
+    has_more_field: str = "has_more"
+    total_field: str = "total"
+    updated_since_param: str = "updated_since"
+    after_key_param: str = "after_key"
+    first_page: int = 1
+
+
+class AuthConfig(_Section):
+    type: Literal["bearer", "header", "basic", "oauth2"]
+    token_env: str = ""
+    token_file: str = ""
+    header: str = ""
+    value_env: str = ""
+    value_file: str = ""
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    token_url: str = ""
+    client_id: str = ""
+    client_secret_env: str = ""
+    client_secret_file: str = ""
+    scope: str = ""
+
+
+class SourceConfig(_Section):
+    name: str
+    url: str
+    key: str = "id"
+    updated: str = "updated_at"
+    pagination: PaginationStyle = "page"
+    page_size: int = 500
+    poll_interval_s: float = 10.0
+    full_sync_interval_s: float = 3600.0
+    topic: str = ""
+    max_concurrency: int = 4
+    rate_limit_rps: float = 0.0  # 0 = unlimited
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    headers: dict[str, str] = {}
+    verify_tls: bool = True
+    ca_file: str = ""
+    webhook_secret: str = ""
+    webhook_secret_env: str = ""
+    webhook_max_bytes: int = 1 << 20
+    pagination_options: PaginationConfig = msgspec.field(default_factory=PaginationConfig, name="pagination_fields")
+    auth: AuthConfig | None = None
+
+    def __post_init__(self) -> None:
+        _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
+                 f"name {self.name!r} may only hold letters, digits, '_', '.' and '-'")
+        _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
+        _require(1 <= self.page_size <= 100_000, "page_size must be between 1 and 100000")
+        _require(self.poll_interval_s > 0, "poll_interval_s must be > 0")
+        _require(self.full_sync_interval_s > 0, "full_sync_interval_s must be > 0")
+        _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
+        _require(self.rate_limit_rps >= 0, "rate_limit_rps must be >= 0")
+        _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeout_s and connect_timeout_s must be > 0")
+        _require(self.webhook_max_bytes >= 1, "webhook_max_bytes must be >= 1")
+
+
+class SinkConfig(_Section):
+    url: str = "http://127.0.0.1:8082/ingest"
+    batch_size: int = 1000
+    flush_interval_s: float = 1.0
+    timeout_s: float = 30.0
+    max_in_flight: int = 2
+    # Per merger: records held while the sink is slow or down; past it the merger stops reading.
+    max_pending_records: int = 50_000
+    token: str = ""
+    token_env: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
+        _require(self.batch_size >= 1, "batch_size must be >= 1")
+        _require(self.flush_interval_s > 0, "flush_interval_s must be > 0")
+        _require(self.max_in_flight >= 1, "max_in_flight must be >= 1")
+        _require(self.max_pending_records >= self.batch_size, "max_pending_records must be >= batch_size")
+
+
+class RetryConfig(_Section):
+    """Exponential backoff with full jitter, and the circuit breaker, for upstream and sink calls."""
+
+    base_s: float = 0.2
+    max_s: float = 30.0
+    max_attempts: int = 8  # per upstream request; the sink retries until it answers
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        _require(0 < self.base_s <= self.max_s, "base_s must be > 0 and <= max_s")
+        _require(self.max_attempts >= 1, "max_attempts must be >= 1")
+        _require(self.breaker_failures >= 1, "breaker_failures must be >= 1")
+        _require(self.breaker_cooldown_s > 0, "breaker_cooldown_s must be > 0")
+
+
+def _default_pool_size() -> int:
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class WorkersConfig(_Section):
+    fetchers: int = 1
+    consumers: int = msgspec.field(default_factory=_default_pool_size)
+    mergers: int = msgspec.field(default_factory=_default_pool_size)
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 30.0
+    restart_backoff_max_s: float = 30.0
+    # A slot that crashes this often within the window goes FATAL instead of respawning.
+    max_restarts: int = 5
+    restart_window_s: float = 60.0
+    ring_bytes: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        for role in ("fetchers", "consumers", "mergers"):
+            _require(1 <= getattr(self, role) <= 64, f"{role} must be between 1 and 64")
+        _require(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s,
+                 "heartbeat_timeout_s must be more than twice heartbeat_interval_s")
+        _require(self.ring_bytes >= 1 << 16, "ring_bytes must be >= 65536")
+
+
+class ControlConfig(_Section):
+    listen: str = "127.0.0.1:9108"
+    token: str = ""
+    token_env: str = ""
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        _require(bool(sep) and bool(host) and port.isdigit() and int(port) < 65536,
+                 f"listen must be HOST:PORT, got {self.listen!r}")
+
+
+class DaemonConfig(_Section):
+    state_dir: str = "var"
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(self.shutdown_timeout_s > 0, "shutdown_timeout_s must be > 0")
+
+
+class Config(_Section):
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    sources: list[SourceConfig] = []
+    sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+
+    def __post_init__(self) -> None:
+        names = [source.name for source in self.sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        _require(not duplicates, f"sources: duplicate source names {duplicates}")
+
+    def source(self, name: str) -> SourceConfig:
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise KeyError(name)
+
+    def topic_of(self, source: SourceConfig) -> str:
+        return source.topic or f"{self.log.topic_prefix}{source.name}"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | None = None) -> Config:
+    """Read ``path`` (TOML; None = defaults), apply CONFLUX_* overrides, validate, resolve paths."""
+    environ = dict(os.environ) if environ is None else environ
+    raw = _read_toml(Path(path)) if path is not None else {}
+    raw = _rename_pagination_tables(raw)
+    _apply_env_overrides(raw, environ)
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe_validation_error(str(exc))) from None
+    _check_secret_sources(config, environ)
+    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    return _resolve_paths(config, base_dir)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _rename_pagination_tables(raw: dict[str, Any]) -> dict[str, Any]:
+    """`[sources.pagination]` (a table) shares its name with the `pagination` style (a string)."""
+    for source in raw.get("sources", []) if isinstance(raw.get("sources"), list) else []:
+        if isinstance(source, dict) and isinstance(source.get("pagination"), dict):
+            table = source.pop("pagination")
+            if "style" in table:
+                source["pagination"] = table.pop("style")
+            source["pagination_fields"] = table
+    return raw
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    """CONFLUX_<SECTION>_<KEY>=value, and CONFLUX_SOURCES_<NAME>_<KEY>=value for one source."""
+    sections = {name for name in Config.__struct_fields__ if name != "sources"}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section in sections and key:
+            raw.setdefault(section, {})
+            if isinstance(raw[section], dict):
+                raw[section][key] = _parse_env_value(value)
+        elif section == "sources" and key:
+            _override_source(raw, key, value)
+
+
+def _override_source(raw: dict[str, Any], rest: str, value: str) -> None:
+    for source in raw.get("sources", []):
+        source_name = str(source.get("name", "")).lower().replace("-", "_").replace(".", "_")
+        if rest.startswith(source_name + "_"):
+            source[rest[len(source_name) + 1:]] = _parse_env_value(value)
+            return
+
+
+def _parse_env_value(value: str) -> Any:
+    """Environment values are TOML literals when they parse as one (4, true, 1.5), else strings."""
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _describe_validation_error(message: str) -> str:
+    """'Expected `int`, got `str` - at `$.sources[0].page_size`' -> 'sources[0].page_size: ...'."""
+    match = re.search(r"^(.*) - at `\$\.?(.*)`$", message)
+    if not match:
+        return f"config: {message}"
+    text, where = match.groups()
+    unknown = re.match(r"Object contains unknown field `(.+)`", text)
+    if unknown:
+        field = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        return f"{field}: unknown key"
+    return f"{where or 'config'}: {text}"
+
+
+def _check_secret_sources(config: Config, environ: dict[str, str]) -> None:
+    """A secret named by an env var or a file must exist now, not on the first request at 3 a.m."""
+    for index, source in enumerate(config.sources):
+        where = f"sources[{index}] ({source.name})"
+        if source.webhook_secret_env:
+            _require_env(environ, source.webhook_secret_env, f"{where}.webhook_secret_env")
+        if source.auth is not None:
+            _check_auth(source.auth, environ, f"{where}.auth")
+    if config.sink.token_env:
+        _require_env(environ, config.sink.token_env, "sink.token_env")
+    if config.control.token_env:
+        _require_env(environ, config.control.token_env, "control.token_env")
+
+
+def _check_auth(auth: AuthConfig, environ: dict[str, str], where: str) -> None:
+    needed = {
+        "bearer": [("token_env", "token_file")],
+        "header": [("value_env", "value_file")],
+        "basic": [("password_env", "password_file")],
+        "oauth2": [("client_secret_env", "client_secret_file")],
+    }[auth.type]
+    for env_field, file_field in needed:
+        env_name, file_name = getattr(auth, env_field), getattr(auth, file_field)
+        if not env_name and not file_name:
+            raise ConfigError(f"{where}: type {auth.type!r} needs {env_field} or {file_field}")
+        if env_name:
+            _require_env(environ, env_name, f"{where}.{env_field}")
+        elif not Path(file_name).is_file():
+            raise ConfigError(f"{where}.{file_field}: file {file_name!r} does not exist")
+    if auth.type == "header" and not auth.header:
+        raise ConfigError(f"{where}.header: required for type 'header'")
+    if auth.type == "basic" and not auth.username:
+        raise ConfigError(f"{where}.username: required for type 'basic'")
+    if auth.type == "oauth2" and not (auth.token_url and auth.client_id):
+        raise ConfigError(f"{where}: type 'oauth2' needs token_url and client_id")
+
+
+def _require_env(environ: dict[str, str], name: str, where: str) -> None:
+    if not environ.get(name):
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    """Relative paths in the file are relative to the file, not to wherever the daemon was started."""
+    state_dir = _absolute(config.daemon.state_dir, base_dir)
+    log_path = config.log.path if config.log.path == ":memory:" else _absolute(config.log.path, base_dir)
+    return msgspec.structs.replace(
+        config,
+        daemon=msgspec.structs.replace(config.daemon, state_dir=state_dir),
+        log=msgspec.structs.replace(config.log, path=log_path),
+    )
+
+
+def _absolute(value: str, base_dir: Path) -> str:
+    path = Path(value)
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Presenting
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, secrets shown as '***', in the shape the file is written in."""
+    data = _redact(msgspec.to_builtins(config))
+    for source in data["sources"]:
+        source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
+        if source.get("auth") is None:
+            source.pop("auth", None)
+    return data
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(item, key) for item in value]
+    if value and isinstance(value, str) and SECRET_FIELD.search(key.replace(".", "_")):
+        return "***"
+    return value
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A small TOML writer for `conflux config check` output (tables, arrays of tables, scalars)."""
+    lines: list[str] = []
+    _write_table(lines, [], data)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _write_table(lines: list[str], path: list[str], table: dict[str, Any]) -> None:
+    scalars = {k: v for k, v in table.items() if not _is_table(v) and not _is_table_array(v)}
+    for key, value in scalars.items():
+        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in table.items():
+        if _is_table(value):
+            lines.extend(["", f"[{'.'.join(_toml_key(p) for p in [*path, key])}]"])
+            _write_table(lines, [*path, key], value)
+        elif _is_table_array(value):
+            for item in value:
+                lines.extend(["", f"[[{'.'.join(_toml_key(p) for p in [*path, key])}]]"])
+                _write_table(lines, [*path, key], item)
+
+
+def _is_table(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else msgspec.json.encode(key).decode()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return '""'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return msgspec.json.encode(value).decode()

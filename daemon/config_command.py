@@ -1,0 +1,33 @@
+"""`conflux config check -c F`: validate a config file and print the effective config (secrets as ***)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = sub.add_parser("check", help="validate the file and print the effective config")
+    check.add_argument("-c", "--config", required=True, help="TOML config file")
+    check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+
+
+def run(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from daemon.config import load_config, redacted, to_toml
+    from daemon.errors import ConfigError, ExitCode
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"conflux: config error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    data = redacted(config)
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(data)).decode())
+    else:
+        print(f"# {args.config}: valid\n")
+        print(to_toml(data), end="")
+    return 0

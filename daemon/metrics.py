@@ -1,0 +1,73 @@
+"""Every Prometheus series Conflux exports, defined once.
+
+prometheus-client runs in multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set by the supervisor
+before anything imports prometheus_client, each process writes its own mmap'd files, and the
+control process aggregates them for ``/metrics``. The metric objects below are created at import
+(before fork) and hold no files until first used; prometheus-client notices the new pid in a
+child and opens that child's own files. When a worker dies, the supervisor calls
+``mark_process_dead`` so its live gauges vanish.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+STAGE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+records_fetched = Counter("conflux_records_fetched_total", "Records read from upstream pages and webhooks",
+                          ["source"])
+records_delivered = Counter("conflux_records_delivered_total", "Records the sink acknowledged", ["source"])
+messages_processed = Counter("conflux_messages_processed_total", "Log messages consumed and routed", ["topic"])
+messages_failed = Counter("conflux_messages_failed_total", "Log messages that could not be processed", ["topic"])
+processing_duration = Histogram("conflux_processing_duration_seconds", "Time spent per unit of work, by stage",
+                                ["stage"], buckets=STAGE_BUCKETS_S)
+dedup_skipped = Counter("conflux_dedup_skipped_total", "Records or messages skipped as duplicates", ["reason"])
+dlq_records = Counter("conflux_dlq_records_total", "Records sent to the dead-letter queue", ["source", "reason"])
+sync_lag = Gauge("conflux_sync_lag_seconds", "Now minus the watermark of the last completed sync", ["source"],
+                 multiprocess_mode="livemostrecent")
+last_sync_timestamp = Gauge("conflux_last_sync_timestamp_seconds", "When the last sync of a source completed",
+                            ["source"], multiprocess_mode="livemostrecent")
+consumer_lag = Gauge("conflux_consumer_lag", "Messages not yet committed, per partition", ["topic", "partition"],
+                     multiprocess_mode="livemostrecent")
+upstream_request_duration = Histogram("conflux_upstream_request_duration_seconds", "Upstream HTTP requests",
+                                      ["source", "status"], buckets=REQUEST_BUCKETS_S)
+sink_request_duration = Histogram("conflux_sink_request_duration_seconds", "Sink HTTP requests", ["status"],
+                                  buckets=REQUEST_BUCKETS_S)
+circuit_state = Gauge("conflux_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["target"],
+                      multiprocess_mode="livemostrecent")
+worker_restarts = Counter("conflux_worker_restarts_total", "Workers restarted after they died", ["role"])
+workers = Gauge("conflux_workers", "Worker slots by role and state", ["role", "state"],
+                multiprocess_mode="livemostrecent")
+queue_depth = Gauge("conflux_queue_depth", "Items waiting in internal queues", ["queue"],
+                    multiprocess_mode="livesum")
+upstream_retries = Counter("conflux_upstream_retries_total", "Upstream requests retried", ["source", "reason"])
+sink_retries = Counter("conflux_sink_retries_total", "Sink deliveries retried", ["reason"])
+webhook_requests = Counter("conflux_webhook_requests_total", "Webhook requests by outcome", ["source", "status"])
+
+CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def prepare_directory(path: str) -> None:
+    """Supervisor, at start: an empty directory for this run's metric files, exported to every child."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def mark_dead(pid: int) -> None:
+    """Supervisor, after reaping a worker: drop its live gauges (its counters stay in the totals)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
+
+
+def render() -> bytes:
+    """Control process: the aggregated exposition of every process's files."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)

@@ -1,0 +1,32 @@
+"""`conflux run -c conflux.toml`: start the supervisor in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="TOML config file (default: built-in defaults)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from daemon import logs
+    from daemon.config import load_config
+    from daemon.errors import ConfigError, ExitCode
+    from daemon.secrets import known_secrets
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"conflux: config error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    logs.setup("supervisor", fmt=config.daemon.log_format, level=config.daemon.log_level,
+               secrets=known_secrets(config))
+    from daemon.supervisor import Supervisor
+
+    try:
+        return Supervisor(config, args.config).run()
+    except ConfigError as exc:
+        print(f"conflux: config error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR

@@ -1,0 +1,59 @@
+"""Secrets come from the environment or from files, are read where they are used, and are never logged.
+
+Reading happens after fork in the process that needs the value (and again on SIGHUP), so a rotated
+file takes effect on reload. ``known_secrets`` collects every value the config points at, so the
+log formatter can blank them out wherever they might appear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from daemon.config import Config
+from daemon.errors import ConfigError
+
+
+def read_secret(*, env: str = "", file: str = "", literal: str = "", what: str = "secret") -> str:
+    """The value from ``env``, else from ``file`` (trailing newline stripped), else ``literal``."""
+    if env:
+        value = os.environ.get(env, "")
+        if not value:
+            raise ConfigError(f"{what}: environment variable {env} is not set")
+        return value
+    if file:
+        try:
+            return Path(file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot read {file}: {exc.strerror}") from None
+    return literal
+
+
+def known_secrets(config: Config) -> list[str]:
+    """Every secret value this config refers to, for log redaction. Unreadable ones are skipped."""
+    values = [config.sink.token, config.control.token]
+    names = [config.sink.token_env, config.control.token_env]
+    files: list[str] = []
+    for source in config.sources:
+        values.append(source.webhook_secret)
+        names.append(source.webhook_secret_env)
+        values.extend(v for k, v in source.headers.items() if "auth" in k.lower() or "key" in k.lower())
+        if source.auth is not None:
+            auth = source.auth
+            names.extend([auth.token_env, auth.value_env, auth.password_env, auth.client_secret_env])
+            files.extend([auth.token_file, auth.value_file, auth.password_file, auth.client_secret_file])
+    for settings in (config.kafka.producer, config.kafka.consumer, config.kafka.admin):
+        for key, value in settings.items():
+            if key.endswith("_env"):
+                names.append(str(value))
+            elif key.endswith("_file"):
+                files.append(str(value))
+            elif "password" in key or "secret" in key:
+                values.append(str(value))
+    values.extend(os.environ.get(name, "") for name in names if name)
+    for file in files:
+        if file:
+            with contextlib.suppress(OSError):
+                values.append(Path(file).read_text().rstrip("\r\n"))
+    return sorted({value for value in values if value}, key=len, reverse=True)

@@ -1,0 +1,197 @@
+"""Every message that crosses a process boundary, as typed, tagged msgspec Structs.
+
+Three channels, three unions:
+- the log carries ``Batch`` (JSON, so records stay ``msgspec.Raw`` bytes end to end);
+- the shared-memory rings carry ``RingFrame`` (consumer -> merger) and ``AckFrame`` (merger -> consumer);
+- the supervisor's socketpair with each worker carries ``ControlMessage`` (msgpack).
+Hot-path Structs are ``array_like`` (no field names on the wire) and ``gc=False`` where they hold no
+cycles. Codecs for them are built once in ``ipc.codec``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import Raw, Struct
+
+SyncType = Literal["full", "incremental", "webhook", "replay"]
+
+# ---------------------------------------------------------------------------------------------
+# The log
+
+
+class Batch(Struct, array_like=True, gc=False, tag="batch"):
+    """Records of one source for one partition. Columns, not per-record objects: a batch of 500
+    records is ten lists, and every record's JSON stays as the upstream sent it."""
+
+    message_id: str
+    source: str
+    sync: str
+    created_us: int
+    keys: list[str]
+    updated: list[str]        # the upstream's own timestamp text, forwarded to the sink unchanged
+    updated_us: list[int]     # the same instant as microseconds since the epoch, for ordering
+    hashes: list[int]         # xxh3-64 of each record's bytes: the content hash
+    key_hashes: list[int]     # xxh3-64 of each key: picks the partition and the merger
+    records: list[Raw]
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+
+class Position(Struct, array_like=True, frozen=True, gc=False):
+    """Where a message sits in the log."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Rings: consumer -> merger and merger -> consumer
+
+
+class MergeRecords(Struct, array_like=True, gc=False, tag="r"):
+    """The part of one log message that one merger owns, with the token to acknowledge."""
+
+    consumer: int
+    generation: int
+    position: Position
+    source: str
+    keys: list[str]
+    updated: list[str]
+    updated_us: list[int]
+    hashes: list[int]
+    records: list[Raw]
+
+
+class FlushNow(Struct, array_like=True, gc=False, tag="f"):
+    """A draining consumer asks the merger to deliver what it holds without waiting for the timer."""
+
+    consumer: int
+    generation: int
+
+
+RingFrame = MergeRecords | FlushNow
+
+
+class Acks(Struct, array_like=True, gc=False, tag="a"):
+    """The sink has taken (or dead-lettered) every record this merger got from these positions."""
+
+    generation: int
+    positions: list[Position]
+
+
+AckFrame = Acks
+
+# ---------------------------------------------------------------------------------------------
+# Dead letters
+
+
+class DeadLetter(Struct, kw_only=True, gc=False):
+    """One record that could not be delivered, with why and where it came from."""
+
+    id: str                   # stable for the same record and reason, so a repeat updates the entry
+    source: str
+    reason: str
+    stage: str                # "fetch" (malformed upstream record), "consume" or "sink"
+    record: Raw               # as received
+    key: str = ""
+    origin: str = ""          # upstream URL and page, or topic/partition/offset
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    attempts: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Control channel: supervisor <-> worker
+
+
+class Hello(Struct, tag="hello"):
+    role: str
+    index: int
+    pid: int
+
+
+class Heartbeat(Struct, tag="hb"):
+    """Sent from the worker's main loop, so a stuck loop stops heartbeating."""
+
+    sent_at: float
+    stats: dict[str, float] = {}
+
+
+class PartitionsOwned(Struct, tag="parts"):
+    partitions: list[tuple[str, int]]
+
+
+class PartitionLag(Struct, array_like=True):
+    topic: str
+    partition: int
+    committed: int
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end - self.committed)
+
+
+class LagReport(Struct, tag="lag"):
+    lags: list[PartitionLag]
+
+
+class SourceReport(Struct, kw_only=True, tag="source"):
+    """A fetcher's view of one source after each sync or state change."""
+
+    source: str
+    last_sync_at: float = 0.0
+    last_sync_type: str = ""
+    last_sync_result: str = ""
+    last_sync_records: int = 0
+    records_synced: int = 0
+    syncs_ok: int = 0
+    syncs_failed: int = 0
+    watermark: str = ""
+    breaker: str = "closed"
+    syncing: bool = False
+
+
+class SourcesOwned(Struct, tag="sources"):
+    sources: list[str]
+
+
+class SyncNow(Struct, tag="sync"):
+    """Supervisor -> fetcher (and control -> supervisor): start a sync of ``source`` now."""
+
+    source: str
+    full: bool = False
+
+
+class SyncAccepted(Struct, tag="sync_ok"):
+    source: str
+    accepted: bool
+    detail: str = ""
+
+
+class StatusRequest(Struct, tag="status?"):
+    """Control worker -> supervisor: send me a fresh status snapshot."""
+
+
+class StatusSnapshot(Struct, tag="status"):
+    """Supervisor -> control worker: the daemon's state, JSON-encoded once by the supervisor."""
+
+    body: bytes
+
+
+ControlMessage = (
+    Hello | Heartbeat | PartitionsOwned | LagReport | SourceReport | SourcesOwned | SyncNow | SyncAccepted
+    | StatusRequest | StatusSnapshot
+)
+
+__all__ = [
+    "AckFrame", "Acks", "Batch", "ControlMessage", "DeadLetter", "FlushNow", "Heartbeat", "Hello",
+    "LagReport", "MergeRecords", "PartitionLag", "PartitionsOwned", "Position", "RingFrame",
+    "SourceReport", "SourcesOwned", "StatusRequest", "StatusSnapshot", "SyncAccepted", "SyncNow",
+    "SyncType", "msgspec",
+]

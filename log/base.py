@@ -1,0 +1,123 @@
+"""The log interface: what the layers above need from a partitioned, durable log.
+
+Two backends implement it: ``log.embedded`` (SQLite on one host) and ``log.kafka`` (Apache Kafka).
+Fetchers and the control process publish through a ``LogProducer``; consumer processes read
+through a ``LogConsumer``; checkpoints (source watermarks) and dead letters have small stores of
+their own. Nothing above this interface knows which backend it runs on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, Protocol
+
+from ipc.messages import DeadLetter, PartitionLag, Position
+
+TopicPartition = tuple[str, int]
+
+
+class LogMessage(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    payload: bytes
+
+
+class OutgoingMessage(NamedTuple):
+    topic: str
+    partition: int
+    key: bytes
+    payload: bytes
+
+
+class LogProducer(Protocol):
+    """Used from one asyncio loop. ``publish`` returns once every message is durable in the log."""
+
+    def partitions_for(self, topic: str) -> int: ...
+
+    async def publish(self, messages: list[OutgoingMessage]) -> list[Position]: ...
+
+    async def close(self) -> None: ...
+
+
+AssignCallback = Callable[[list[TopicPartition]], None]
+
+
+class LogConsumer(Protocol):
+    """Used from one thread. Offsets are 'next offset to read', as in Kafka."""
+
+    def start(self, on_assign: AssignCallback, on_revoke: AssignCallback) -> None: ...
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[LogMessage]: ...
+
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+
+    def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]: ...
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None: ...
+
+    def lags(self) -> list[PartitionLag]: ...
+
+    def close(self) -> None: ...
+
+
+class Checkpoint(NamedTuple):
+    """Where a source's incremental sync resumes. Saved only after its records are durable."""
+
+    source: str
+    watermark: str          # the upstream's own text for the newest durable updated value
+    watermark_us: int
+    last_full_sync_at: float
+    saved_at: float
+
+
+class CheckpointStore(Protocol):
+    def load(self, source: str) -> Checkpoint | None: ...
+
+    def save(self, checkpoint: Checkpoint) -> None: ...
+
+    def load_all(self) -> dict[str, Checkpoint]: ...
+
+
+class DeadLetterStore(Protocol):
+    def add(self, entries: list[DeadLetter]) -> None: ...
+
+    def list(self, source: str | None = None) -> list[DeadLetter]: ...
+
+    def get(self, entry_id: str) -> DeadLetter | None: ...
+
+    def remove(self, entry_ids: Iterable[str], *, unless_seen_after: float | None = None) -> int: ...
+
+    def purge(self, source: str | None = None) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class LogBackend(Protocol):
+    """A handle on a configured log. Creating it opens nothing; each method opens what it returns."""
+
+    name: str
+
+    def prepare(self, topics: dict[str, int]) -> dict[str, int]:
+        """Create missing topics (name -> wanted partitions); return each topic's actual partition count."""
+        ...
+
+    def producer(self) -> LogProducer: ...
+
+    def consumer(self, member: int, members: int, assignment: list[TopicPartition]) -> LogConsumer: ...
+
+    def checkpoints(self) -> CheckpointStore: ...
+
+    def dead_letters(self) -> DeadLetterStore: ...
+
+    def committed_offsets(self) -> dict[TopicPartition, int]: ...
+
+    def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]: ...
+
+    def ping(self, timeout_s: float) -> bool: ...
+
+    def trim(self) -> int: ...

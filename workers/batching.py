@@ -1,0 +1,260 @@
+"""Turning upstream pages (or webhook bodies) into per-partition batches and dead letters.
+
+Runs in fetcher processes for every page and in the control process for every webhook. The page is
+decoded twice by msgspec in C: once into raw record bytes, once into just the key and updated
+fields. Everything else about a record stays bytes. Per record, Python only checks the two fields,
+hashes the bytes with xxh3 and picks a partition.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from itertools import count
+from operator import itemgetter
+from typing import Any, NamedTuple
+
+import msgspec
+from msgspec import Raw
+from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
+
+from daemon.config import SourceConfig
+from daemon.errors import PageFormatError
+from ipc.messages import Batch, DeadLetter
+from log import partition_for
+
+_message_counter = count()
+
+
+def new_message_id() -> str:
+    """Unique across processes and restarts: random process prefix, then a counter."""
+    return f"{_PROCESS_PREFIX}-{next(_message_counter):x}"
+
+
+_PROCESS_PREFIX = os.urandom(6).hex()
+
+
+def reseed_message_ids() -> None:
+    """Called after fork: a child must not reuse its parent's prefix."""
+    global _PROCESS_PREFIX
+    _PROCESS_PREFIX = os.urandom(6).hex()
+
+
+def parse_timestamp_us(text: str) -> int:
+    """ISO 8601 text -> microseconds since the epoch; a time without an offset is taken as UTC."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return round(moment.timestamp() * 1_000_000)
+
+
+class PageMeta(NamedTuple):
+    """The paging fields of a page, as the upstream sent them (None when absent)."""
+
+    has_more: Any = None
+    total: Any = None
+    next_cursor: Any = None
+
+
+class Columns(msgspec.Struct, gc=False):
+    """The valid records of a page, column by column, plus what was wrong with the others."""
+
+    keys: list[str]
+    updated: list[str]
+    updated_us: list[int]
+    hashes: list[int]
+    key_hashes: list[int]
+    records: list[Raw]
+    dead: list[tuple[Raw, str, str]]  # (record, key or "", reason)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def max_updated(self) -> tuple[int, str]:
+        """The newest instant in these records and its text; (0, "") if there are none."""
+        if not self.updated_us:
+            return 0, ""
+        best = max(range(len(self.updated_us)), key=self.updated_us.__getitem__)
+        return self.updated_us[best], self.updated[best]
+
+
+class RecordSchema:
+    """Per-source decoders, built once: where the records are and which fields identify them."""
+
+    def __init__(self, source: SourceConfig) -> None:
+        self.source = source.name
+        self.key_field = source.key
+        self.updated_field = source.updated
+        fields = msgspec.defstruct(
+            "KeyFields", [("key", Any, None), ("updated", Any, None)],
+            rename={"key": source.key, "updated": source.updated},
+        )
+        self._fields_decoder = msgspec.json.Decoder(list[fields])
+        self._one_fields_decoder = msgspec.json.Decoder(fields)
+        self._raw_list_decoder = msgspec.json.Decoder(list[Raw])
+        options = source.pagination_options
+        self._path = [part for part in options.records_path.split(".") if part]
+        meta_names = {"has_more": options.has_more_field, "total": options.total_field,
+                      "next_cursor": options.next_cursor_field}
+        self._page_decoder = msgspec.json.Decoder(_nested(self._path, list[Raw], meta_names))
+        self._page_fields_decoder = msgspec.json.Decoder(_nested(self._path, list[fields]))
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def page_records(self, body: bytes) -> tuple[list[Raw], list[Any], PageMeta]:
+        """Records, their key fields and the page's paging fields; PageFormatError if the shape is wrong."""
+        try:
+            envelope = self._page_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            where = ".".join(self._path) or "the body"
+            raise PageFormatError(f"page is not JSON with a list of records at {where!r}: {exc}") from None
+        records = _dig(envelope, self._path)
+        meta = PageMeta(*(getattr(envelope, name, None) for name in PageMeta._fields)) if self._path else PageMeta()
+        fields = self._fields_for(records, lambda: _dig(self._page_fields_decoder.decode(body), self._path))
+        return records, fields, meta
+
+    def body_records(self, body: bytes) -> tuple[list[Raw], list[Any]]:
+        """Records from a webhook body: one JSON object or a JSON list of objects."""
+        first = body.lstrip()[:1]
+        if first not in (b"[", b"{"):
+            raise PageFormatError("body must be a JSON object or a list of objects")
+        try:
+            if first == b"[":
+                records = self._raw_list_decoder.decode(body)
+            else:
+                records = [self._raw_list_decoder.decode(b"[" + body + b"]")[0]]
+        except msgspec.DecodeError as exc:
+            raise PageFormatError(f"body is not JSON: {exc}") from None
+        return records, self._fields_for(records, lambda: self._fields_decoder.decode(body))
+
+    def _fields_for(self, records: list[Raw], decode_all) -> list[Any]:
+        try:
+            return decode_all()
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            # Some element is not an object (or the body is not JSON at all): sort them one by one.
+            return [self._fields_or_none(record) for record in records]
+
+    def _fields_or_none(self, record: Raw) -> Any:
+        try:
+            return self._one_fields_decoder.decode(record)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    # -- columns --------------------------------------------------------------------------------
+
+    def columns(self, records: Sequence[Raw], fields: Sequence[Any]) -> Columns:
+        """Check each record's key and timestamp, hash it, and keep the good ones as columns."""
+        out = Columns([], [], [], [], [], [], [])
+        stamp_cache: dict[str, int] = {}
+        for record, field in zip(records, fields, strict=True):
+            problem = self._problem(field)
+            if problem is not None:
+                out.dead.append((record, _key_text(field), problem))
+                continue
+            stamp = field.updated
+            instant = stamp_cache.get(stamp)
+            if instant is None:
+                try:
+                    instant = stamp_cache[stamp] = parse_timestamp_us(stamp)
+                except (ValueError, OverflowError):
+                    out.dead.append((record, _key_text(field),
+                                     f"{self.updated_field!r} is not an ISO 8601 timestamp: {stamp!r}"))
+                    continue
+            key = field.key if type(field.key) is str else str(field.key)
+            out.keys.append(key)
+            out.updated.append(stamp)
+            out.updated_us.append(instant)
+            out.records.append(record)
+        out.hashes = list(map(xxh3_64_intdigest, out.records))
+        out.key_hashes = [xxh3_64_intdigest(key.encode()) for key in out.keys]
+        return out
+
+    def _problem(self, field: Any) -> str | None:
+        if field is None:
+            return "record is not a JSON object"
+        key = field.key
+        if key is None:
+            return f"missing key field {self.key_field!r}"
+        if type(key) not in (str, int) or key == "":
+            return f"key field {self.key_field!r} must be a non-empty string or an integer, got {key!r}"
+        if field.updated is None:
+            return f"missing updated field {self.updated_field!r}"
+        if type(field.updated) is not str:
+            return f"{self.updated_field!r} must be an ISO 8601 string, got {field.updated!r}"
+        return None
+
+
+def split_by_partition(columns: Columns, source: str, sync: str, partitions: int) -> list[tuple[int, Batch]]:
+    """One batch per partition that has records; a key always lands in the same partition."""
+    if not columns.keys:
+        return []
+    created_us = time.time_ns() // 1000
+    if partitions == 1:
+        return [(0, _batch(columns, source, sync, created_us))]
+    groups: dict[int, list[int]] = {}
+    for index, key_hash in enumerate(columns.key_hashes):
+        groups.setdefault(partition_for(key_hash, partitions), []).append(index)
+    return [(partition, _batch(_take(columns, indices), source, sync, created_us))
+            for partition, indices in sorted(groups.items())]
+
+
+def dead_letters(columns: Columns, source: str, stage: str, origin: str) -> list[DeadLetter]:
+    now = time.time()
+    return [
+        DeadLetter(id=dead_letter_id(source, stage, record), source=source, reason=reason, stage=stage,
+                   record=record, key=key, origin=origin, first_seen=now, last_seen=now)
+        for record, key, reason in columns.dead
+    ]
+
+
+def dead_letter_id(source: str, stage: str, record: bytes | Raw) -> str:
+    """Same record, same source, same stage: same entry, so repeats count attempts instead of piling up."""
+    return xxh3_64_hexdigest(b"%s\x00%s\x00%s" % (source.encode(), stage.encode(), bytes(record)))
+
+
+def _batch(columns: Columns, source: str, sync: str, created_us: int) -> Batch:
+    return Batch(
+        message_id=new_message_id(), source=source, sync=sync, created_us=created_us,
+        keys=columns.keys, updated=columns.updated, updated_us=columns.updated_us, hashes=columns.hashes,
+        key_hashes=columns.key_hashes, records=columns.records,
+    )
+
+
+def _take(columns: Columns, indices: list[int]) -> Columns:
+    pick = itemgetter(*indices)
+    if len(indices) == 1:
+        def pick(column, _i=indices[0]):
+            return (column[_i],)
+    return Columns(
+        keys=list(pick(columns.keys)), updated=list(pick(columns.updated)),
+        updated_us=list(pick(columns.updated_us)), hashes=list(pick(columns.hashes)),
+        key_hashes=list(pick(columns.key_hashes)), records=list(pick(columns.records)), dead=[],
+    )
+
+
+def _nested(path: list[str], leaf: Any, meta_names: dict[str, str] | None = None) -> Any:
+    """A Struct type that reaches ``leaf`` through the dotted records path (or ``leaf`` itself).
+    With ``meta_names``, the outermost level also picks up the paging fields."""
+    for depth, name in enumerate(reversed(path)):
+        outermost = depth == len(path) - 1
+        fields: list[Any] = [("inner", leaf)]
+        rename = {"inner": name}
+        if outermost and meta_names:
+            fields += [(field, Any, None) for field in meta_names]
+            rename.update(meta_names)
+        leaf = msgspec.defstruct(f"Envelope{depth}", fields, rename=rename)
+    return leaf
+
+
+def _dig(value: Any, path: list[str]) -> Any:
+    for _ in path:
+        value = value.inner
+    return value
+
+
+def _key_text(field: Any) -> str:
+    if field is None or field.key is None:
+        return ""
+    return field.key if isinstance(field.key, str) else msgspec.json.encode(field.key).decode()

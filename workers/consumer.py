@@ -1,0 +1,333 @@
+"""The consumer process: reads the log, drops duplicates, routes records to mergers, commits what is acked.
+
+One loop, no threads: poll the log, split each batch by merger, write the parts into the shared-memory
+rings, read acknowledgements back, commit. Offsets are committed only when every merger that got a
+part of a message has acknowledged that the sink took it.
+
+If a merger restarts (its ring's reader epoch changes), the parts it held are gone: the consumer
+forgets everything in flight and re-reads from the last commit. The sink sees at most a repeat of an
+idempotent batch, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import time
+from operator import itemgetter
+
+import msgspec
+
+from daemon import metrics
+from daemon.errors import LogError
+from ipc.codec import ack_frame_decoder, decode_batch, encode_ring_frame
+from ipc.messages import Batch, DeadLetter, FlushNow, LagReport, MergeRecords, PartitionsOwned, Position
+from ipc.shm import FrameTooLarge, RingFull, RingReader, RingWriter
+from log import open_log
+from log.base import LogConsumer, LogMessage, TopicPartition
+from workers.base import Worker
+from workers.batching import dead_letter_id
+from workers.checkpoint import InFlight, OffsetTracker
+from workers.dedup import Deduplicator
+
+logger = logging.getLogger(__name__)
+
+POLL_BATCH = 64
+MAX_IN_FLIGHT_MESSAGES = 512
+COMMIT_INTERVAL_S = 1.0
+LAG_REPORT_INTERVAL_S = 2.0
+IDLE_POLL_S = 0.02
+
+
+class ConsumerWorker(Worker):
+    role = "consumer"
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.draining = False
+        self.quit = False
+        self.generation = 0
+        self.tracker = OffsetTracker()
+        self.dedup = Deduplicator()
+        self.log_consumer: LogConsumer | None = None
+        self.to_mergers: list[RingWriter] = []
+        self.from_mergers: list[RingReader] = []
+        self.merger_epochs: list[int] = []
+        self.paused = False
+        self._last_commit = self._last_lag_report = 0.0
+        self._owned: list[TopicPartition] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def main(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+        self.generation = int.from_bytes(os.urandom(6), "big") << 8
+        backend = open_log(self.config)
+        self.dead_letters = backend.dead_letters()
+        self.to_mergers = [RingWriter(spec) for spec in self.spec.outbound]
+        self.from_mergers = [RingReader(spec) for spec in self.spec.inbound]
+        self.merger_epochs = [ring.reader_epoch for ring in self.to_mergers]
+        self.log_consumer = backend.consumer(self.spec.index, self.spec.consumers, list(self.spec.assignment))
+        self.log_consumer.start(self._on_assign, self._on_revoke)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _on_term(self, signum, frame) -> None:
+        if self.draining:
+            self.quit = True
+        self.draining = True
+
+    def _on_quit(self, signum, frame) -> None:
+        self.quit = True
+
+    def _loop(self) -> None:
+        drain_deadline = None
+        while not self.quit:
+            self._service()
+            if self.draining:
+                if drain_deadline is None:
+                    drain_deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
+                    self._ask_mergers_to_flush()
+                if self.tracker.in_flight == 0 or time.monotonic() >= drain_deadline:
+                    return
+                self._wait_for_acks(0.05)
+                continue
+            if self.tracker.in_flight >= MAX_IN_FLIGHT_MESSAGES:
+                self._set_paused(True)
+                self._keep_group_alive()
+                self._wait_for_acks(0.05)
+                continue
+            self._set_paused(False)
+            self._consume(self.log_consumer.poll(POLL_BATCH, 0.0 if self.tracker.in_flight else IDLE_POLL_S))
+
+    def _shutdown(self) -> None:
+        if not self.quit:
+            self._commit(force=True)
+        if self.log_consumer is not None:
+            self.log_consumer.close()
+        logger.info("consumer stopped; %d messages were still in flight and will be re-read", self.tracker.in_flight)
+
+    # -- the steady-state work -------------------------------------------------------------------
+
+    def _service(self) -> None:
+        """Everything besides reading the log: restarts of mergers, acks, commits, reports."""
+        self._check_merger_restarts()
+        self._read_acks()
+        self._commit()
+        self._report()
+        self.heartbeat(in_flight=self.tracker.in_flight, keys_known=self.dedup.keys_known)
+
+    def _consume(self, messages: list[LogMessage]) -> None:
+        generation = self.generation
+        for message in messages:
+            if self.generation != generation or self.quit:
+                return  # a rewind re-reads the rest from the last commit
+            if (message.topic, message.partition) not in self.tracker.partitions:
+                continue
+            started = time.perf_counter()
+            self._route(message)
+            metrics.processing_duration.labels("consume").observe(time.perf_counter() - started)
+            metrics.messages_processed.labels(message.topic).inc()
+
+    def _route(self, message: LogMessage) -> None:
+        tp = (message.topic, message.partition)
+        position = Position(message.topic, message.partition, message.offset)
+        try:
+            batch = decode_batch(message.payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._dead_letter_message(message, f"undecodable log message: {exc}")
+            self._finish(self.tracker.add(tp, InFlight(message.offset, 0, "")))
+            return
+        if self.dedup.seen_message(batch.message_id):
+            metrics.dedup_skipped.labels("message_id").inc()
+            self._finish(self.tracker.add(tp, InFlight(message.offset, 0, "")))
+            return
+        parts, kept = self._split(batch)
+        waiting = 0
+        for merger, indices in enumerate(parts):
+            if indices:
+                waiting |= 1 << merger
+        entry = InFlight(message.offset, waiting, batch.message_id, [batch.key_hashes[i] for i in kept],
+                         [batch.hashes[i] for i in kept], len(kept))
+        self._finish(self.tracker.add(tp, entry))
+        for merger, indices in enumerate(parts):
+            if indices and not self._send(merger, _merge_frame(self.spec.index, self.generation, position,
+                                                               batch, indices)):
+                return
+        logger.debug("message %s: %d records, %d routed", batch.message_id, batch.count, len(kept))
+
+    def _split(self, batch: Batch) -> tuple[list[list[int]], list[int]]:
+        """Drop content already delivered; group the rest by owning merger."""
+        fresh = self.dedup.fresh_indices(batch.key_hashes, batch.hashes)
+        kept = list(range(batch.count)) if fresh is None else fresh
+        skipped = batch.count - len(kept)
+        if skipped:
+            metrics.dedup_skipped.labels("content_hash").inc(skipped)
+        mergers = len(self.to_mergers)
+        parts: list[list[int]] = [[] for _ in range(mergers)]
+        key_hashes = batch.key_hashes
+        for index in kept:
+            parts[(key_hashes[index] >> 32) % mergers].append(index)
+        return parts, kept
+
+    def _send(self, merger: int, payload: bytes) -> bool:
+        """Write one frame, waiting for room while still serving acks, signals and heartbeats.
+        False if a rewind made the frame pointless while we waited."""
+        ring = self.to_mergers[merger]
+        generation = self.generation
+        while True:
+            try:
+                ring.try_write(payload)
+                return True
+            except RingFull:
+                pass
+            except FrameTooLarge as exc:
+                raise LogError(f"a batch is larger than a ring can carry ({exc}); raise [workers] ring_bytes") from exc
+            self._service()
+            if self.quit or self.generation != generation:
+                return False
+            select.select([ring.wait_fd, *self._ack_fds()], [], [], 0.1)
+
+    # -- acknowledgements and commits --------------------------------------------------------------
+
+    def _read_acks(self) -> None:
+        for merger, ring in enumerate(self.from_mergers):
+            for frame in ring.read_many(256):
+                acks = ack_frame_decoder.decode(frame)
+                if acks.generation != self.generation:
+                    continue  # for a generation we abandoned when a merger restarted
+                for position in acks.positions:
+                    entry = self.tracker.ack((position.topic, position.partition), position.offset, merger)
+                    if entry is not None:
+                        self._finish([entry])
+
+    def _finish(self, entries: list[InFlight]) -> None:
+        for entry in entries:
+            if entry.message_id:
+                self.dedup.remember(entry.message_id, entry.key_hashes, entry.hashes)
+            entry.key_hashes = entry.hashes = []
+
+    def _commit(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_commit < COMMIT_INTERVAL_S:
+            return
+        self._last_commit = now
+        due = self.tracker.commits_due()
+        if not due:
+            return
+        try:
+            self.log_consumer.commit(due)
+        except LogError as exc:
+            logger.warning("commit failed, will retry: %s", exc)
+            return
+        self.tracker.committed(due)
+
+    def _ask_mergers_to_flush(self) -> None:
+        frame = encode_ring_frame(FlushNow(consumer=self.spec.index, generation=self.generation))
+        for ring in self.to_mergers:
+            with contextlib.suppress(RingFull):  # a full ring means a busy merger; its timer flushes soon
+                ring.try_write(frame)
+
+    # -- merger restarts and rebalances -------------------------------------------------------------
+
+    def _merger_restarted(self) -> bool:
+        return [ring.reader_epoch for ring in self.to_mergers] != self.merger_epochs
+
+    def _check_merger_restarts(self) -> None:
+        if self._merger_restarted():
+            self.merger_epochs = [ring.reader_epoch for ring in self.to_mergers]
+            if self.tracker.in_flight:  # a merger attaching before we sent anything is just start-up
+                logger.warning("a merger restarted; re-reading %d in-flight messages from the last commit",
+                               self.tracker.in_flight)
+            self._rewind()
+
+    def _rewind(self) -> None:
+        self.generation += 1
+        self.tracker.clear_in_flight()
+        for tp, offset in self.tracker.positions().items():
+            self.log_consumer.seek(tp, offset)
+
+    def _on_assign(self, partitions: list[TopicPartition]) -> None:
+        committed = self.log_consumer.committed(partitions)
+        for tp in partitions:
+            self.tracker.own(tp, committed[tp])
+            self.log_consumer.seek(tp, committed[tp])
+        self._owned = sorted(set(self._owned) | set(partitions))
+        self.channel.send(PartitionsOwned(partitions=self._owned))
+
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Commit what is acked on the partitions we lose; the new owner re-reads the rest."""
+        due = {tp: off for tp, off in self.tracker.commits_due().items() if tp in partitions}
+        if due:
+            try:
+                self.log_consumer.commit(due)
+            except LogError as exc:
+                logger.warning("commit on revoke failed; the new owner re-reads a little more: %s", exc)
+        self.tracker.disown(partitions)
+        self._owned = [tp for tp in self._owned if tp not in set(partitions)]
+        self.channel.send(PartitionsOwned(partitions=self._owned))
+
+    # -- backpressure, waiting, reporting -------------------------------------------------------------
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused != self.paused:
+            self.paused = paused
+            owned = list(self.tracker.partitions)
+            (self.log_consumer.pause if paused else self.log_consumer.resume)(owned)
+
+    def _keep_group_alive(self) -> None:
+        """Kafka evicts a member that stops polling; paused partitions make this poll return nothing."""
+        self._consume(self.log_consumer.poll(POLL_BATCH, 0.0))
+
+    def _ack_fds(self) -> list[int]:
+        return [ring.wait_fd for ring in self.from_mergers]
+
+    def _wait_for_acks(self, timeout_s: float) -> None:
+        select.select(self._ack_fds(), [], [], timeout_s)
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag_report < LAG_REPORT_INTERVAL_S:
+            return
+        self._last_lag_report = now
+        try:
+            lags = self.log_consumer.lags()
+        except LogError:
+            return
+        for lag in lags:
+            metrics.consumer_lag.labels(lag.topic, str(lag.partition)).set(lag.lag)
+        metrics.queue_depth.labels(f"consumer-{self.spec.index}-in-flight").set(self.tracker.in_flight)
+        self.channel.send(LagReport(lags=lags))
+
+    def _dead_letter_message(self, message: LogMessage, reason: str) -> None:
+        now = time.time()
+        origin = f"{message.topic}/{message.partition}/{message.offset}"
+        record = msgspec.Raw(msgspec.json.encode(message.payload.decode("utf-8", "replace")))
+        entry = DeadLetter(id=dead_letter_id(message.topic, "consume", message.payload), source=message.topic,
+                           reason=reason, stage="consume", record=record, origin=origin,
+                           first_seen=now, last_seen=now)
+        self.dead_letters.add([entry])
+        metrics.messages_failed.labels(message.topic).inc()
+        metrics.dlq_records.labels(message.topic, "undecodable").inc()
+
+
+def _merge_frame(consumer: int, generation: int, position: Position, batch: Batch, indices: list[int]) -> bytes:
+    if len(indices) == batch.count:
+        keys, updated, updated_us, hashes, records = (batch.keys, batch.updated, batch.updated_us,
+                                                      batch.hashes, batch.records)
+    else:
+        pick = itemgetter(*indices) if len(indices) > 1 else (lambda column: (column[indices[0]],))
+        keys, updated, updated_us, hashes, records = (list(pick(batch.keys)), list(pick(batch.updated)),
+                                                      list(pick(batch.updated_us)), list(pick(batch.hashes)),
+                                                      list(pick(batch.records)))
+    return encode_ring_frame(MergeRecords(consumer=consumer, generation=generation, position=position,
+                                          source=batch.source, keys=keys, updated=updated, updated_us=updated_us,
+                                          hashes=hashes, records=records))

@@ -1,0 +1,43 @@
+"""Duplicate suppression in a consumer: message ids already processed, and content already delivered.
+
+Both memories only learn from messages the sink has acknowledged, so skipping is always safe: a
+record is dropped only if this exact content (its xxh3 hash covers the updated timestamp too) has
+already reached the sink for that key. Keys are remembered by their 64-bit hash; a false skip would
+need the key hash and the content hash to collide at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class Deduplicator:
+    def __init__(self, *, max_message_ids: int = 100_000) -> None:
+        self._message_ids: OrderedDict[str, None] = OrderedDict()
+        self._max_message_ids = max_message_ids
+        self._delivered: dict[int, int] = {}  # key hash -> content hash last delivered
+
+    def seen_message(self, message_id: str) -> bool:
+        return message_id in self._message_ids
+
+    def fresh_indices(self, key_hashes: list[int], hashes: list[int]) -> list[int] | None:
+        """Indices of records whose content differs from what was delivered; None means all of them."""
+        delivered = self._delivered
+        if not delivered:
+            return None
+        get = delivered.get
+        pairs = enumerate(zip(key_hashes, hashes, strict=True))
+        fresh = [i for i, (key_hash, content) in pairs if get(key_hash) != content]
+        return None if len(fresh) == len(key_hashes) else fresh
+
+    def remember(self, message_id: str, key_hashes: list[int], hashes: list[int]) -> None:
+        """The sink acknowledged this message: its id and its records' content are now known."""
+        ids = self._message_ids
+        ids[message_id] = None
+        if len(ids) > self._max_message_ids:
+            ids.popitem(last=False)
+        self._delivered.update(zip(key_hashes, hashes, strict=False))
+
+    @property
+    def keys_known(self) -> int:
+        return len(self._delivered)

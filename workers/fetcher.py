@@ -1,0 +1,237 @@
+"""The fetcher process: syncs its sources from their upstream APIs into the log.
+
+asyncio on uvloop, one ``SourceSyncer`` task per source, so a slow or failing source never holds up
+another. A source's first sync is full; after that it syncs incrementally every ``poll_interval_s``
+from its watermark (inclusive), with a full pass every ``full_sync_interval_s``. Each page is
+decoded, split into per-partition batches and published as soon as it arrives; the watermark is
+saved only once every record of the sync (and every dead letter) is durable in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiohttp
+
+from daemon import metrics
+from daemon.config import SourceConfig
+from daemon.errors import LogError, PageFormatError, UpstreamError
+from ipc.codec import encode_batch
+from ipc.messages import DeadLetter, SourceReport, SourcesOwned, SyncNow
+from log import open_log
+from log.base import Checkpoint, CheckpointStore, DeadLetterStore, LogProducer, OutgoingMessage
+from workers.base import AsyncWorker
+from workers.batching import RecordSchema, dead_letters, split_by_partition
+from workers.paging import STYLES, PageInfo
+from workers.upstream import Response, UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGES_PUBLISHING = 8  # pages decoded but not yet durable, per source: bounds a fetcher's memory
+
+
+class SyncPass:
+    """One sync of one source: fetch pages, publish their batches, remember the newest instant seen."""
+
+    def __init__(self, syncer: SourceSyncer, sync_type: str) -> None:
+        self.syncer = syncer
+        self.sync_type = sync_type
+        self.publishing: set[asyncio.Task] = set()
+        self.room = asyncio.Semaphore(MAX_PAGES_PUBLISHING)
+        self.dead: list[DeadLetter] = []
+        self.records = self.valid = 0
+        self.newest: tuple[int, str] = (0, "")
+        self.failure: BaseException | None = None
+
+    async def get(self, url: str, params: dict[str, str]) -> Response:
+        if self.failure is not None:
+            raise self.failure
+        await self.room.acquire()  # released when the page's batches are durable
+        try:
+            return await self.syncer.client.get(url, params)
+        except BaseException:
+            self.room.release()
+            raise
+
+    def handle(self, response: Response) -> PageInfo:
+        syncer = self.syncer
+        started = time.perf_counter()
+        records, fields, meta = syncer.schema.page_records(response.body)
+        columns = syncer.schema.columns(records, fields)
+        self.records += len(records)
+        self.valid += len(columns)
+        if columns.dead:
+            self.dead.extend(dead_letters(columns, syncer.source.name, "fetch", response.url))
+        if len(columns):
+            self.newest = max(self.newest, columns.max_updated())
+        batches = split_by_partition(columns, syncer.source.name, self.sync_type, syncer.partitions)
+        messages = [OutgoingMessage(syncer.topic, partition, batch.keys[0].encode(), encode_batch(batch))
+                    for partition, batch in batches]
+        task = asyncio.create_task(self._publish(messages))
+        self.publishing.add(task)
+        task.add_done_callback(self.publishing.discard)
+        metrics.records_fetched.labels(syncer.source.name).inc(len(records))
+        metrics.processing_duration.labels("decode").observe(time.perf_counter() - started)
+        last = (columns.updated[-1], columns.keys[-1]) if len(columns) else None
+        return PageInfo(len(records), meta, last)
+
+    async def _publish(self, messages: list[OutgoingMessage]) -> None:
+        try:
+            await self.syncer.producer.publish(messages)
+        except BaseException as exc:
+            self.failure = exc
+            raise
+        finally:
+            self.room.release()
+
+    async def finish(self) -> None:
+        """Wait until every page and dead letter of this pass is durable; raise the first failure."""
+        if self.publishing:
+            await asyncio.gather(*self.publishing, return_exceptions=True)
+        if self.failure is not None:
+            raise self.failure
+        if self.dead:
+            await asyncio.get_running_loop().run_in_executor(None, self.syncer.dead_letters.add, self.dead)
+            for entry in self.dead:
+                metrics.dlq_records.labels(entry.source, "malformed").inc()
+
+    def abandon(self) -> None:
+        for task in self.publishing:
+            task.cancel()
+
+
+class SourceSyncer:
+    """The sync schedule and state of one source, living in a fetcher process."""
+
+    def __init__(self, worker: FetcherWorker, source: SourceConfig, session: aiohttp.ClientSession) -> None:
+        self.worker = worker
+        self.source = source
+        self.topic = worker.config.topic_of(source)
+        self.partitions = worker.producer.partitions_for(self.topic)
+        self.schema = RecordSchema(source)
+        self.client = UpstreamClient(source, worker.config.retry, session)
+        self.producer: LogProducer = worker.producer
+        self.checkpoints: CheckpointStore = worker.checkpoints
+        self.dead_letters: DeadLetterStore = worker.dead_letters
+        self.walk = STYLES[source.pagination]
+        self.requested = asyncio.Event()
+        self.force_full = False
+        self.checkpoint: Checkpoint | None = None
+        self.report = SourceReport(source=source.name)
+
+    def request(self, full: bool) -> None:
+        self.force_full = self.force_full or full
+        self.requested.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.checkpoint = await loop.run_in_executor(None, self.checkpoints.load, self.source.name)
+        if self.checkpoint is not None:
+            self.report.watermark = self.checkpoint.watermark
+        while True:
+            full = self._full_due()
+            self.force_full = False
+            self.requested.clear()
+            await self._sync("full" if full else "incremental")
+            await self._wait_for_next()
+
+    def _full_due(self) -> bool:
+        if self.force_full or self.checkpoint is None:
+            return True
+        return time.time() >= self.checkpoint.last_full_sync_at + self.source.full_sync_interval_s
+
+    async def _wait_for_next(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.requested.wait(), timeout=self.source.poll_interval_s)
+
+    async def _sync(self, sync_type: str) -> None:
+        since = self.checkpoint.watermark if sync_type == "incremental" and self.checkpoint else None
+        started, wall_started = time.monotonic(), time.time()
+        sync = SyncPass(self, sync_type)
+        self.report.syncing = True
+        self._send_report()
+        try:
+            pages = await self.walk(self.source, sync, since)
+            await sync.finish()
+        except (UpstreamError, PageFormatError, LogError) as exc:
+            sync.abandon()
+            self._finished(sync, wall_started, f"failed: {exc}")
+            logger.warning("%s: %s sync failed after %d records: %s", self.source.name, sync_type, sync.records, exc)
+            return
+        await self._save_checkpoint(sync, wall_started)
+        self._finished(sync, wall_started, "ok")
+        logger.info("%s: %s sync ok: %d pages, %d records (%d dead-lettered) in %.2f s, watermark %s",
+                    self.source.name, sync_type, pages, sync.records, len(sync.dead), time.monotonic() - started,
+                    self.report.watermark or "-")
+
+    async def _save_checkpoint(self, sync: SyncPass, wall_started: float) -> None:
+        previous = self.checkpoint
+        newest_us, newest_text = sync.newest
+        if previous is not None and previous.watermark_us >= newest_us:
+            newest_us, newest_text = previous.watermark_us, previous.watermark
+        last_full = wall_started if sync.sync_type == "full" else (previous.last_full_sync_at if previous else 0.0)
+        checkpoint = Checkpoint(self.source.name, newest_text, newest_us, last_full, time.time())
+        await asyncio.get_running_loop().run_in_executor(None, self.checkpoints.save, checkpoint)
+        self.checkpoint = checkpoint
+
+    def _finished(self, sync: SyncPass, wall_started: float, result: str) -> None:
+        report = self.report
+        report.syncing = False
+        report.last_sync_at = time.time()
+        report.last_sync_type = sync.sync_type
+        report.last_sync_result = result
+        report.last_sync_records = sync.records
+        report.breaker = self.client.breaker.state
+        if result == "ok":
+            report.syncs_ok += 1
+            report.records_synced += sync.valid
+            report.watermark = self.checkpoint.watermark if self.checkpoint else ""
+            metrics.last_sync_timestamp.labels(self.source.name).set(report.last_sync_at)
+        else:
+            report.syncs_failed += 1
+        self.update_lag()
+        self._send_report()
+
+    def update_lag(self) -> None:
+        if self.checkpoint is not None and self.checkpoint.watermark_us:
+            lag_s = max(0.0, time.time() - self.checkpoint.watermark_us / 1_000_000)
+            metrics.sync_lag.labels(self.source.name).set(lag_s)
+
+    def _send_report(self) -> None:
+        self.report.breaker = self.client.breaker.state
+        self.worker.channel.send(self.report)
+
+
+class FetcherWorker(AsyncWorker):
+    role = "fetcher"
+
+    async def main_async(self) -> int:
+        backend = open_log(self.config)
+        self.producer = backend.producer()
+        self.checkpoints = backend.checkpoints()
+        self.dead_letters = backend.dead_letters()
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
+            self.syncers = {name: SourceSyncer(self, self.config.source(name), session) for name in self.spec.sources}
+            self.channel.send(SourcesOwned(sources=sorted(self.syncers)))
+            tasks = [asyncio.create_task(syncer.run(), name=f"sync-{name}") for name, syncer in self.syncers.items()]
+            await self.stopping.wait()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.producer.close()
+        self.checkpoints.close()
+        self.dead_letters.close()
+        return 0
+
+    def on_control(self, message: object) -> None:
+        if isinstance(message, SyncNow) and message.source in self.syncers:
+            self.syncers[message.source].request(message.full)
+
+    def stats(self) -> dict[str, float]:
+        for syncer in getattr(self, "syncers", {}).values():
+            syncer.update_lag()
+        return {"sources": len(getattr(self, "syncers", {}))}

@@ -1,0 +1,214 @@
+"""The merger process: keeps the latest version of every key it owns and delivers batches to the sink.
+
+Reads frames from one ring per consumer, merges them (``workers.merge``), and flushes when
+``batch_size`` records are pending, when the oldest has waited ``flush_interval_s``, or, when the sink
+is idle, as soon as ``linger_s`` has passed, so a quiet pipeline delivers within milliseconds and a
+busy one sends full batches. After the sink acknowledges a flush, the merger acknowledges its
+positions to the consumers so they can commit.
+
+Backpressure: when ``max_pending_records`` are waiting (the sink is slow or down), the merger stops
+reading its rings; the rings fill, the consumers stop reading the log, and the backlog stays on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+from daemon import metrics
+from ipc.codec import encode_ack_frame, ring_frame_decoder
+from ipc.messages import Acks, DeadLetter, FlushNow, MergeRecords
+from ipc.shm import RingFull, RingReader, RingWriter
+from log import open_log
+from workers.base import AsyncWorker
+from workers.batching import dead_letter_id
+from workers.merge import Chunk, FlushUnit, MergeState, Token
+from workers.sinks import HttpSink
+
+logger = logging.getLogger(__name__)
+
+LINGER_S = 0.02
+FRAMES_PER_READ = 64
+
+
+class MergerWorker(AsyncWorker):
+    role = "merger"
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.state = MergeState()
+        self.readers: list[RingReader] = []
+        self.ack_writers: list[RingWriter] = []
+        self.ack_backlog: dict[int, list[Acks]] = defaultdict(list)
+        self.in_flight = 0
+        self.reading = True
+        self.flush_now = False
+        self.delivered_records = 0
+
+    async def main_async(self) -> int:
+        sink_config = self.config.sink
+        self.quick_stop = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.sink = HttpSink(sink_config, self.config.retry, stopping=self.quick_stop)
+        await self.sink.start()
+        self.dead_letters = open_log(self.config).dead_letters()
+        self.readers = [RingReader(spec) for spec in self.spec.inbound]
+        self.ack_writers = [RingWriter(spec) for spec in self.spec.outbound]
+        self._start_reading()
+        deliveries: set[asyncio.Task] = set()
+        try:
+            await self._flush_loop(deliveries)
+        finally:
+            self._stop_reading()
+            if deliveries and not self.stop_quickly:
+                await asyncio.wait(deliveries, timeout=self.config.daemon.shutdown_timeout_s)
+            for task in deliveries:
+                task.cancel()
+            await self.sink.close()
+            self.dead_letters.close()
+        return 0
+
+    def _quit(self) -> None:
+        super()._quit()
+        self.quick_stop.set()
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def _start_reading(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.reading = True
+        for reader in self.readers:
+            loop.add_reader(reader.wait_fd, self._on_frames, reader)
+            self._on_frames(reader)  # frames that arrived while we were not listening
+
+    def _stop_reading(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.reading = False
+        for reader in self.readers:
+            loop.remove_reader(reader.wait_fd)
+
+    def _on_frames(self, reader: RingReader) -> None:
+        if not self.reading:
+            return
+        started = time.perf_counter()
+        for payload in reader.read_many(FRAMES_PER_READ):
+            frame = ring_frame_decoder.decode(payload)
+            if isinstance(frame, MergeRecords):
+                stale = self.state.add(frame)
+                if stale:
+                    metrics.dedup_skipped.labels("stale").inc(stale)
+            elif isinstance(frame, FlushNow):
+                self.flush_now = True
+        if reader.used_bytes:  # more than one read's worth: come back on the next loop turn
+            asyncio.get_running_loop().call_soon(self._on_frames, reader)
+        metrics.processing_duration.labels("merge").observe(time.perf_counter() - started)
+        if self.state.pending_count >= self.config.sink.max_pending_records:
+            self._stop_reading()
+        self.wake.set()
+
+    # -- flushing ---------------------------------------------------------------------------------------
+
+    async def _flush_loop(self, deliveries: set[asyncio.Task]) -> None:
+        while True:
+            stopping = self.stopping.is_set()
+            if stopping and (self.stop_quickly or self.state.pending_count == 0):
+                return
+            delay_s = self._flush_delay_s(stopping)
+            if delay_s == 0.0:
+                unit = self.state.take(self.config.sink.batch_size)
+                task = asyncio.create_task(self._deliver(unit))
+                deliveries.add(task)
+                task.add_done_callback(deliveries.discard)
+                if not self.reading and not stopping:
+                    self._start_reading()
+                continue
+            self.wake.clear()
+            waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(self.stopping.wait())]
+            await asyncio.wait(waits, timeout=delay_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
+
+    def _flush_delay_s(self, stopping: bool) -> float | None:
+        """0 to flush now, else how long until a timer would make us flush (None: nothing to wait for)."""
+        state, sink = self.state, self.config.sink
+        if state.pending_count == 0:
+            return None
+        if self.in_flight >= sink.max_in_flight or (self.in_flight and self.sink.failing_since is not None):
+            return None  # a delivery finishing wakes us
+        if stopping or self.flush_now or state.pending_count >= sink.batch_size:
+            self.flush_now = False
+            return 0.0
+        age_s = state.age_s()
+        linger_s = LINGER_S if self.in_flight == 0 else sink.flush_interval_s
+        return max(0.0, min(linger_s, sink.flush_interval_s) - age_s)
+
+    async def _deliver(self, unit: FlushUnit) -> None:
+        self.in_flight += 1
+        try:
+            for chunk in unit.chunks:
+                started = time.perf_counter()
+                outcome = await self.sink.deliver(chunk.batch_id, chunk.body, len(chunk.entries))
+                if outcome is None:
+                    return  # stopping quickly: the consumers re-read these after restart
+                metrics.processing_duration.labels("sink").observe(time.perf_counter() - started)
+                self._record_outcome(chunk, outcome.rejected)
+            self._acknowledge(unit.tokens)
+        finally:
+            self.in_flight -= 1
+            self.wake.set()
+
+    def _record_outcome(self, chunk: Chunk, rejected: dict[int, str]) -> None:
+        if rejected:
+            self._dead_letter(chunk, rejected)
+        delivered = [entry for index, entry in enumerate(chunk.entries) if index not in rejected]
+        self.state.delivered(delivered)
+        per_source: dict[str, int] = defaultdict(int)
+        for source, _key, _value in delivered:
+            per_source[source] += 1
+        for source, count in per_source.items():
+            metrics.records_delivered.labels(source).inc(count)
+        self.delivered_records += len(delivered)
+
+    def _dead_letter(self, chunk: Chunk, rejected: dict[int, str]) -> None:
+        now = time.time()
+        entries = []
+        for index, reason in rejected.items():
+            source, key, value = chunk.entries[index]
+            origin = f"{value.position.topic}/{value.position.partition}/{value.position.offset}"
+            entries.append(DeadLetter(id=dead_letter_id(source, "sink", value.record), source=source,
+                                      reason=reason, stage="sink", record=value.record, key=key, origin=origin,
+                                      first_seen=now, last_seen=now))
+            metrics.dlq_records.labels(source, "sink_rejected").inc()
+        self.dead_letters.add(entries)
+        logger.warning("sink rejected %d of %d records of batch %s; they are in the dead-letter queue",
+                       len(entries), len(chunk.entries), chunk.batch_id)
+
+    # -- acknowledging ------------------------------------------------------------------------------------
+
+    def _acknowledge(self, tokens: list[Token]) -> None:
+        grouped: dict[tuple[int, int], list] = defaultdict(list)
+        for token in tokens:
+            grouped[(token.consumer, token.generation)].append(token.position)
+        for (consumer, generation), positions in grouped.items():
+            self.ack_backlog[consumer].append(Acks(generation=generation, positions=positions))
+        self._send_acks()
+
+    def _send_acks(self) -> None:
+        """Never block on a consumer: what does not fit now waits here for the next delivery or tick."""
+        for consumer, backlog in self.ack_backlog.items():
+            while backlog:
+                try:
+                    self.ack_writers[consumer].try_write(encode_ack_frame(backlog[0]))
+                except RingFull:
+                    break
+                backlog.pop(0)
+
+    def stats(self) -> dict[str, float]:
+        self._send_acks()
+        pending = self.state.pending_count
+        metrics.queue_depth.labels(f"merger-{self.spec.index}-pending").set(pending)
+        return {"pending": pending, "in_flight": self.in_flight, "delivered": self.delivered_records,
+                "keys_known": self.state.keys_known}
+
