@@ -1,0 +1,183 @@
+"""`conflux upstream`: the demo CRM and inventory APIs that Conflux pages through.
+
+Users run it to try Conflux; every test and benchmark runs against it. On start it generates its
+data (deterministic in --seed), then prints `conflux-upstream listening on http://HOST:PORT`.
+SIGTERM or SIGINT stops it (exit 0); a port it cannot listen on exits 1.
+
+API REFERENCE
+
+Collections: customers (key `id`, integer), products (key `sku`, "SKU-000001"), and with
+--systems K: orders, shipments, payments, analytics, crm_events, erp_updates, warehouse, supplier,
+marketing, support_tickets, system_11, system_12, ... (key `id`, "ord-000001"). Every record has
+`updated_at` (ISO 8601 UTC, e.g. 2026-01-05T10:11:12Z). Records are always ordered by
+(updated_at, key). Every style accepts `updated_since` (ISO 8601, inclusive: updated_at >= it).
+Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
+
+  GET /api/{c}?page=1&size=100[&updated_since=T]                       (page style)
+      -> {"data": [...], "page": n, "size": s, "total": t, "has_more": b}
+  GET /api/{c}/offset?offset=0&limit=100[&updated_since=T]             (offset style)
+      -> {"data": [...], "offset": o, "limit": l, "total": t, "has_more": b}
+  GET /api/{c}/cursor?limit=100[&cursor=C][&updated_since=T]           (cursor style)
+      -> {"data": [...], "next_cursor": "C" | null}; C is opaque and encodes the keyset position
+         (updated_at, key) of the last record, so it stays correct while records change
+  GET /api/{c}/link?page=1&size=100[&updated_since=T]                  (link style)
+      -> {"data": [...]} plus `Link: <absolute next URL>; rel="next"` unless on the last page
+  GET /api/{c}/keyset?updated_since=W&limit=100[&after_key=K]          (keyset by watermark)
+      -> {"data": [...], "has_more": b}; without after_key: updated_at >= W; with it:
+         (updated_at, key) > (W, K). Advance W and K to the last record of each page.
+  GET /api/{c}/checksum -> {"collection": c, "checksum": "<16 hex>", "count": n} (valid records)
+  POST /api/{c}          body: JSON object; the key is assigned if absent -> 201 + the record
+  PUT /api/{c}/{key}     body: JSON object merged into the record -> 200 + the record; 404 if unknown
+      Both stamp updated_at = now (never before the newest stamp) and move the record to the end.
+      Many changes share a second, so a change can sort just before a cursor or watermark that
+      sits in that same last second; that is why updated_since is inclusive: an incremental
+      sync should start from its last watermark, not after it.
+  GET /health -> {"status": "ok"}
+  GET /stats[?timestamps=1] -> per collection: records, valid, malformed, requests per style,
+      status codes; with timestamps=1 the arrival times (unix seconds) of the last 100000 page
+      requests. Also changes (api, background) and webhook counters.
+  GET /admin/faults, POST /admin/faults -> latency_ms, latency_jitter_ms, error_rate,
+      throttle_rate, retry_after_s, change_rate_per_s (settable) and malformed_rate (fixed at start)
+  GET /admin/change-rate, POST /admin/change-rate {"change_rate_per_s": R}
+  GET /admin/malformed -> {c: [{"key": k, "reason": "missing_key" | "bad_updated_at", "record": {...}}]}
+
+Errors are JSON {"error": "<parameter>: <problem>"}: 400 for a bad parameter, cursor or body, 404
+for an unknown collection or key, 409 for a duplicate key or a change to a malformed record, and
+the injected 429 (with Retry-After) and 500. Page faults apply to GET page requests of every style.
+
+Webhooks (--webhook-url U --webhook-secret S): every change (API or background) is POSTed to U,
+`{collection}` in U replaced by the collection name; the body is the record's JSON and
+`X-Conflux-Signature: sha256=<hex HMAC-SHA256 of the body with S>`. Deliveries are queued (bounded),
+retried a few times and may arrive out of order; failures are counted in /stats.
+
+Malformed records (--malformed-rate F): that fraction of each collection, chosen by the seed; half
+lack the key field, half have an unparseable updated_at. They are served in pages, never count in
+the checksum, cannot be changed, and are listed by GET /admin/malformed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import uvloop
+
+from demo.faults import FaultInjector, FaultSettings
+from demo.store import build_collections
+from demo.upstream_app import UpstreamApp, bind, serve, url_of
+from demo.upstream_time import PRECISION_UNIT_US
+from demo.upstream_webhooks import WebhookSender
+
+EXIT_OK = 0
+EXIT_CANNOT_LISTEN = 1
+EXIT_BAD_OPTIONS = 2
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _non_negative(kind: type) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not 0 <= value < math.inf:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__[__doc__.index("API REFERENCE"):]
+    count, number = _non_negative(int), _non_negative(float)
+    serving = parser.add_argument_group("serving")
+    serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    serving.add_argument("--port", type=count, default=8081, help="0 picks a free port (default %(default)s)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--seed", type=int, default=1, help="seed of the data, faults and changes (default 1)")
+    data.add_argument("--customers", type=count, default=5000, help="customer records (default 5000)")
+    data.add_argument("--products", type=count, default=5000, help="product records (default 5000)")
+    data.add_argument("--systems", type=count, default=0, help="extra collections: orders, ... (default 0)")
+    data.add_argument("--records-per-system", type=count, default=1000, help="records each (default 1000)")
+    data.add_argument("--timestamp-precision", choices=sorted(PRECISION_UNIT_US), default="s",
+                      help="precision of updated_at (default s)")
+    changes = parser.add_argument_group("changes and webhooks")
+    changes.add_argument("--change-rate", type=number, default=0.0, metavar="PER_S",
+                         help="random record updates per second in the background (default 0)")
+    changes.add_argument("--webhook-url", help="POST every change here; {collection} is replaced")
+    changes.add_argument("--webhook-secret", help="HMAC-SHA256 key of X-Conflux-Signature")
+    faults = parser.add_argument_group("fault injection (page requests; see also POST /admin/faults)")
+    faults.add_argument("--latency-ms", type=number, default=0.0, help="added to every page response")
+    faults.add_argument("--latency-jitter-ms", type=number, default=0.0, help="plus uniform 0..N ms more")
+    faults.add_argument("--error-rate", type=_fraction, default=0.0, help="fraction of pages answered 500")
+    faults.add_argument("--throttle-rate", type=_fraction, default=0.0, help="fraction answered 429")
+    faults.add_argument("--retry-after-s", type=count, default=1, help="Retry-After of a 429 (default 1)")
+    faults.add_argument("--malformed-rate", type=_fraction, default=0.0,
+                        help="fraction of records generated malformed (no key / bad updated_at)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate the data, then serve until SIGTERM/SIGINT. Runs in the `conflux upstream` process."""
+    if bool(args.webhook_url) != bool(args.webhook_secret):
+        print("conflux upstream: --webhook-url and --webhook-secret go together", file=sys.stderr)
+        return EXIT_BAD_OPTIONS
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        print(f"conflux upstream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    with _signals_recorded() as received:
+        app = _build_app(args)
+    if received:  # asked to stop while generating: nothing to drain
+        sock.close()
+        return EXIT_OK
+    uvloop.run(serve(app.build(), sock, announce=f"conflux-upstream listening on {url_of(sock, args.host)}"))
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _signals_recorded() -> Iterator[list[int]]:
+    """Record SIGTERM/SIGINT while the data is generated (before the event loop owns them)."""
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _build_app(args: argparse.Namespace) -> UpstreamApp:
+    started = time.perf_counter()
+    # The records live until exit: collecting while they are built costs ~10% of start-up for
+    # nothing, and freezing them keeps later full collections from walking them again.
+    gc.disable()
+    collections = build_collections(seed=args.seed, precision=args.timestamp_precision,
+                                    malformed_rate=args.malformed_rate, customers=args.customers,
+                                    products=args.products, systems=args.systems,
+                                    records_per_system=args.records_per_system)
+    gc.freeze()
+    gc.enable()
+    total = sum(len(collection) for collection in collections.values())
+    print(f"conflux-upstream generated {total} records in {len(collections)} collections "
+          f"in {time.perf_counter() - started:.2f}s", flush=True)
+    faults = FaultSettings(latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms,
+                           error_rate=args.error_rate, throttle_rate=args.throttle_rate,
+                           retry_after_s=args.retry_after_s)
+    webhooks = None
+    if args.webhook_url:
+        webhooks = WebhookSender(url_template=args.webhook_url, secret=args.webhook_secret)
+    return UpstreamApp(collections=collections, faults=FaultInjector(faults, seed=args.seed),
+                       seed=args.seed, change_rate_per_s=args.change_rate,
+                       malformed_rate=args.malformed_rate, webhooks=webhooks)

@@ -1,0 +1,282 @@
+"""The demo upstream's HTTP API (aiohttp.web) and its serve loop; the routes are documented in
+``demo/upstream.py``.
+
+Everything here runs in the upstream process after the data is generated: ``UpstreamApp.__init__``
+only wires objects together, the start-up hook starts the background tasks (change generator,
+webhook senders) inside the event loop, and ``serve`` runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from demo.datagen import Key
+from demo.faults import Fault, FaultInjector
+from demo.paging_styles import STYLES, BadParameter
+from demo.store import Collection, StoreError
+from demo.upstream_changes import ChangeGenerator
+from demo.upstream_stats import Stats
+from demo.upstream_time import now_us
+from demo.upstream_webhooks import WebhookSender
+
+JSON = "application/json"
+# Handlers answer in milliseconds; waiting longer at shutdown only delays the exit code.
+SHUTDOWN_TIMEOUT_S = 2.0
+MAX_BODY_BYTES = 1 << 20
+
+_encode = msgspec.json.Encoder().encode
+_decode_object = msgspec.json.Decoder(dict).decode
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(payload: object, *, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=_encode(payload), status=status, content_type=JSON, headers=headers)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": message}, status=status, headers=headers)
+
+
+def _client_error(error_class: type[web.HTTPClientError], message: str) -> web.HTTPClientError:
+    return error_class(body=_encode({"error": message}), content_type=JSON)
+
+
+class UpstreamApp:
+    """The API over the generated collections, with fault injection, changes, webhooks and stats."""
+
+    def __init__(self, *, collections: dict[str, Collection], faults: FaultInjector, seed: int,
+                 change_rate_per_s: float, malformed_rate: float, webhooks: WebhookSender | None) -> None:
+        self.collections = collections
+        self.faults = faults
+        self.malformed_rate = malformed_rate
+        self.webhooks = webhooks
+        self.stats = Stats(collections)
+        self.change_counts: Counter[str] = Counter()
+        self.changes = ChangeGenerator(collections=list(collections.values()),
+                                       apply=self.apply_background_change,
+                                       rate_per_s=change_rate_per_s, seed=seed)
+        self._changes_task: asyncio.Task | None = None
+
+    def build(self) -> web.Application:
+        app = web.Application(middlewares=[self._count_status], client_max_size=MAX_BODY_BYTES)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        router = app.router
+        router.add_get("/health", self.health)
+        router.add_get("/stats", self.stats_view)
+        router.add_get("/admin/faults", self.faults_view)
+        router.add_post("/admin/faults", self.set_faults)
+        router.add_get("/admin/change-rate", self.change_rate_view)
+        router.add_post("/admin/change-rate", self.set_change_rate)
+        router.add_get("/admin/malformed", self.malformed_view)
+        router.add_get("/api/{collection}/checksum", self.checksum)
+        for style in ("offset", "cursor", "link", "keyset"):
+            router.add_get(f"/api/{{collection}}/{style}", self._page_handler(style))
+        router.add_get("/api/{collection}", self._page_handler("page"))
+        router.add_post("/api/{collection}", self.create)
+        router.add_put("/api/{collection}/{key}", self.update)
+        return app
+
+    async def _start(self, _app: web.Application) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.start()
+        self._changes_task = asyncio.create_task(self.changes.run(), name="changes")
+
+    async def _stop(self, _app: web.Application) -> None:
+        if self._changes_task is not None:
+            self._changes_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._changes_task
+        if self.webhooks is not None:
+            await self.webhooks.close()
+
+    @web.middleware
+    async def _count_status(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        collection = request.match_info.get("collection")
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            self.stats.record_status(collection, exc.status)
+            raise
+        self.stats.record_status(collection, response.status)
+        return response
+
+    def _collection(self, request: web.Request) -> Collection:
+        name = request.match_info["collection"]
+        collection = self.collections.get(name)
+        if collection is None:
+            known = ", ".join(self.collections)
+            raise _client_error(web.HTTPNotFound, f"collection: unknown collection {name!r}; known: {known}")
+        return collection
+
+    # -- pages --------------------------------------------------------------------------------
+
+    def _page_handler(self, style: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await self.page(request, style)
+        return handler
+
+    async def page(self, request: web.Request, style: str) -> web.Response:
+        """One page of ``style``, after the configured latency and unless a fault is drawn."""
+        collection = self._collection(request)
+        self.stats.record_request(collection.name, style, page=True)
+        delay_s = self.faults.delay_s()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        fault = self.faults.draw()
+        if fault is Fault.THROTTLE:
+            retry_after = {"Retry-After": str(self.faults.settings.retry_after_s)}
+            return error_response(429, "throttled (injected fault)", retry_after)
+        if fault is Fault.ERROR:
+            return error_response(500, "internal error (injected fault)")
+        try:
+            page = STYLES[style](collection, request.query)
+        except BadParameter as exc:
+            return error_response(400, str(exc))
+        headers = None
+        if page.next_page is not None:
+            headers = {"Link": f'<{request.url.update_query(page=page.next_page)}>; rel="next"'}
+        return web.Response(body=page.body, content_type=JSON, headers=headers)
+
+    async def checksum(self, request: web.Request) -> web.Response:
+        collection = self._collection(request)
+        self.stats.record_request(collection.name, "checksum", page=False)
+        return json_response({"collection": collection.name, **collection.checksum.as_dict()})
+
+    # -- changes ------------------------------------------------------------------------------
+
+    async def create(self, request: web.Request) -> web.Response:
+        collection = self._collection(request)
+        self.stats.record_request(collection.name, "create", page=False)
+        fields = await _json_object(request)
+        try:
+            data = collection.create(fields, now_us())
+        except StoreError as exc:
+            return error_response(exc.status, str(exc))
+        self._changed(collection, data, origin="api")
+        return web.Response(body=data, status=201, content_type=JSON)
+
+    async def update(self, request: web.Request) -> web.Response:
+        collection = self._collection(request)
+        self.stats.record_request(collection.name, "update", page=False)
+        fields = await _json_object(request)
+        try:
+            key = collection.parse_key(request.match_info["key"])
+        except ValueError:
+            return error_response(404, f"key: no record {request.match_info['key']!r} in {collection.name}")
+        try:
+            data = collection.update(key, fields, now_us())
+        except StoreError as exc:
+            return error_response(exc.status, str(exc))
+        self._changed(collection, data, origin="api")
+        return web.Response(body=data, content_type=JSON)
+
+    def apply_background_change(self, collection: Collection, key: Key, fields: dict[str, object]) -> None:
+        self._changed(collection, collection.update(key, fields, now_us()), origin="background")
+
+    def _changed(self, collection: Collection, data: bytes, *, origin: str) -> None:
+        self.change_counts[origin] += 1
+        if self.webhooks is not None:
+            self.webhooks.offer(collection.name, data)
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def stats_view(self, request: web.Request) -> web.Response:
+        counts = {name: {"records": len(c), "valid": c.checksum.count, "malformed": len(c) - c.checksum.count}
+                  for name, c in self.collections.items()}
+        view = self.stats.as_dict(counts, timestamps=request.query.get("timestamps") in ("1", "true"))
+        view["changes"] = {"api": self.change_counts["api"], "background": self.change_counts["background"]}
+        view["webhooks"] = self.webhooks.stats() if self.webhooks is not None else None
+        return json_response(view)
+
+    def _faults_dict(self) -> dict[str, object]:
+        return {**msgspec.structs.asdict(self.faults.settings), "malformed_rate": self.malformed_rate,
+                "change_rate_per_s": self.changes.rate_per_s}
+
+    async def faults_view(self, _request: web.Request) -> web.Response:
+        return json_response(self._faults_dict())
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        """Apply any of the fields ``GET /admin/faults`` shows; all are validated before any applies."""
+        changes = await _json_object(request)
+        try:
+            rate_per_s = _change_rate(changes.pop("change_rate_per_s", self.changes.rate_per_s))
+            if changes.pop("malformed_rate", self.malformed_rate) != self.malformed_rate:
+                raise ValueError("malformed_rate: fixed when the data is generated; restart to change it")
+            settings = self.faults.settings.updated(changes)
+        except ValueError as exc:
+            return error_response(400, str(exc))
+        self.faults.settings = settings
+        self.changes.set_rate(rate_per_s)
+        return json_response(self._faults_dict())
+
+    async def change_rate_view(self, _request: web.Request) -> web.Response:
+        return json_response({"change_rate_per_s": self.changes.rate_per_s, "applied": self.changes.applied})
+
+    async def set_change_rate(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        try:
+            self.changes.set_rate(_change_rate(body.get("change_rate_per_s")))
+        except ValueError as exc:
+            return error_response(400, str(exc))
+        return await self.change_rate_view(request)
+
+    async def malformed_view(self, _request: web.Request) -> web.Response:
+        view = {name: [{"key": key, "reason": reason, "record": msgspec.Raw(data)}
+                       for key, reason, data in collection.malformed()]
+                for name, collection in self.collections.items()}
+        return json_response(view)
+
+
+def _change_rate(value: object) -> float:
+    if type(value) not in (int, float) or value < 0:
+        raise ValueError(f"change_rate_per_s: must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+async def _json_object(request: web.Request) -> dict[str, object]:
+    body = await request.read()
+    try:
+        value = _decode_object(body)
+    except msgspec.DecodeError as exc:
+        raise _client_error(web.HTTPBadRequest, f"body: must be a JSON object ({exc})") from None
+    return value
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; bound before the data is generated so a busy port fails fast."""
+    family, _type, _proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    return socket.create_server(address[:2], family=family)
+
+
+def url_of(sock: socket.socket, host: str) -> str:
+    port = sock.getsockname()[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(app: web.Application, sock: socket.socket, *, announce: str) -> None:
+    """Serve on ``sock`` until SIGTERM or SIGINT; ``announce`` is printed once requests are accepted."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        print(announce, flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()

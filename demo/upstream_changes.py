@@ -1,0 +1,83 @@
+"""Background changes of the demo upstream: ``--change-rate`` random record updates per second.
+
+A task in the upstream process's event loop. Changes are spread evenly over each second by keeping
+to a schedule (change n is due at start + n / rate) rather than sleeping a fixed interval, so the
+rate holds however long each wake-up takes. Which record changes, and how, comes from an RNG
+seeded from ``--seed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from demo.datagen import Key
+from demo.store import Collection
+
+# Waking more often than this costs more than it smooths; above 1/MIN_SLEEP_S changes per second
+# several are applied per wake-up.
+MIN_SLEEP_S = 0.005
+# After a stall (a 1M-record page, a GC pause) at most this much backlog is made up, not all of it.
+MAX_BACKLOG_S = 1.0
+
+ApplyChange = Callable[[Collection, Key, dict[str, object]], object]
+
+
+class ChangeGenerator:
+    """Updates random valid records across ``collections`` through ``apply`` at ``rate_per_s``."""
+
+    def __init__(self, *, collections: Sequence[Collection], apply: ApplyChange, rate_per_s: float,
+                 seed: int) -> None:
+        self._collections = list(collections)
+        self._apply = apply
+        self._rate_per_s = rate_per_s
+        self._rng = random.Random(f"{seed}:changes")
+        self._rate_changed: asyncio.Event | None = None
+        self.applied = 0
+
+    @property
+    def rate_per_s(self) -> float:
+        return self._rate_per_s
+
+    def set_rate(self, rate_per_s: float) -> None:
+        self._rate_per_s = rate_per_s
+        if self._rate_changed is not None:
+            self._rate_changed.set()
+
+    async def run(self) -> None:
+        """Apply changes until cancelled; a new rate restarts the schedule from now."""
+        self._rate_changed = asyncio.Event()
+        while True:
+            self._rate_changed.clear()
+            if self._rate_per_s > 0 and self._collections:
+                await self._run_at(self._rate_per_s)
+            else:
+                await self._rate_changed.wait()
+
+    async def _run_at(self, rate_per_s: float) -> None:
+        assert self._rate_changed is not None
+        started = time.monotonic()
+        done = 0
+        while not self._rate_changed.is_set():
+            elapsed_s = time.monotonic() - started
+            due = int(elapsed_s * rate_per_s) - done
+            if due > rate_per_s * MAX_BACKLOG_S:
+                skipped = due - int(rate_per_s * MAX_BACKLOG_S)
+                done += skipped
+                due -= skipped
+            for _ in range(due):
+                self.change_one()
+            done += due
+            sleep_s = max(MIN_SLEEP_S, started + (done + 1) / rate_per_s - time.monotonic())
+            with contextlib.suppress(TimeoutError):  # a rate change wakes us early
+                await asyncio.wait_for(self._rate_changed.wait(), sleep_s)
+
+    def change_one(self) -> None:
+        collection = self._rng.choice(self._collections)
+        key = collection.random_valid_key(self._rng)
+        if key is not None:
+            self._apply(collection, key, collection.spec.mutation(self._rng))
+            self.applied += 1

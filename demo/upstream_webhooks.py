@@ -1,0 +1,103 @@
+"""Webhook delivery of the demo upstream: each changed record is POSTed, signed, to a configured URL.
+
+Runs in the upstream process's event loop. ``offer`` never waits: changes go into a bounded queue
+and a few sender tasks deliver them with retries, so a slow or dead receiver costs dropped or
+failed deliveries (counted in ``/stats``), never API latency. Like real webhooks, deliveries may
+arrive out of order; receivers should compare ``updated_at``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+from collections import Counter
+
+import aiohttp
+
+SIGNATURE_HEADER = "X-Conflux-Signature"
+
+
+def signature(secret: bytes, body: bytes) -> str:
+    """The signature header value: ``sha256=<hex HMAC-SHA256 of the exact body>``."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+class WebhookSender:
+    """Delivers (collection, record JSON) pairs to ``url_template`` with ``{collection}`` filled in."""
+
+    def __init__(self, *, url_template: str, secret: str, queue_size: int = 10_000, senders: int = 4,
+                 attempts: int = 3, backoff_s: float = 0.2, timeout_s: float = 5.0) -> None:
+        self._url_template = url_template
+        self._secret = secret.encode()
+        self._queue_size = queue_size
+        self._senders = senders
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
+        self.counts: Counter[str] = Counter()
+        self._queue: asyncio.Queue[tuple[str, bytes]] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Create the queue, HTTP session and sender tasks; called from the app's start-up hook."""
+        self._queue = asyncio.Queue(self._queue_size)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+        self._tasks = [asyncio.create_task(self._send_forever(), name=f"webhook-{n}")
+                       for n in range(self._senders)]
+
+    async def close(self) -> None:
+        """Stop sending; deliveries still queued are dropped (and counted)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._queue is not None:
+            self.counts["dropped"] += self._queue.qsize()
+        if self._session is not None:
+            await self._session.close()
+
+    def offer(self, collection: str, body: bytes) -> None:
+        if self._queue is None:
+            return
+        try:
+            self._queue.put_nowait((collection, body))
+            self.counts["queued"] += 1
+        except asyncio.QueueFull:
+            self.counts["dropped"] += 1
+
+    def stats(self) -> dict[str, int]:
+        pending = self._queue.qsize() if self._queue is not None else 0
+        return {"queued": self.counts["queued"], "delivered": self.counts["delivered"],
+                "retried": self.counts["retried"], "failed": self.counts["failed"],
+                "dropped": self.counts["dropped"], "pending": pending}
+
+    async def _send_forever(self) -> None:
+        assert self._queue is not None
+        while True:
+            collection, body = await self._queue.get()
+            try:
+                await self._deliver(collection, body)
+            finally:
+                self._queue.task_done()
+
+    async def _deliver(self, collection: str, body: bytes) -> None:
+        assert self._session is not None
+        url = self._url_template.replace("{collection}", collection)
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(self._secret, body),
+                   "X-Conflux-Collection": collection}
+        for attempt in range(self._attempts):
+            if attempt:
+                self.counts["retried"] += 1
+                await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+            try:
+                async with self._session.post(url, data=body, headers=headers) as response:
+                    if response.status < 300:
+                        self.counts["delivered"] += 1
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # a receiver that is down or slow is retried like one that answers 5xx
+        self.counts["failed"] += 1
