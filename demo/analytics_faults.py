@@ -1,0 +1,140 @@
+"""Fault injection for the analytics sink: error rate, latency, outages, apply-then-fail, reject rate.
+
+Set from the command line at start and changed at run time through ``POST /admin/faults`` and
+``POST /admin/outage``; the sink's request handlers consult one ``Faults`` object on the event loop.
+Random choices come from one RNG seeded with ``--seed``, so a run with the same requests in the same
+order injects the same faults; ``--reject-rate`` does not use it (see demo.analytics_wire).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Annotated
+
+import msgspec
+
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+# Finite bounds: an infinite latency or outage would hang the sink rather than test anything.
+LatencyMs = Annotated[float, msgspec.Meta(ge=0.0, le=600_000.0)]
+OutageSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=86_400.0)]
+
+
+class FaultSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The adjustable faults; ``POST /admin/faults`` accepts any subset of these fields."""
+
+    error_rate: Fraction = 0.0
+    latency_ms: LatencyMs = 0.0
+    apply_then_fail_rate: Fraction = 0.0
+    reject_rate: Fraction = 0.0
+
+
+class OutageRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /admin/outage``: be down for ``seconds`` from now (0 ends an admin outage)."""
+
+    seconds: OutageSeconds
+
+
+class OutageWindow(msgspec.Struct, frozen=True):
+    start_s: float
+    duration_s: float
+
+
+class FaultSpecError(ValueError):
+    """A fault setting is invalid; the message names the flag or field."""
+
+
+_patch_decoder = msgspec.json.Decoder(dict[str, object])
+# msgspec raises these two outside its own hierarchy (bad UTF-8 in a string, nesting too deep).
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+_outage_decoder = msgspec.json.Decoder(OutageRequest)
+
+
+def parse_outage_spec(spec: str) -> list[OutageWindow]:
+    """``"10:20,60:5"`` -> down from t=10 s for 20 s and from t=60 s for 5 s after start."""
+    windows = []
+    for part in filter(None, (piece.strip() for piece in spec.split(","))):
+        start_text, _, duration_text = part.partition(":")
+        try:
+            window = OutageWindow(float(start_text), float(duration_text))
+        except ValueError:
+            window = None
+        if window is None or not (0 <= window.start_s < math.inf and 0 < window.duration_s < math.inf):
+            raise FaultSpecError(f"--outage-s: {part!r} is not START:SECONDS (e.g. 10:20)")
+        windows.append(window)
+    return windows
+
+
+def settings_from_flags(**values: float) -> FaultSettings:
+    """FaultSettings from command-line values; the error names the flag (``error_rate`` -> --error-rate)."""
+    try:
+        return msgspec.convert(values, FaultSettings)
+    except msgspec.ValidationError as exc:
+        field = str(exc).rpartition("$.")[2].rstrip("`")
+        raise FaultSpecError(f"--{field.replace('_', '-')}: {exc}") from None
+
+
+def patched_settings(current: FaultSettings, body: bytes) -> FaultSettings:
+    """``current`` with the fields of a ``POST /admin/faults`` JSON body applied and validated."""
+    try:
+        patch = _patch_decoder.decode(body)
+        merged = {**msgspec.structs.asdict(current), **patch}
+        return msgspec.convert(merged, FaultSettings)
+    except _DECODE_ERRORS as exc:
+        raise FaultSpecError(f"fault settings: {exc}") from None
+
+
+def decode_outage_request(body: bytes) -> OutageRequest:
+    try:
+        return _outage_decoder.decode(body)
+    except _DECODE_ERRORS as exc:
+        raise FaultSpecError(f"outage: {exc}") from None
+
+
+class Faults:
+    """The sink's current faults and how often each was injected."""
+
+    def __init__(self, *, settings: FaultSettings, windows: list[OutageWindow], seed: int | None) -> None:
+        self.settings = settings
+        self.windows = windows
+        self._rng = random.Random(seed)
+        self._started = time.monotonic()
+        self._admin_outage_until = 0.0
+        self.counts = {"error_rate": 0, "latency": 0, "outage": 0, "apply_then_fail": 0, "reject_rate": 0}
+
+    def start_outage(self, seconds: float) -> None:
+        """Be down from now for ``seconds``; 0 ends an outage started here (not --outage-s windows)."""
+        self._admin_outage_until = time.monotonic() + seconds
+
+    def outage_remaining_s(self) -> float:
+        """Seconds left of the current outage, 0.0 when up."""
+        now = time.monotonic()
+        remaining = max(0.0, self._admin_outage_until - now)
+        elapsed_s = now - self._started
+        for window in self.windows:
+            if window.start_s <= elapsed_s < window.start_s + window.duration_s:
+                remaining = max(remaining, window.start_s + window.duration_s - elapsed_s)
+        return remaining
+
+    def draw_error(self) -> bool:
+        """Whether this ingest fails with 500 before applying (--error-rate)."""
+        return self._draw(self.settings.error_rate, "error_rate")
+
+    def draw_apply_then_fail(self) -> bool:
+        """Whether this ingest is applied and then answered 500 (--apply-then-fail-rate)."""
+        return self._draw(self.settings.apply_then_fail_rate, "apply_then_fail")
+
+    def _draw(self, rate: float, name: str) -> bool:
+        # Draw only when the fault is on, so enabling one fault does not shift another's choices.
+        if rate <= 0.0 or self._rng.random() >= rate:
+            return False
+        self.counts[name] += 1
+        return True
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            **msgspec.structs.asdict(self.settings),
+            "outage_windows": [f"{w.start_s:g}:{w.duration_s:g}" for w in self.windows],
+            "outage_remaining_s": round(self.outage_remaining_s(), 3),
+        }

@@ -1,0 +1,120 @@
+"""The analytics sink's state and its SQLite journal (demo/analytics_store.py, demo/analytics_db.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import msgspec
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from demo.analytics_db import Database, to_signed, to_unsigned
+from demo.analytics_store import Store, StoreFailed
+from demo.analytics_wire import check_batch, decode_batch, parse_instant
+from demo.checksum import Checksum, record_digest
+
+TIMES = ["2024-01-01T00:00:00Z", "2024-01-01T01:00:00+01:00", "2024-01-01T00:00:01Z", "2024-01-01T00:00:02Z"]
+
+
+def record(key: str, data: bytes, updated_at: str, op: str = "upsert", source: str = "s") -> dict:
+    return {"source": source, "key": key, "op": op, "updated_at": updated_at,
+            "hash": xxhash.xxh3_64_hexdigest(data), "data": msgspec.Raw(data)}
+
+
+def ingest(store: Store, batch_id: str, records: list[dict]):
+    body = msgspec.json.encode({"batch_id": batch_id, "records": records})
+    batch = decode_batch(body)
+    changes, rejected = check_batch(batch, 0.0)
+    return store.apply(batch_id, body, changes, rejected)
+
+
+class Model:
+    """The rules spelled out as simply as possible: last writer wins by instant, ties to the later."""
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str, str], tuple[object, bytes | None]] = {}
+
+    def apply(self, rec: dict) -> None:
+        key = (rec["source"], rec["key"])
+        when = parse_instant(rec["updated_at"])
+        if key not in self.latest or when >= self.latest[key][0]:
+            self.latest[key] = (when, bytes(rec["data"]) if rec["op"] == "upsert" else None)
+
+    def checksums(self) -> dict[str, dict]:
+        sums: dict[str, Checksum] = {}
+        for (source, key), (_, data) in self.latest.items():
+            checksum = sums.setdefault(source, Checksum())
+            if data is not None:
+                checksum.add(record_digest(key, data))
+        return {source: checksum.as_dict() for source, checksum in sums.items()}
+
+
+operations = st.lists(st.lists(st.builds(
+    record,
+    key=st.sampled_from(["a", "b", "c"]),
+    data=st.sampled_from([b"{}", b'{"v":1}', b'{"v": 2}']),
+    updated_at=st.sampled_from(TIMES),
+    op=st.sampled_from(["upsert", "upsert", "delete"]),
+    source=st.sampled_from(["s", "t"]),
+), max_size=6), max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations)
+def test_checksums_and_fold_agree_with_a_simple_model(batches):
+    store = Store(db=Database(path=":memory:"))
+    model = Model()
+    for n, records in enumerate(batches):
+        ingest(store, f"b{n}", records)
+        for rec in records:
+            model.apply(rec)
+    assert store.source_stats() == model.checksums()
+    for (source, key), (_, data) in model.latest.items():
+        stored = asyncio.run(store.record(source, key))  # folds the journal first
+        assert stored is not None and stored[1] == data
+
+
+def test_outcomes_count_applied_and_stale():
+    store = Store(db=Database(path=":memory:"))
+    first = ingest(store, "b1", [record("a", b"{}", TIMES[2])])
+    second = ingest(store, "b2", [record("a", b'{"v":1}', TIMES[0]), record("b", b"{}", TIMES[0])])
+    assert (first.applied, first.ignored_stale) == (1, 0)
+    assert (second.applied, second.ignored_stale) == (1, 1)
+    assert store.batch_ids == {"b1", "b2"}
+    again = store.previous_outcome("b2")
+    assert (again.applied, again.ignored_stale, again.rejected) == (1, 1, [])
+    assert store.previous_outcome("nope") is None
+
+
+def test_reopening_the_db_restores_state_including_an_unfolded_journal(tmp_path):
+    path = str(tmp_path / "sink.db")
+    store = Store(db=Database(path=path))
+    ingest(store, "b1", [record("a", b'{"v":1}', TIMES[0]), record("b", b"{}", TIMES[0])])
+    asyncio.run(store.fold_all())
+    ingest(store, "b2", [record("a", b"{}", TIMES[2], op="delete"), record("c", b'{"c":3}', TIMES[1])])
+    expected = store.source_stats()
+    # No close and no fold: as after kill -9, batch b2 exists only in the journal.
+    reopened = Store(db=Database(path=path))
+    assert reopened.source_stats() == expected
+    assert reopened.batch_ids == {"b1", "b2"}
+    assert asyncio.run(reopened.record("s", "a")) == (TIMES[2], None)
+    # The tombstone's instant came back too: an older upsert stays dead.
+    assert ingest(reopened, "b3", [record("a", b"{}", TIMES[1])]).ignored_stale == 1
+    reopened.close()
+
+
+def test_a_failed_write_raises_store_failed():
+    store = Store(db=Database(path=":memory:"))
+    ingest(store, "b1", [])
+    with pytest.raises(StoreFailed) as failure:
+        ingest(store, "b1", [])  # the batch id is unique in SQLite: the insert fails
+    assert isinstance(failure.value.__cause__, sqlite3.IntegrityError)
+
+
+def test_digests_round_trip_through_signed_sqlite_integers():
+    for digest in (0, 1, 2**63 - 1, 2**63, 2**64 - 1):
+        assert -(2**63) <= to_signed(digest) < 2**63
+        assert to_unsigned(to_signed(digest)) == digest
