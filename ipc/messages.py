@@ -32,7 +32,7 @@ class Batch(Struct, array_like=True, gc=False, tag="batch"):
     keys: list[str]
     updated: list[str]        # the upstream's own timestamp text, forwarded to the sink unchanged
     updated_us: list[int]     # the same instant as microseconds since the epoch, for ordering
-    hashes: list[int]         # xxh3-64 of each record's bytes: the content hash
+    hashes: list[str]         # xxh3-64 of each record's bytes, 16 hex digits: the content hash
     key_hashes: list[int]     # xxh3-64 of each key: picks the partition and the merger
     records: list[Raw]
 
@@ -63,7 +63,7 @@ class MergeRecords(Struct, array_like=True, gc=False, tag="r"):
     keys: list[str]
     updated: list[str]
     updated_us: list[int]
-    hashes: list[int]
+    hashes: list[str]
     records: list[Raw]
 
 

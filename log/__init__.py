@@ -22,5 +22,10 @@ def partition_for(key_hash: int, partitions: int) -> int:
     return key_hash % partitions
 
 
+def partitions_for(key_hashes: list[int], partitions: int) -> list[int]:
+    """``partition_for`` over a whole column at once."""
+    return [key_hash % partitions for key_hash in key_hashes]
+
+
 def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"

@@ -21,7 +21,7 @@ class InFlight:
     waiting_on: int                 # bitmask of mergers that still owe an ack
     message_id: str
     key_hashes: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
     records: int = 0
 
     @property

@@ -1,10 +1,10 @@
 """The consumer process: reads the log, drops duplicates, routes records to mergers, commits what is acked.
 
-One loop, no threads: poll the log, split each batch by merger, write the parts into the shared-memory
-rings, read acknowledgements back, commit. Offsets are committed only when every merger that got a
-part of a message has acknowledged that the sink took it.
+One loop, no threads: poll the log, drop what was already delivered, hand each message to the merger
+that owns its partition through a shared-memory ring, read acknowledgements back, commit. An offset is
+committed only once the merger has acknowledged that the sink took everything up to it.
 
-If a merger restarts (its ring's reader epoch changes), the parts it held are gone: the consumer
+If a merger restarts (its ring's reader epoch changes), what it held is gone: the consumer
 forgets everything in flight and re-reads from the last commit. The sink sees at most a repeat of an
 idempotent batch, and nothing is lost.
 """
@@ -40,6 +40,7 @@ MAX_IN_FLIGHT_MESSAGES = 512
 COMMIT_INTERVAL_S = 1.0
 LAG_REPORT_INTERVAL_S = 2.0
 IDLE_POLL_S = 0.02
+ACK_WAIT_S = 0.005
 
 
 class ConsumerWorker(Worker):
@@ -106,7 +107,13 @@ class ConsumerWorker(Worker):
                 self._wait_for_acks(0.05)
                 continue
             self._set_paused(False)
-            self._consume(self.log_consumer.poll(POLL_BATCH, 0.0 if self.tracker.in_flight else IDLE_POLL_S))
+            if self.tracker.in_flight:
+                messages = self.log_consumer.poll(POLL_BATCH, 0.0)
+                if not messages:  # nothing new: wait for acks instead of spinning on the log
+                    self._wait_for_acks(ACK_WAIT_S)
+            else:
+                messages = self.log_consumer.poll(POLL_BATCH, IDLE_POLL_S)
+            self._consume(messages)
 
     def _shutdown(self) -> None:
         if not self.quit:
@@ -126,16 +133,23 @@ class ConsumerWorker(Worker):
         self.heartbeat(in_flight=self.tracker.in_flight, keys_known=self.dedup.keys_known)
 
     def _consume(self, messages: list[LogMessage]) -> None:
+        if not messages:
+            return
         generation = self.generation
+        started = time.perf_counter()
+        per_topic: dict[str, int] = {}
         for message in messages:
             if self.generation != generation or self.quit:
-                return  # a rewind re-reads the rest from the last commit
+                break  # a rewind re-reads the rest from the last commit
             if (message.topic, message.partition) not in self.tracker.partitions:
                 continue
-            started = time.perf_counter()
             self._route(message)
-            metrics.processing_duration.labels("consume").observe(time.perf_counter() - started)
-            metrics.messages_processed.labels(message.topic).inc()
+            per_topic[message.topic] = per_topic.get(message.topic, 0) + 1
+        for topic, count in per_topic.items():
+            metrics.messages_processed.labels(topic).inc(count)
+        if per_topic:
+            per_message_s = (time.perf_counter() - started) / sum(per_topic.values())
+            metrics.processing_duration.labels("consume").observe(per_message_s)
 
     def _route(self, message: LogMessage) -> None:
         tp = (message.topic, message.partition)
@@ -150,33 +164,18 @@ class ConsumerWorker(Worker):
             metrics.dedup_skipped.labels("message_id").inc()
             self._finish(self.tracker.add(tp, InFlight(message.offset, 0, "")))
             return
-        parts, kept = self._split(batch)
-        waiting = 0
-        for merger, indices in enumerate(parts):
-            if indices:
-                waiting |= 1 << merger
-        entry = InFlight(message.offset, waiting, batch.message_id, [batch.key_hashes[i] for i in kept],
-                         [batch.hashes[i] for i in kept], len(kept))
-        self._finish(self.tracker.add(tp, entry))
-        for merger, indices in enumerate(parts):
-            if indices and not self._send(merger, _merge_frame(self.spec.index, self.generation, position,
-                                                               batch, indices)):
-                return
-        logger.debug("message %s: %d records, %d routed", batch.message_id, batch.count, len(kept))
-
-    def _split(self, batch: Batch) -> tuple[list[list[int]], list[int]]:
-        """Drop content already delivered; group the rest by owning merger."""
         fresh = self.dedup.fresh_indices(batch.key_hashes, batch.hashes)
-        kept = list(range(batch.count)) if fresh is None else fresh
-        skipped = batch.count - len(kept)
-        if skipped:
-            metrics.dedup_skipped.labels("content_hash").inc(skipped)
-        mergers = len(self.to_mergers)
-        parts: list[list[int]] = [[] for _ in range(mergers)]
-        key_hashes = batch.key_hashes
-        for index in kept:
-            parts[(key_hashes[index] >> 32) % mergers].append(index)
-        return parts, kept
+        if fresh is not None:
+            metrics.dedup_skipped.labels("content_hash").inc(batch.count - len(fresh))
+            batch = _subset(batch, fresh)
+        merger = merger_for(message.partition, len(self.to_mergers))
+        entry = InFlight(message.offset, (1 << merger) if batch.count else 0, batch.message_id,
+                         batch.key_hashes, batch.hashes, batch.count)
+        self._finish(self.tracker.add(tp, entry))
+        if batch.count:
+            self._send(merger, _merge_frame(self.spec.index, self.generation, position, batch))
+        logger.debug("message %s at %s: %d records routed to merger %d", batch.message_id, position,
+                     batch.count, merger)
 
     def _send(self, merger: int, payload: bytes) -> bool:
         """Write one frame, waiting for room while still serving acks, signals and heartbeats.
@@ -319,15 +318,23 @@ class ConsumerWorker(Worker):
         metrics.dlq_records.labels(message.topic, "undecodable").inc()
 
 
-def _merge_frame(consumer: int, generation: int, position: Position, batch: Batch, indices: list[int]) -> bytes:
-    if len(indices) == batch.count:
-        keys, updated, updated_us, hashes, records = (batch.keys, batch.updated, batch.updated_us,
-                                                      batch.hashes, batch.records)
-    else:
-        pick = itemgetter(*indices) if len(indices) > 1 else (lambda column: (column[indices[0]],))
-        keys, updated, updated_us, hashes, records = (list(pick(batch.keys)), list(pick(batch.updated)),
-                                                      list(pick(batch.updated_us)), list(pick(batch.hashes)),
-                                                      list(pick(batch.records)))
-    return encode_ring_frame(MergeRecords(consumer=consumer, generation=generation, position=position,
-                                          source=batch.source, keys=keys, updated=updated, updated_us=updated_us,
-                                          hashes=hashes, records=records))
+def merger_for(partition: int, mergers: int) -> int:
+    """Every key lives in one partition, so routing partitions routes keys: one merger owns each key.
+    Whole messages move without being split; give a topic a multiple of ``mergers`` partitions."""
+    return partition % mergers
+
+
+def _subset(batch: Batch, indices: list[int]) -> Batch:
+    pick = itemgetter(*indices) if len(indices) > 1 else (lambda column: (column[indices[0]],))
+    if not indices:
+        def pick(column):
+            return ()
+    return Batch(batch.message_id, batch.source, batch.sync, batch.created_us, list(pick(batch.keys)),
+                 list(pick(batch.updated)), list(pick(batch.updated_us)), list(pick(batch.hashes)),
+                 list(pick(batch.key_hashes)), list(pick(batch.records)))
+
+
+def _merge_frame(consumer: int, generation: int, position: Position, batch: Batch) -> bytes:
+    return encode_ring_frame(MergeRecords(
+        consumer=consumer, generation=generation, position=position, source=batch.source, keys=batch.keys,
+        updated=batch.updated, updated_us=batch.updated_us, hashes=batch.hashes, records=batch.records))

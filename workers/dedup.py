@@ -9,28 +9,30 @@ need the key hash and the content hash to collide at once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import compress
+from operator import ne
 
 
 class Deduplicator:
     def __init__(self, *, max_message_ids: int = 100_000) -> None:
         self._message_ids: OrderedDict[str, None] = OrderedDict()
         self._max_message_ids = max_message_ids
-        self._delivered: dict[int, int] = {}  # key hash -> content hash last delivered
+        self._delivered: dict[int, str] = {}  # key hash -> content hash last delivered
 
     def seen_message(self, message_id: str) -> bool:
         return message_id in self._message_ids
 
-    def fresh_indices(self, key_hashes: list[int], hashes: list[int]) -> list[int] | None:
+    def fresh_indices(self, key_hashes: list[int], hashes: list[str]) -> list[int] | None:
         """Indices of records whose content differs from what was delivered; None means all of them."""
         delivered = self._delivered
         if not delivered:
             return None
-        get = delivered.get
-        pairs = enumerate(zip(key_hashes, hashes, strict=True))
-        fresh = [i for i, (key_hash, content) in pairs if get(key_hash) != content]
+        # C-level all the way: look every key up, compare with the new content, keep the differing indices.
+        differs = map(ne, map(delivered.get, key_hashes), hashes)
+        fresh = list(compress(range(len(key_hashes)), differs))
         return None if len(fresh) == len(key_hashes) else fresh
 
-    def remember(self, message_id: str, key_hashes: list[int], hashes: list[int]) -> None:
+    def remember(self, message_id: str, key_hashes: list[int], hashes: list[str]) -> None:
         """The sink acknowledged this message: its id and its records' content are now known."""
         ids = self._message_ids
         ids[message_id] = None

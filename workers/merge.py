@@ -2,13 +2,18 @@
 
 Pure data structure, driven by the merger process. A record replaces the pending one for its key
 only if its updated value is not older (equal wins: the later arrival of the same instant is the
-newer read of the upstream). A record older than what the sink already acknowledged for its key is
-dropped, so a late, old version never overwrites a newer one.
+newer read of the upstream). A record older than the version already handed to the sink for its
+key is dropped, so a late, old version never overwrites a newer one.
+
+Hot path: a frame whose keys are all new (the usual case during a sync) is merged with two C-level
+set checks and one ``dict.update``; only frames that touch known keys go record by record.
 """
 
 from __future__ import annotations
 
 import time
+from itertools import repeat
+from operator import itemgetter
 from typing import NamedTuple
 
 import msgspec
@@ -17,13 +22,9 @@ from xxhash import xxh3_128_hexdigest
 
 from ipc.messages import MergeRecords, Position
 
-
-class Pending(NamedTuple):
-    updated_us: int
-    content_hash: int
-    record: Raw
-    updated: str
-    position: Position
+# A pending record is a plain tuple (fast to build): (updated_us, hash, record, updated text, position).
+UPDATED_US, HASH, RECORD, UPDATED, POSITION = range(5)
+_updated_us_of = itemgetter(UPDATED_US)
 
 
 class Token(NamedTuple):
@@ -34,7 +35,7 @@ class Token(NamedTuple):
     position: Position
 
 
-class SinkRecord(msgspec.Struct, gc=False):
+class SinkRecord(msgspec.Struct, array_like=False, gc=False):
     source: str
     key: str
     op: str
@@ -47,11 +48,13 @@ _sink_encoder = msgspec.json.Encoder()
 
 
 class Chunk(NamedTuple):
-    """One sink request: its stable id, its body, and the records it carries (for DLQ and metrics)."""
+    """One sink request for one source: its stable id, its body, and its records (for DLQ and metrics)."""
 
     batch_id: str
     body: bytes
-    entries: list[tuple[str, str, Pending]]  # (source, key, pending)
+    source: str
+    keys: list[str]
+    values: list[tuple]
 
 
 class FlushUnit(NamedTuple):
@@ -62,8 +65,8 @@ class FlushUnit(NamedTuple):
 
 class MergeState:
     def __init__(self) -> None:
-        self.latest: dict[str, dict[str, int]] = {}
-        self.pending: dict[str, dict[str, Pending]] = {}
+        self.latest: dict[str, dict[str, int]] = {}   # source -> key -> newest instant handed to the sink
+        self.pending: dict[str, dict[str, tuple]] = {}
         self.pending_count = 0
         self.tokens: list[Token] = []
         self.oldest_at: float | None = None
@@ -72,8 +75,23 @@ class MergeState:
         """Merge one frame; returns how many of its records were stale."""
         latest = self.latest.setdefault(frame.source, {})
         pending = self.pending.setdefault(frame.source, {})
-        position = frame.position
+        keys = frame.keys
+        if latest.keys().isdisjoint(keys) and pending.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+            before = len(pending)
+            pending.update(zip(keys, zip(frame.updated_us, frame.hashes, frame.records, frame.updated,
+                                         repeat(frame.position))))
+            stale = 0
+            self.pending_count += len(pending) - before
+        else:
+            stale = self._add_one_by_one(frame, latest, pending)
+        self.tokens.append(Token(frame.consumer, frame.generation, frame.position))
+        if self.oldest_at is None:
+            self.oldest_at = time.monotonic()
+        return stale
+
+    def _add_one_by_one(self, frame: MergeRecords, latest: dict[str, int], pending: dict[str, tuple]) -> int:
         stale = added = 0
+        position = frame.position
         for key, updated_us, content_hash, record, updated in zip(
                 frame.keys, frame.updated_us, frame.hashes, frame.records, frame.updated, strict=True):
             if updated_us < latest.get(key, -1):
@@ -82,47 +100,47 @@ class MergeState:
             current = pending.get(key)
             if current is None:
                 added += 1
-            elif updated_us < current.updated_us:
+            elif updated_us < current[UPDATED_US]:
                 stale += 1
                 continue
-            pending[key] = Pending(updated_us, content_hash, record, updated, position)
+            pending[key] = (updated_us, content_hash, record, updated, position)
         self.pending_count += added
-        self.tokens.append(Token(frame.consumer, frame.generation, position))
-        if self.oldest_at is None:
-            self.oldest_at = time.monotonic()
         return stale
 
     def age_s(self) -> float:
         return 0.0 if self.oldest_at is None else time.monotonic() - self.oldest_at
 
     def take(self, batch_size: int) -> FlushUnit:
-        """Everything pending, cut into sink requests of at most ``batch_size`` records."""
-        entries = [(source, key, value) for source, records in self.pending.items() for key, value in records.items()]
-        unit = FlushUnit([make_chunk(entries[i:i + batch_size]) for i in range(0, len(entries), batch_size)],
-                         self.tokens, len(entries))
+        """Everything pending, cut into per-source sink requests of at most ``batch_size`` records.
+
+        From here on these versions count as handed to the sink: the merger retries them until the
+        sink takes them or refuses them for good, so an older version arriving later is stale.
+        """
+        chunks = []
+        for source, records in self.pending.items():
+            if not records:
+                continue
+            keys, values = list(records), list(records.values())
+            self.latest[source].update(zip(keys, map(_updated_us_of, values)))
+            for start in range(0, len(keys), batch_size):
+                chunks.append(make_chunk(source, keys[start:start + batch_size], values[start:start + batch_size]))
+        unit = FlushUnit(chunks, self.tokens, self.pending_count)
         self.pending = {}
         self.pending_count = 0
         self.tokens = []
         self.oldest_at = None
         return unit
 
-    def delivered(self, entries: list[tuple[str, str, Pending]]) -> None:
-        """The sink took these: remember their instants so older versions are dropped from now on."""
-        for source, key, value in entries:
-            latest = self.latest.setdefault(source, {})
-            if value.updated_us >= latest.get(key, -1):
-                latest[key] = value.updated_us
-
     @property
     def keys_known(self) -> int:
         return sum(len(keys) for keys in self.latest.values())
 
 
-def make_chunk(entries: list[tuple[str, str, Pending]]) -> Chunk:
+def make_chunk(source: str, keys: list[str], values: list[tuple]) -> Chunk:
     """The batch_id is derived from the content, so a retry, or a replay after a crash that rebuilds
     the same batch, carries the same id and the sink can recognise it."""
     records = _sink_encoder.encode([
-        SinkRecord(source, key, "upsert", value.updated, f"{value.content_hash:016x}", value.record)
-        for source, key, value in entries])
+        SinkRecord(source, key, "upsert", value[UPDATED], value[HASH], value[RECORD])
+        for key, value in zip(keys, values)])
     batch_id = xxh3_128_hexdigest(records)
-    return Chunk(batch_id, b'{"batch_id":"%s","records":%s}' % (batch_id.encode(), records), entries)
+    return Chunk(batch_id, b'{"batch_id":"%s","records":%s}' % (batch_id.encode(), records), source, keys, values)

@@ -24,12 +24,13 @@ from ipc.shm import RingFull, RingReader, RingWriter
 from log import open_log
 from workers.base import AsyncWorker
 from workers.batching import dead_letter_id
-from workers.merge import Chunk, FlushUnit, MergeState, Token
+from workers.merge import POSITION, RECORD, Chunk, FlushUnit, MergeState, Token
 from workers.sinks import HttpSink
 
 logger = logging.getLogger(__name__)
 
 LINGER_S = 0.02
+ACKS_PER_FRAME = 1000  # keeps every ack frame far below the ack ring's frame limit
 FRAMES_PER_READ = 64
 
 
@@ -149,7 +150,7 @@ class MergerWorker(AsyncWorker):
         try:
             for chunk in unit.chunks:
                 started = time.perf_counter()
-                outcome = await self.sink.deliver(chunk.batch_id, chunk.body, len(chunk.entries))
+                outcome = await self.sink.deliver(chunk.batch_id, chunk.body, len(chunk.keys))
                 if outcome is None:
                     return  # stopping quickly: the consumers re-read these after restart
                 metrics.processing_duration.labels("sink").observe(time.perf_counter() - started)
@@ -162,28 +163,24 @@ class MergerWorker(AsyncWorker):
     def _record_outcome(self, chunk: Chunk, rejected: dict[int, str]) -> None:
         if rejected:
             self._dead_letter(chunk, rejected)
-        delivered = [entry for index, entry in enumerate(chunk.entries) if index not in rejected]
-        self.state.delivered(delivered)
-        per_source: dict[str, int] = defaultdict(int)
-        for source, _key, _value in delivered:
-            per_source[source] += 1
-        for source, count in per_source.items():
-            metrics.records_delivered.labels(source).inc(count)
-        self.delivered_records += len(delivered)
+        delivered = len(chunk.keys) - len(rejected)
+        metrics.records_delivered.labels(chunk.source).inc(delivered)
+        self.delivered_records += delivered
 
     def _dead_letter(self, chunk: Chunk, rejected: dict[int, str]) -> None:
         now = time.time()
         entries = []
         for index, reason in rejected.items():
-            source, key, value = chunk.entries[index]
-            origin = f"{value.position.topic}/{value.position.partition}/{value.position.offset}"
-            entries.append(DeadLetter(id=dead_letter_id(source, "sink", value.record), source=source,
-                                      reason=reason, stage="sink", record=value.record, key=key, origin=origin,
-                                      first_seen=now, last_seen=now))
-            metrics.dlq_records.labels(source, "sink_rejected").inc()
+            key, value = chunk.keys[index], chunk.values[index]
+            position = value[POSITION]
+            entries.append(DeadLetter(
+                id=dead_letter_id(chunk.source, "sink", value[RECORD]), source=chunk.source, reason=reason,
+                stage="sink", record=value[RECORD], key=key,
+                origin=f"{position.topic}/{position.partition}/{position.offset}", first_seen=now, last_seen=now))
+        metrics.dlq_records.labels(chunk.source, "sink_rejected").inc(len(entries))
         self.dead_letters.add(entries)
         logger.warning("sink rejected %d of %d records of batch %s; they are in the dead-letter queue",
-                       len(entries), len(chunk.entries), chunk.batch_id)
+                       len(entries), len(chunk.keys), chunk.batch_id)
 
     # -- acknowledging ------------------------------------------------------------------------------------
 
@@ -192,7 +189,9 @@ class MergerWorker(AsyncWorker):
         for token in tokens:
             grouped[(token.consumer, token.generation)].append(token.position)
         for (consumer, generation), positions in grouped.items():
-            self.ack_backlog[consumer].append(Acks(generation=generation, positions=positions))
+            for start in range(0, len(positions), ACKS_PER_FRAME):
+                self.ack_backlog[consumer].append(
+                    Acks(generation=generation, positions=positions[start:start + ACKS_PER_FRAME]))
         self._send_acks()
 
     def _send_acks(self) -> None:

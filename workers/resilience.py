@@ -14,6 +14,7 @@ from daemon.config import RetryConfig
 
 Clock = Callable[[], float]
 MAX_RETRY_AFTER_S = 600.0  # a server asking for more than this is treated as asking for this
+_shared_rng = random.Random()  # seeding a Random per request costs more than the jitter is worth
 
 
 class Backoff:
@@ -27,7 +28,7 @@ class Backoff:
         self.base_s = base_s
         self.max_s = max_s
         self.attempt = 0
-        self._rng = rng or random.Random()
+        self._rng = rng or _shared_rng
 
     @classmethod
     def from_config(cls, config: RetryConfig, rng: random.Random | None = None) -> Backoff:

@@ -113,9 +113,8 @@ class HttpSink:
         return self._interpret(status, text, count, batch_id), retry_after
 
     def _interpret(self, status: int, text: bytes, count: int, batch_id: str) -> Delivery | None:
-        if 200 <= status < 300 and status != 207:
-            return Delivery({}, status)
-        if status in (207, 422):
+        if 200 <= status < 300 or status == 422:
+            # A 200 "duplicate" repeats the rejections of the first delivery, which may have been lost.
             return Delivery(_rejections(text, count, status), status)
         if status in RETRYABLE_4XX or status >= 500:
             metrics.sink_retries.labels(str(status)).inc()
@@ -142,7 +141,9 @@ class HttpSink:
 
 
 def _rejections(text: bytes, count: int, status: int) -> dict[int, str]:
-    """207/422 bodies list rejected indices; a 422 that names none rejects the whole batch."""
+    """207/422 bodies (and a duplicate's 200) list rejected indices; a 422 that names none rejects all."""
+    if status not in (207, 422) and b'"rejected"' not in text:
+        return {}
     try:
         body = _rejection_decoder.decode(text)
     except (msgspec.DecodeError, msgspec.ValidationError):
