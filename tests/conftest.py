@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.upstream",
     "tests.fixtures.analytics",
+    "tests.fixtures.daemon",
 ]

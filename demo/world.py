@@ -1,0 +1,144 @@
+"""The demo world as child processes: upstream, analytics sink and the daemon, wired together.
+
+Used by `conflux demo`, `conflux bench` and `conflux check`. Each service is a real `conflux ...`
+subprocess that announces its URL with a "listening on http://..." line; everything listens on
+127.0.0.1 and everything is stopped when the world is closed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+LISTENING = re.compile(rb"listening on (http://\S+)")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+
+def start(name: str, args: list[str], log_path: Path, *, timeout_s: float = 120.0,
+          env: dict[str, str] | None = None) -> ServiceProcess:
+    """Run `conflux <args>` and wait for its listening line; its output goes to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            start_new_session=True)
+    log = log_path.open("wb")
+    url = _await_url(proc, log, timeout_s)
+    if url is None:
+        proc.kill()
+        proc.wait()
+        log.close()
+        raise RuntimeError(f"{name} did not start; see {log_path}:\n{log_path.read_text(errors='replace')[-2000:]}")
+    threading.Thread(target=_pump, args=(proc, log), name=f"log-{name}", daemon=True).start()
+    return ServiceProcess(name, proc, url, log_path)
+
+
+def _await_url(proc: subprocess.Popen, log, timeout_s: float) -> str | None:
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if not selector.select(timeout=0.5):
+                if proc.poll() is not None:
+                    return None
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                return None
+            log.write(chunk)
+            log.flush()
+            seen += chunk
+            match = LISTENING.search(seen)
+            if match:
+                return match.group(1).decode().rstrip("/")
+        return None
+    finally:
+        selector.close()
+
+
+def _pump(proc: subprocess.Popen, log) -> None:
+    for line in iter(proc.stdout.readline, b""):
+        log.write(line)
+        log.flush()
+    log.close()
+
+
+@dataclass
+class World:
+    """The three services of a demo or benchmark run, stopped together."""
+
+    directory: Path
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def add(self, service: ServiceProcess) -> ServiceProcess:
+        self.services[service.name] = service
+        return service
+
+    def close(self) -> dict[str, int | None]:
+        codes = {}
+        for name in ("daemon", "upstream", "analytics"):
+            if name in self.services:
+                codes[name] = self.services[name].stop()
+        return codes
+
+    def sink_counts(self) -> dict[str, int]:
+        stats = requests.get(f"{self.services['analytics'].url}/stats", timeout=10).json()
+        return {name: value["count"] for name, value in stats["sources"].items()}
+
+    def checksums(self, collections: list[str]) -> tuple[dict[str, tuple], dict[str, tuple]]:
+        upstream_url = self.services["upstream"].url
+        stats = requests.get(f"{self.services['analytics'].url}/stats", timeout=10).json()["sources"]
+        upstream = {}
+        for collection in collections:
+            data = requests.get(f"{upstream_url}/api/{collection}/checksum", timeout=10).json()
+            upstream[collection] = (data["checksum"], data["count"])
+        sink = {c: (stats.get(c, {}).get("checksum"), stats.get(c, {}).get("count")) for c in collections}
+        return upstream, sink
+
+
+def config_toml(directory: Path, *, upstream_url: str, sink_url: str, collections: dict[str, str],
+                control_listen: str, webhook_secret: str = "", extra: str = "") -> str:
+    """A daemon config for the demo collections (name -> key field)."""
+    sources = []
+    for name, key in collections.items():
+        webhook = f'webhook_secret = "{webhook_secret}"\n' if webhook_secret else ""
+        sources.append(f'[[sources]]\nname = "{name}"\nurl = "{upstream_url}/api/{name}"\nkey = "{key}"\n'
+                       f"page_size = 1000\npoll_interval_s = 5\n{webhook}")
+    return (f'[log]\npath = "{directory}/var/conflux.db"\npartitions = 4\n\n' + "\n".join(sources) +
+            f'\n[sink]\nurl = "{sink_url}/ingest"\n\n[control]\nlisten = "{control_listen}"\n\n'
+            f'[daemon]\nstate_dir = "{directory}/var"\n{extra}')
