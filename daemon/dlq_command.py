@@ -56,18 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _as_json(entry) -> dict:
-    data = msgspec.to_builtins(entry)
-    data["record"] = msgspec.json.decode(bytes(entry.record)) if _is_json(entry.record) else bytes(entry.record).decode(
-        "utf-8", "replace")
-    return data
-
-
-def _is_json(raw) -> bool:
+    """The entry as plain data; the record as the JSON it was received as (or text, if it was not JSON)."""
+    data = msgspec.structs.asdict(entry)
     try:
-        msgspec.json.decode(bytes(raw))
-        return True
+        data["record"] = msgspec.json.decode(bytes(entry.record))
     except msgspec.DecodeError:
-        return False
+        data["record"] = bytes(entry.record).decode("utf-8", "replace")
+    return data
 
 
 def _list(args, config, backend, store) -> int:
