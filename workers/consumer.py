@@ -137,13 +137,17 @@ class ConsumerWorker(Worker):
             return
         generation = self.generation
         started = time.perf_counter()
+        log_each = logger.isEnabledFor(logging.INFO)
         per_topic: dict[str, int] = {}
         for message in messages:
             if self.generation != generation or self.quit:
                 break  # a rewind re-reads the rest from the last commit
             if (message.topic, message.partition) not in self.tracker.partitions:
                 continue
-            self._route(message)
+            began = time.perf_counter()
+            message_id, records, routed = self._route(message)
+            if log_each:
+                _log_processed(message, message_id, records, routed, time.perf_counter() - began)
             per_topic[message.topic] = per_topic.get(message.topic, 0) + 1
         for topic, count in per_topic.items():
             metrics.messages_processed.labels(topic).inc(count)
@@ -151,7 +155,8 @@ class ConsumerWorker(Worker):
             per_message_s = (time.perf_counter() - started) / sum(per_topic.values())
             metrics.processing_duration.labels("consume").observe(per_message_s)
 
-    def _route(self, message: LogMessage) -> None:
+    def _route(self, message: LogMessage) -> tuple[str, int, int]:
+        """Hand one log message to its merger; returns its message id, its records and how many were routed."""
         tp = (message.topic, message.partition)
         position = Position(message.topic, message.partition, message.offset)
         try:
@@ -159,12 +164,14 @@ class ConsumerWorker(Worker):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._dead_letter_message(message, f"undecodable log message: {exc}")
             self._finish(self.tracker.add(tp, InFlight(message.offset, 0, "")))
-            return
+            return "", 0, 0
         if self.dedup.seen_message(batch.message_id):
             metrics.dedup_skipped.labels("message_id").inc()
             self._finish(self.tracker.add(tp, InFlight(message.offset, 0, "")))
-            return
-        fresh = self.dedup.fresh_indices(batch.key_hashes, batch.hashes)
+            return batch.message_id, batch.count, 0
+        records = batch.count
+        # A replay re-sends what the sink refused, so its content must not count as already delivered.
+        fresh = self.dedup.fresh_indices(batch.key_hashes, batch.hashes) if batch.sync != "replay" else None
         if fresh is not None:
             metrics.dedup_skipped.labels("content_hash").inc(batch.count - len(fresh))
             batch = _subset(batch, fresh)
@@ -174,8 +181,7 @@ class ConsumerWorker(Worker):
         self._finish(self.tracker.add(tp, entry))
         if batch.count:
             self._send(merger, _merge_frame(self.spec.index, self.generation, position, batch))
-        logger.debug("message %s at %s: %d records routed to merger %d", batch.message_id, position,
-                     batch.count, merger)
+        return batch.message_id, records, batch.count
 
     def _send(self, merger: int, payload: bytes) -> bool:
         """Write one frame, waiting for room while still serving acks, signals and heartbeats.
@@ -316,6 +322,14 @@ class ConsumerWorker(Worker):
         self.dead_letters.add([entry])
         metrics.messages_failed.labels(message.topic).inc()
         metrics.dlq_records.labels(message.topic, "undecodable").inc()
+
+
+def _log_processed(message: LogMessage, message_id: str, records: int, routed: int, elapsed_s: float) -> None:
+    elapsed_ms = round(elapsed_s * 1000.0, 3)
+    logger.info("message %s at %s/%d@%d: %d records, %d routed in %.3f ms", message_id, message.topic,
+                message.partition, message.offset, records, routed, elapsed_ms,
+                extra={"message_id": message_id, "records": records, "routed": routed, "elapsed_ms": elapsed_ms,
+                       "topic": message.topic, "partition": message.partition, "offset": message.offset})
 
 
 def merger_for(partition: int, mergers: int) -> int:

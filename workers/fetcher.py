@@ -25,6 +25,7 @@ from log import open_log
 from log.base import Checkpoint, CheckpointStore, DeadLetterStore, LogProducer, OutgoingMessage
 from workers.base import AsyncWorker
 from workers.batching import RecordSchema, dead_letters, split_by_partition
+from workers.ownership import ownership_for
 from workers.paging import STYLES, PageInfo
 from workers.upstream import Response, UpstreamClient
 
@@ -113,6 +114,7 @@ class SourceSyncer:
         self.partitions = worker.producer.partitions_for(self.topic)
         self.schema = RecordSchema(source)
         self.client = UpstreamClient(source, worker.config.retry, session)
+        self.client.breaker.on_change_hooks.append(lambda state: self._send_report())
         self.producer: LogProducer = worker.producer
         self.checkpoints: CheckpointStore = worker.checkpoints
         self.dead_letters: DeadLetterStore = worker.dead_letters
@@ -213,19 +215,44 @@ class FetcherWorker(AsyncWorker):
         self.producer = backend.producer()
         self.checkpoints = backend.checkpoints()
         self.dead_letters = backend.dead_letters()
+        self.syncers: dict[str, SourceSyncer] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        ownership = ownership_for(backend, list(self.spec.sources))
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
-            self.syncers = {name: SourceSyncer(self, self.config.source(name), session) for name in self.spec.sources}
-            self.channel.send(SourcesOwned(sources=sorted(self.syncers)))
-            tasks = [asyncio.create_task(syncer.run(), name=f"sync-{name}") for name, syncer in self.syncers.items()]
-            await self.stopping.wait()
-            for task in tasks:
-                task.cancel()
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as self.session:
+            watcher = asyncio.create_task(ownership.run(self), name="ownership")
+            stopping = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait([watcher, stopping], return_when=asyncio.FIRST_COMPLETED)
+            watcher.cancel()
+            stopping.cancel()
+            # Stop fetching before giving the sources up, so the next owner never overlaps with us.
+            tasks = list(self.tasks.values())
+            self.lose(list(self.tasks))
             await asyncio.gather(*tasks, return_exceptions=True)
+            ownership.close()
+            if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
+                raise watcher.exception()
         await self.producer.close()
         self.checkpoints.close()
         self.dead_letters.close()
         return 0
+
+    def gain(self, sources: list[str]) -> None:
+        """Ownership handed us these sources: start syncing them (from their saved checkpoints)."""
+        for name in sources:
+            if name not in self.tasks:
+                self.syncers[name] = SourceSyncer(self, self.config.source(name), self.session)
+                self.tasks[name] = asyncio.create_task(self.syncers[name].run(), name=f"sync-{name}")
+        self.channel.send(SourcesOwned(sources=sorted(self.syncers)))
+
+    def lose(self, sources: list[str]) -> None:
+        """Another fetcher owns these now: stop at once; an unfinished sync saved no checkpoint."""
+        for name in sources:
+            task = self.tasks.pop(name, None)
+            self.syncers.pop(name, None)
+            if task is not None:
+                task.cancel()
+        self.channel.send(SourcesOwned(sources=sorted(self.syncers)))
 
     def on_control(self, message: object) -> None:
         if isinstance(message, SyncNow) and message.source in self.syncers:

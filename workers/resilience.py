@@ -78,7 +78,7 @@ class CircuitBreaker:
         self.failure_threshold = failures
         self.cooldown_s = cooldown_s
         self._clock = clock
-        self._on_change = on_change
+        self.on_change_hooks: list[Callable[[str], None]] = [on_change] if on_change is not None else []
         self.state = self.CLOSED
         self.consecutive_failures = 0
         self.opened_at = 0.0
@@ -121,5 +121,5 @@ class CircuitBreaker:
 
     def _set(self, state: str) -> None:
         self.state = state
-        if self._on_change is not None:
-            self._on_change(state)
+        for hook in self.on_change_hooks:
+            hook(state)
