@@ -161,9 +161,12 @@ class RingWriter(_RingEnd):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
+                # Clear the wake-up, then try once more before sleeping: room the reader made just
+                # before the clear would otherwise go unnoticed until the timeout (forever without one).
                 self._drain(self.spec.space_fd)
-                if self.free_bytes() >= _padded(len(payload)) * 2:
-                    continue  # the reader made room between our check and the drain
+                with contextlib.suppress(RingFull):
+                    self.try_write(payload)
+                    return True
                 self._wait(self.spec.space_fd, remaining)
 
     def free_bytes(self) -> int:
