@@ -94,7 +94,8 @@ class MergeState:
         position = frame.position
         for key, updated_us, content_hash, record, updated in zip(
                 frame.keys, frame.updated_us, frame.hashes, frame.records, frame.updated, strict=True):
-            if updated_us < latest.get(key, -1):
+            handed = latest.get(key)  # not a -1 default: instants before 1970 are negative
+            if handed is not None and updated_us < handed:
                 stale += 1
                 continue
             current = pending.get(key)

@@ -1,0 +1,185 @@
+"""MergeState (workers/merge.py): latest wins per (source, key), stale versions are dropped, the fast
+path and the one-by-one path agree, and take() cuts stable, content-addressed sink requests."""
+
+from __future__ import annotations
+
+from itertools import count
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipc.messages import MergeRecords, Position
+from workers.merge import HASH, UPDATED_US, MergeState, Token, make_chunk
+
+FUZZ = settings(max_examples=150, derandomize=True, deadline=None)
+_offsets = count()
+
+
+def frame(source: str, records: list[tuple[str, int, str]], *, consumer: int = 0, generation: int = 1,
+          offset: int | None = None) -> MergeRecords:
+    """records: (key, updated_us, content); the record's JSON carries all three."""
+    raws = [msgspec.Raw(msgspec.json.encode({"k": key, "u": updated_us, "c": content}))
+            for key, updated_us, content in records]
+    return MergeRecords(
+        consumer=consumer, generation=generation,
+        position=Position(f"t-{source}", 0, next(_offsets) if offset is None else offset), source=source,
+        keys=[key for key, _, _ in records], updated=[f"u{updated_us}" for _, updated_us, _ in records],
+        updated_us=[updated_us for _, updated_us, _ in records],
+        hashes=[f"h-{content}" for _, _, content in records], records=raws)
+
+
+def flushed(state: MergeState, batch_size: int = 1000) -> list[tuple[str, list[tuple[str, int, str]]]]:
+    """take() as plain data: per chunk, its source and (key, updated_us, hash) of each record."""
+    return [(chunk.source, [(key, value[UPDATED_US], value[HASH]) for key, value in zip(chunk.keys, chunk.values)])
+            for chunk in state.take(batch_size).chunks]
+
+
+class Model:
+    """The rule, written as plainly as possible."""
+
+    def __init__(self) -> None:
+        self.handed: dict[tuple[str, str], int] = {}
+        self.pending: dict[str, dict[str, tuple[int, str]]] = {}
+
+    def add(self, source: str, records: list[tuple[str, int, str]]) -> int:
+        stale = 0
+        pending = self.pending.setdefault(source, {})
+        for key, updated_us, content in records:
+            handed = self.handed.get((source, key))
+            current = pending.get(key)
+            if (handed is not None and updated_us < handed) or (current is not None and updated_us < current[0]):
+                stale += 1
+            else:
+                pending[key] = (updated_us, f"h-{content}")
+        return stale
+
+    def take(self, batch_size: int) -> list[tuple[str, list[tuple[str, int, str]]]]:
+        chunks = []
+        for source, records in self.pending.items():
+            rows = [(key, updated_us, content_hash) for key, (updated_us, content_hash) in records.items()]
+            self.handed.update(((source, key), updated_us) for key, updated_us, _ in rows)
+            chunks += [(source, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        self.pending = {}
+        return chunks
+
+
+records_st = st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(-3, 3), st.sampled_from("xyz")), max_size=8)
+steps_st = st.lists(st.one_of(st.tuples(st.sampled_from(["s1", "s2"]), records_st), st.integers(1, 4)), max_size=25)
+
+
+@FUZZ
+@given(steps=steps_st)
+def test_merge_state_follows_the_latest_wins_rule(steps: list) -> None:
+    """Frames and flushes in any order (timestamps before 1970 included) match the plain model."""
+    state, model = MergeState(), Model()
+    for step in steps:
+        if isinstance(step, int):
+            assert flushed(state, step) == model.take(step)
+        else:
+            source, records = step
+            assert state.add(frame(source, records)) == model.add(source, records)
+            assert state.pending_count == sum(len(keys) for keys in model.pending.values())
+    assert flushed(state, 3) == model.take(3)
+
+
+@FUZZ
+@given(records=records_st, known=st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(-3, 3)), max_size=4))
+def test_fast_path_and_one_by_one_path_agree(records: list, known: list) -> None:
+    fast, slow = MergeState(), MergeState()
+    for state in (fast, slow):  # the same history of versions already handed to the sink
+        state.latest["s"] = dict(known)
+    one = frame("s", records)
+    stale_fast = fast.add(one)
+    stale_slow = slow._add_one_by_one(one, slow.latest["s"], slow.pending.setdefault("s", {}))
+    assert stale_fast == stale_slow
+    assert fast.pending_count == slow.pending_count == len(slow.pending["s"])
+    assert fast.pending == slow.pending
+
+
+def test_newer_wins_and_an_older_version_arriving_late_is_dropped() -> None:
+    state = MergeState()
+    assert state.add(frame("s", [("k", 20, "new")])) == 0
+    assert state.add(frame("s", [("k", 10, "old")])) == 1  # late and older: stale
+    assert flushed(state) == [("s", [("k", 20, "h-new")])]
+    assert state.add(frame("s", [("k", 15, "older-than-handed")])) == 1
+    assert state.pending_count == 0 and flushed(state) == []
+    assert state.add(frame("s", [("k", 30, "newer")])) == 0
+    assert flushed(state) == [("s", [("k", 30, "h-newer")])]
+
+
+def test_equal_timestamps_the_later_arrival_wins_in_pending_and_after_a_flush() -> None:
+    state = MergeState()
+    state.add(frame("s", [("k", 5, "first"), ("k", 5, "second")]))
+    state.add(frame("s", [("k", 5, "third")]))
+    assert flushed(state) == [("s", [("k", 5, "h-third")])]
+    assert state.add(frame("s", [("k", 5, "fourth")])) == 0  # equal to the handed version: not stale
+    assert flushed(state) == [("s", [("k", 5, "h-fourth")])]
+
+
+def test_records_before_1970_are_not_mistaken_for_stale() -> None:
+    """Regression: the one-by-one path compared against -1 for unknown keys, so negative instants
+    (legacy 1900-01-01 style stamps) were silently dropped when a frame had a repeated key."""
+    state = MergeState()
+    assert state.add(frame("s", [("k", -2_208_988_800_000_000, "a"), ("k", -2_208_988_800_000_000, "b")])) == 0
+    assert flushed(state) == [("s", [("k", -2_208_988_800_000_000, "h-b")])]
+
+
+def test_sources_are_separate_key_spaces() -> None:
+    state = MergeState()
+    state.add(frame("a", [("k", 10, "x")]))
+    state.add(frame("b", [("k", 1, "y")]))  # same key, other source: not stale
+    assert flushed(state) == [("a", [("k", 10, "h-x")]), ("b", [("k", 1, "h-y")])]
+
+
+def test_take_cuts_per_source_chunks_of_at_most_batch_size() -> None:
+    state = MergeState()
+    state.add(frame("a", [(f"k{i}", i, "x") for i in range(7)]))
+    state.add(frame("b", [(f"k{i}", i, "x") for i in range(3)]))
+    unit = state.take(3)
+    assert [(chunk.source, len(chunk.keys)) for chunk in unit.chunks] == [("a", 3), ("a", 3), ("a", 1), ("b", 3)]
+    assert unit.records == 10
+    assert [chunk.keys for chunk in unit.chunks][:3] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6"]]
+    assert state.pending_count == 0 and state.take(3).chunks == []
+    assert state.keys_known == 10
+
+
+def test_take_hands_back_every_token_in_arrival_order_and_resets_the_age() -> None:
+    state = MergeState()
+    assert state.age_s() == 0.0
+    first = frame("a", [("k", 1, "x")], consumer=0, generation=3, offset=7)
+    second = frame("a", [("k", 0, "y")], consumer=1, generation=4, offset=9)  # stale, still acknowledged
+    state.add(first)
+    state.add(second)
+    assert state.age_s() >= 0.0 and state.oldest_at is not None
+    unit = state.take(10)
+    assert unit.tokens == [Token(0, 3, first.position), Token(1, 4, second.position)]
+    assert state.tokens == [] and state.oldest_at is None and state.age_s() == 0.0
+
+
+def test_chunk_body_is_the_sink_contract() -> None:
+    state = MergeState()
+    state.add(frame("s", [("k1", 1, "x"), ("k2", 2, "y")]))
+    chunk = state.take(10).chunks[0]
+    body = msgspec.json.decode(chunk.body)
+    assert body["batch_id"] == chunk.batch_id
+    assert body["records"] == [
+        {"source": "s", "key": "k1", "op": "upsert", "updated_at": "u1", "hash": "h-x",
+         "data": {"k": "k1", "u": 1, "c": "x"}},
+        {"source": "s", "key": "k2", "op": "upsert", "updated_at": "u2", "hash": "h-y",
+         "data": {"k": "k2", "u": 2, "c": "y"}},
+    ]
+
+
+def test_batch_id_is_derived_from_content_only() -> None:
+    def chunk_for(records: list, offset: int):
+        state = MergeState()
+        state.add(frame("s", records, consumer=offset, generation=offset, offset=offset))
+        return state.take(10).chunks[0]
+
+    same = [chunk_for([("k1", 1, "x"), ("k2", 2, "y")], offset) for offset in (1, 2)]
+    assert same[0].batch_id == same[1].batch_id and same[0].body == same[1].body  # positions do not matter
+    assert chunk_for([("k1", 1, "x"), ("k2", 2, "z")], 1).batch_id != same[0].batch_id
+    assert chunk_for([("k2", 2, "y"), ("k1", 1, "x")], 1).batch_id != same[0].batch_id  # another request
+    rebuilt = make_chunk("s", same[0].keys, same[0].values)  # a retry rebuilds the same request
+    assert rebuilt.batch_id == same[0].batch_id and rebuilt.body == same[0].body
