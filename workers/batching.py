@@ -27,6 +27,8 @@ from ipc.messages import Batch, DeadLetter
 from log import partitions_for
 
 _message_counter = count()
+# msgspec raises RecursionError, not DecodeError, for JSON nested past its depth limit.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
 def new_message_id() -> str:
@@ -108,7 +110,7 @@ class RecordSchema:
         """Records, their key fields and the page's paging fields; PageFormatError if the shape is wrong."""
         try:
             envelope = self._page_decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _DECODE_ERRORS as exc:
             where = ".".join(self._path) or "the body"
             raise PageFormatError(f"page is not JSON with a list of records at {where!r}: {exc}") from None
         records = _dig(envelope, self._path)
@@ -125,22 +127,24 @@ class RecordSchema:
             if first == b"[":
                 records = self._raw_list_decoder.decode(body)
             else:
-                records = [self._raw_list_decoder.decode(b"[" + body + b"]")[0]]
-        except msgspec.DecodeError as exc:
+                records = self._raw_list_decoder.decode(b"[" + body + b"]")
+        except _DECODE_ERRORS as exc:
             raise PageFormatError(f"body is not JSON: {exc}") from None
+        if first == b"{" and len(records) != 1:  # `{...}, {...}` is valid JSON only once wrapped in [ ]
+            raise PageFormatError("body must be a JSON object or a list of objects")
         return records, self._fields_for(records, lambda: self._fields_decoder.decode(body))
 
     def _fields_for(self, records: list[Raw], decode_all) -> list[Any]:
         try:
             return decode_all()
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _DECODE_ERRORS:
             # Some element is not an object (or the body is not JSON at all): sort them one by one.
             return [self._fields_or_none(record) for record in records]
 
     def _fields_or_none(self, record: Raw) -> Any:
         try:
             return self._one_fields_decoder.decode(record)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _DECODE_ERRORS:
             return None
 
     # -- columns --------------------------------------------------------------------------------

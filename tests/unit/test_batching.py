@@ -1,0 +1,283 @@
+"""Pages and webhook bodies into columns, dead letters and per-partition batches (workers/batching.py),
+with hypothesis fuzzing of the page parser: nothing crashes it, and every rejection is explained."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
+
+from daemon.config import PaginationConfig, SourceConfig
+from daemon.errors import PageFormatError
+from workers.batching import (
+    PageMeta,
+    RecordSchema,
+    dead_letter_id,
+    dead_letters,
+    parse_timestamp_us,
+    split_by_partition,
+)
+
+FUZZ = settings(max_examples=120, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+T0 = "2024-05-01T10:00:00Z"
+
+
+def schema(**options: Any) -> RecordSchema:
+    key, updated = options.pop("key", "id"), options.pop("updated", "updated_at")
+    return RecordSchema(SourceConfig(name="crm", url="http://upstream/api", key=key, updated=updated,
+                                     pagination_options=PaginationConfig(**options)))
+
+
+def page(records: list[Any], **fields: Any) -> bytes:
+    return msgspec.json.encode({"data": records, **fields})
+
+
+def parse(s: RecordSchema, body: bytes):
+    records, fields, meta = s.page_records(body)
+    return s.columns(records, fields), meta
+
+
+# -- page shapes ------------------------------------------------------------------------------------
+
+
+def test_records_stay_the_bytes_the_upstream_sent_and_meta_fields_are_read() -> None:
+    body = b'{"total": 7, "data": [ {"id": 1, "updated_at": "%s",  "x": [1, 2]} ,{"id":2,"updated_at":"%s"}],' \
+           b' "has_more": true, "next_cursor": "abc"}' % (T0.encode(), T0.encode())
+    records, fields, meta = schema().page_records(body)
+    assert [bytes(r) for r in records] == [b'{"id": 1, "updated_at": "%s",  "x": [1, 2]}' % T0.encode(),
+                                           b'{"id":2,"updated_at":"%s"}' % T0.encode()]
+    assert [(f.key, f.updated) for f in fields] == [(1, T0), (2, T0)]
+    assert meta == PageMeta(has_more=True, total=7, next_cursor="abc")
+
+
+def test_nested_records_path_and_renamed_meta_fields() -> None:
+    s = schema(records_path="result.items", has_more_field="more", total_field="count",
+               next_cursor_field="next", key="sku", updated="modified")
+    body = msgspec.json.encode({"result": {"items": [{"sku": "A-1", "modified": T0}], "more": True},
+                                "more": False, "count": 1, "next": None, "data": "ignored"})
+    columns, meta = parse(s, body)
+    assert columns.keys == ["A-1"] and meta == PageMeta(has_more=False, total=1, next_cursor=None)
+
+
+def test_an_empty_records_path_means_the_body_is_the_list() -> None:
+    columns, meta = parse(schema(records_path=""), msgspec.json.encode([{"id": "a", "updated_at": T0}]))
+    assert columns.keys == ["a"] and meta == PageMeta()
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"not json", b"[]", b'{"data": {}}', b'{"data": "x"}', b'{"records": []}', b'{"data": [1,', b"\xff\xfe",
+    b'{"data": null}',
+])
+def test_a_page_of_the_wrong_shape_is_a_page_format_error_naming_the_path(body: bytes) -> None:
+    with pytest.raises(PageFormatError, match="'data'"):
+        schema().page_records(body)
+
+
+def test_a_deeply_nested_page_is_a_page_format_error_not_a_recursion_error() -> None:
+    """Regression: msgspec raises RecursionError past its depth limit, which escaped the parser and
+    killed the source's sync task (the fetcher only handles PageFormatError)."""
+    deep = b"[" * 5000 + b"]" * 5000
+    for body in (b'{"data": [%s]}' % deep, b'{"data": [{"id": 1, "updated_at": %s}]}' % deep, deep):
+        with pytest.raises(PageFormatError):
+            parse(schema(), body)
+    with pytest.raises(PageFormatError):
+        schema().body_records(deep)
+
+
+# -- columns and dead letters -------------------------------------------------------------------
+
+
+def test_columns_of_a_good_page() -> None:
+    body = page([{"id": 7, "updated_at": T0}, {"id": 8, "updated_at": "2024-05-01T12:00:00+02:00"}])
+    records, fields, _ = schema().page_records(body)
+    columns = schema().columns(records, fields)
+    assert columns.keys == ["7", "8"]
+    assert columns.updated == [T0, "2024-05-01T12:00:00+02:00"]
+    assert columns.updated_us == [parse_timestamp_us(T0)] * 2
+    assert columns.hashes == [xxh3_64_hexdigest(bytes(r)) for r in records]
+    assert columns.key_hashes == [xxh3_64_intdigest(b"7"), xxh3_64_intdigest(b"8")]
+    assert columns.dead == [] and len(columns) == 2
+    assert columns.max_updated() == (parse_timestamp_us(T0), T0)
+
+
+@pytest.mark.parametrize(("record", "reason"), [
+    (5, "record is not a JSON object"),
+    ([{"id": 1}], "record is not a JSON object"),
+    ({"updated_at": T0}, "missing key field 'id'"),
+    ({"id": None, "updated_at": T0}, "missing key field 'id'"),
+    ({"id": "", "updated_at": T0}, "key field 'id' must be a non-empty string or an integer, got ''"),
+    ({"id": True, "updated_at": T0}, "key field 'id' must be a non-empty string or an integer, got True"),
+    ({"id": 1.5, "updated_at": T0}, "key field 'id' must be a non-empty string or an integer, got 1.5"),
+    ({"id": {"a": 1}, "updated_at": T0}, "key field 'id' must be a non-empty string or an integer"),
+    ({"id": 1}, "missing updated field 'updated_at'"),
+    ({"id": 1, "updated_at": 1714557600}, "'updated_at' must be an ISO 8601 string, got 1714557600"),
+    ({"id": 1, "updated_at": "yesterday"}, "'updated_at' is not an ISO 8601 timestamp: 'yesterday'"),
+    ({"id": 1, "updated_at": "2024-13-01T00:00:00Z"}, "'updated_at' is not an ISO 8601 timestamp"),
+])
+def test_a_malformed_record_becomes_a_dead_letter_with_its_reason(record: Any, reason: str) -> None:
+    good = {"id": "ok", "updated_at": T0}
+    columns, _ = parse(schema(), page([good, record, good]))
+    assert columns.keys == ["ok", "ok"]  # the rest still flows
+    [(raw, key, why)] = columns.dead
+    assert msgspec.json.decode(bytes(raw)) == record and why.startswith(reason)
+    letters = dead_letters(columns, "crm", "fetch", "http://upstream/api?page=3")
+    assert [(d.reason, d.stage, d.origin, bytes(d.record)) for d in letters] == [
+        (why, "fetch", "http://upstream/api?page=3", bytes(raw))]
+    expected_key = "" if not isinstance(record, dict) or record.get("id") is None else \
+        (record["id"] if isinstance(record["id"], str) else msgspec.json.encode(record["id"]).decode())
+    assert key == letters[0].key == expected_key
+
+
+def test_dead_letter_ids_are_stable_for_the_same_record_source_and_stage() -> None:
+    assert dead_letter_id("crm", "fetch", b"{}") == dead_letter_id("crm", "fetch", msgspec.Raw(b"{}"))
+    assert len({dead_letter_id(*args) for args in [("crm", "fetch", b"{}"), ("crm", "sink", b"{}"),
+                                                     ("erp", "fetch", b"{}"), ("crm", "fetch", b"[]")]}) == 4
+
+
+@pytest.mark.parametrize(("text", "expected_us"), [
+    ("1970-01-01T00:00:00Z", 0),
+    ("1970-01-01T00:00:01", 1_000_000),                # no offset: UTC
+    ("1970-01-01T01:00:01+01:00", 1_000_000),
+    ("1970-01-01T00:00:00.000001Z", 1),
+    ("1969-12-31T23:59:59Z", -1_000_000),
+])
+def test_parse_timestamp_us(text: str, expected_us: int) -> None:
+    assert parse_timestamp_us(text) == expected_us
+
+
+stamps_st = st.sampled_from([T0, "2024-05-01T10:00:00.123456+00:00", "2024-05-01 10:00:00", "2024-05-01",
+                             "1969-07-20T20:17:40Z", "2024-05-01T12:00:00+02:00", "1970-01-01T00:00:00Z"])
+keys_st = st.one_of(st.integers(-10**12, 10**12), st.text(min_size=1, max_size=8))
+good_records_st = st.lists(st.fixed_dictionaries({"id": keys_st, "updated_at": stamps_st,
+                                                  "v": st.integers()}), max_size=30)
+
+
+def column_rows(columns) -> list[tuple]:
+    return list(zip(columns.keys, columns.updated, columns.updated_us, columns.hashes, columns.key_hashes,
+                    [bytes(r) for r in columns.records]))
+
+
+@FUZZ
+@given(records=good_records_st, bad_at=st.integers(0, 30))
+def test_the_fast_path_and_the_one_by_one_path_give_the_same_columns(records: list, bad_at: int) -> None:
+    """A page of good records (fast path) equals the good part of the same page with a bad record
+    slipped in (which takes the one-by-one path)."""
+    s = schema()
+    fast, _ = parse(s, page(records))
+    spoiled = [*records[:bad_at], {"id": "bad", "updated_at": "never"}, *records[bad_at:]]
+    slow, _ = parse(s, page(spoiled))
+    assert column_rows(fast) == column_rows(slow)
+    assert len(fast) == len(records) and len(slow.dead) == 1
+
+
+# -- partitions ------------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(records=good_records_st, partitions=st.integers(1, 9))
+def test_split_by_partition_keeps_every_record_once_in_its_partition_and_order(records: list,
+                                                                                partitions: int) -> None:
+    columns, _ = parse(schema(), page(records))
+    batches = split_by_partition(columns, "crm", "full", partitions)
+    seen = []
+    for partition, batch in batches:
+        assert batch.source == "crm" and batch.sync == "full" and batch.count > 0
+        assert all(key_hash % partitions == partition for key_hash in batch.key_hashes)
+        rows = list(zip(batch.keys, batch.updated, batch.updated_us, batch.hashes, batch.key_hashes,
+                        [bytes(r) for r in batch.records]))
+        in_page_order = [row for row in column_rows(columns) if row[4] % partitions == partition]
+        assert rows == in_page_order
+        seen += rows
+    assert Counter(seen) == Counter(column_rows(columns))
+    assert [p for p, _ in batches] == sorted({p for p, _ in batches})
+    assert len({batch.message_id for _, batch in batches}) == len(batches)
+
+
+def test_split_of_an_empty_page_is_nothing() -> None:
+    columns, _ = parse(schema(), page([]))
+    assert split_by_partition(columns, "crm", "full", 4) == []
+
+
+# -- webhook bodies --------------------------------------------------------------------------------
+
+
+def test_body_records_takes_one_object_or_a_list() -> None:
+    s = schema()
+    records, fields = s.body_records(b' {"id": 1, "updated_at": "%s"}' % T0.encode())
+    assert [bytes(r) for r in records] == [b'{"id": 1, "updated_at": "%s"}' % T0.encode()]
+    records, fields = s.body_records(b'[{"id": 1, "updated_at": "x"}, 3]')
+    assert len(records) == 2 and fields[1] is None
+    assert s.columns(records, fields).dead[1][2] == "record is not a JSON object"
+
+
+@pytest.mark.parametrize("body", [b"", b"3", b'"x"', b"{", b'{"id": 1} x', b'{"id": 1}, {"id": 2}', b'{"a": 1}]',
+                                  b"[1, 2"])
+def test_a_body_that_is_not_one_object_or_one_list_is_refused(body: bytes) -> None:
+    """Regression for `{...}, {...}`: wrapping the body in [ ] accepted two objects and silently
+    kept only the first."""
+    with pytest.raises(PageFormatError):
+        schema().body_records(body)
+
+
+# -- fuzzing ----------------------------------------------------------------------------------------
+
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+                      st.text(max_size=10), stamps_st, st.sampled_from(["", "2024-02-30T00:00:00Z", "9999-12-31"]))
+json_value = st.recursive(json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4),
+    st.dictionaries(st.one_of(st.sampled_from(["id", "updated_at", "data", "has_more"]), st.text(max_size=5)),
+                    inner, max_size=4)), max_leaves=20)
+
+
+def check_explained(s: RecordSchema, body: bytes) -> None:
+    """The parser's contract: PageFormatError, or every record either in the columns or dead with a reason."""
+    try:
+        columns, _ = parse(s, body)
+    except PageFormatError as exc:
+        assert str(exc)
+        return
+    records = s.page_records(body)[0]
+    assert len(columns) + len(columns.dead) == len(records)
+    assert all(isinstance(reason, str) and reason for _, _, reason in columns.dead)
+    assert all(isinstance(key, str) and key for key in columns.keys)
+    assert len({len(column) for column in (columns.keys, columns.updated, columns.updated_us, columns.hashes,
+                                            columns.key_hashes, columns.records)}) == 1
+
+
+@FUZZ
+@given(body=st.binary(max_size=200))
+@example(body=b'{"data": [{"id": 1, "updated_at": "2024-01-01"}], "data": [{"id": 2}, {"id": 3}]}')
+@example(body=b'{"data": [{"id": 1, "updated_at": "0001-01-01T00:00:00+01:00"}]}')
+@example(body=b'{"data": [{"id": 1e400, "updated_at": "2024-01-01"}]}')
+@example(body=b'{"data": [{"id": 1%s, "updated_at": "2024-01-01"}]}' % (b"0" * 5000))
+def test_arbitrary_bytes_never_crash_the_page_parser(body: bytes) -> None:
+    check_explained(schema(), body)
+    check_explained(schema(records_path=""), body)
+
+
+@FUZZ
+@given(records=st.lists(json_value, max_size=8), meta=st.dictionaries(st.sampled_from(["has_more", "total"]),
+                                                                      json_leaf))
+def test_arbitrary_json_records_are_columns_or_explained_dead_letters(records: list, meta: dict) -> None:
+    check_explained(schema(), page(records, **meta))
+    check_explained(schema(records_path="a.b"), msgspec.json.encode({"a": {"b": records}}))
+
+
+@FUZZ
+@given(value=json_value)
+def test_arbitrary_json_pages_and_bodies_never_crash(value: Any) -> None:
+    body = msgspec.json.encode(value)
+    check_explained(schema(), body)
+    check_explained(schema(records_path="data.data"), body)
+    try:
+        records, fields = schema().body_records(body)
+    except PageFormatError:
+        return
+    columns = schema().columns(records, fields)
+    assert len(columns) + len(columns.dead) == len(records)
