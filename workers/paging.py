@@ -87,7 +87,15 @@ async def _in_parallel(pages: Pages, url: str, all_params: list[dict[str, str]],
         for position, params in queue:
             results[position] = pages.handle(await pages.get(url, params))
 
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(all_params)))))
+    tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(all_params)))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # gather() does not cancel the rest: without this, a failed sync kept fetching in the background.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     return [info for info in results if info is not None]
 
 
@@ -151,8 +159,11 @@ async def walk_watermark(source: SourceConfig, pages: Pages, since: str | None) 
     while True:
         info = pages.handle(await pages.get(source.url, params))
         fetched += 1
-        if not _more(info, source.page_size) or info.last is None:
+        if not _more(info, source.page_size) or not info.records:
             return fetched
+        if info.last is None:  # stopping here would silently end every sync at this page
+            raise PageFormatError("a full page without one valid record leaves no keyset position to "
+                                  f"continue from (after {params.get(options.updated_since_param)!r})")
         last_updated, last_key = info.last
         params = {**params, options.updated_since_param: last_updated, options.after_key_param: last_key}
 

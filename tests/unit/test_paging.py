@@ -1,0 +1,242 @@
+"""The pagination styles (workers/paging.py) against a fake in-memory upstream that implements the
+``Pages`` protocol: every record is walked exactly once, in as few round trips as the style allows."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import msgspec
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from daemon.config import PaginationConfig, SourceConfig
+from daemon.errors import PageFormatError, UpstreamError
+from workers.batching import RecordSchema
+from workers.paging import STYLES, PageInfo
+from workers.upstream import Response
+
+URL = "http://upstream.test/api/customers"
+
+
+def stamp(second: int) -> str:
+    return f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z"
+
+
+def dataset(count: int, *, same_second: int = 1) -> list[dict]:
+    """Records sorted by (updated_at, id), ``same_second`` of them sharing each timestamp."""
+    return [{"id": f"k{i:04d}", "updated_at": stamp(i // same_second), "n": i} for i in range(count)]
+
+
+class FakeUpstream:
+    """An upstream collection behind every style, plus the fetcher's side of ``Pages``: parse each
+    page as the fetcher does and remember which records it handed on."""
+
+    def __init__(self, source: SourceConfig, records: list[dict], *, has_more: bool = True,
+                 total: bool = True, link_base: str = URL) -> None:
+        self.source, self.options = source, source.pagination_options
+        self.records = records
+        self.send_has_more, self.send_total, self.link_base = has_more, total, link_base
+        self.schema = RecordSchema(source)
+        self.requests: list[dict[str, str]] = []
+        self.handled: list[str] = []
+        self.in_flight = self.max_in_flight = 0
+        self.after_request: dict[int, Any] = {}   # request number -> callable run after serving it
+        self.fail_request: int | None = None
+
+    # -- Pages --------------------------------------------------------------------------------------
+
+    async def get(self, url: str, params: dict[str, str]) -> Response:
+        query = {**dict(parse_qsl(urlsplit(url).query)), **params}
+        number = len(self.requests)
+        self.requests.append(query)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            for _ in range(3):  # let concurrent requests overlap
+                await asyncio.sleep(0)
+            if number == self.fail_request:
+                raise UpstreamError(f"request {number} failed")
+            response = self.serve(url, query)
+        finally:
+            self.in_flight -= 1
+        if number in self.after_request:
+            self.after_request.pop(number)()
+        return response
+
+    def handle(self, response: Response) -> PageInfo:
+        records, fields, meta = self.schema.page_records(response.body)
+        columns = self.schema.columns(records, fields)
+        self.handled += columns.keys
+        last = (columns.updated[-1], columns.keys[-1]) if len(columns) else None
+        return PageInfo(len(records), meta, last)
+
+    # -- the upstream ------------------------------------------------------------------------------
+
+    def visible(self, query: dict[str, str]) -> list[dict]:
+        since = query.get(self.options.updated_since_param)
+        rows = sorted(self.records, key=lambda r: (r["updated_at"], r.get("id", "")))
+        if since is None:
+            return rows
+        after = query.get(self.options.after_key_param)
+        if after is None:
+            return [r for r in rows if r["updated_at"] >= since]
+        return [r for r in rows if (r["updated_at"], r.get("id", "")) > (since, after)]
+
+    def serve(self, url: str, query: dict[str, str]) -> Response:
+        rows, style, options = self.visible(query), self.source.pagination, self.options
+        headers: CIMultiDict[str] = CIMultiDict()
+        if style in ("page", "link"):
+            size = int(query[options.size_param])
+            start = (int(query[options.page_param]) - options.first_page) * size
+        elif style == "offset":
+            size, start = int(query[options.limit_param]), int(query[options.offset_param])
+        elif style == "cursor":
+            size, start = int(query[options.limit_param]), int(query.get(options.cursor_param, "0"))
+        else:
+            size, start = int(query[options.limit_param]), 0
+        data, more = rows[start:start + size], start + size < len(rows)
+        body: dict[str, Any] = {"data": data}
+        if self.send_has_more and style != "link":
+            body[options.has_more_field] = more
+        if self.send_total and style in ("page", "offset"):
+            body[options.total_field] = len(rows)
+        if style == "cursor":
+            body[options.next_cursor_field] = str(start + size) if more else None
+        if style == "link" and more:
+            page = int(query[options.page_param])
+            prev, after = (urlencode({**query, options.page_param: str(n)}) for n in (page - 1, page + 1))
+            headers.add("Link", f'<{self.link_base}?{prev}>; rel="prev", <{self.link_base}?{after}>; rel="next"')
+        return Response(200, CIMultiDictProxy(headers), msgspec.json.encode(body), url)
+
+
+def source(style: str, *, page_size: int = 7, max_concurrency: int = 3, **options: Any) -> SourceConfig:
+    return SourceConfig(name="crm", url=URL, pagination=style, page_size=page_size, max_concurrency=max_concurrency,
+                        pagination_options=PaginationConfig(**options))
+
+
+def walk(upstream: FakeUpstream, since: str | None = None) -> int:
+    return asyncio.run(STYLES[upstream.source.pagination](upstream.source, upstream, since))
+
+
+ALL_STYLES = ["page", "offset", "cursor", "link", "watermark"]
+
+
+@pytest.mark.parametrize("style", ALL_STYLES)
+@pytest.mark.parametrize("count", [0, 1, 48, 49, 50])
+def test_every_style_walks_every_record_exactly_once(style: str, count: int) -> None:
+    upstream = FakeUpstream(source(style), dataset(count))
+    pages = walk(upstream)
+    assert upstream.handled == [r["id"] for r in upstream.records]
+    assert pages == len(upstream.requests)
+    assert pages <= max(1, -(-count // 7)) + (style == "watermark" and count % 7 == 0 and count > 0)
+
+
+@pytest.mark.parametrize("style", ALL_STYLES)
+def test_without_has_more_a_full_page_means_there_may_be_more(style: str) -> None:
+    upstream = FakeUpstream(source(style), dataset(49), has_more=False, total=False)
+    pages = walk(upstream)
+    assert sorted(upstream.handled) == [r["id"] for r in upstream.records]
+    assert pages == (7 if style in ("cursor", "link") else 8)  # the 8th page is empty and ends the walk
+
+
+@pytest.mark.parametrize("style", ["page", "offset"])
+def test_numbered_styles_fetch_the_remaining_pages_concurrently_up_to_the_limit(style: str) -> None:
+    upstream = FakeUpstream(source(style, page_size=5, max_concurrency=3), dataset(100))
+    assert walk(upstream) == 20
+    assert upstream.max_in_flight == 3
+    assert sorted(upstream.handled) == [r["id"] for r in upstream.records]
+
+
+def test_page_style_uses_the_configured_parameter_names() -> None:
+    upstream = FakeUpstream(source("page", page_param="p", size_param="per_page", first_page=0,
+                                   total_field="count", has_more_field="more"), dataset(15))
+    walk(upstream)
+    assert [(q["p"], q["per_page"]) for q in upstream.requests] == [("0", "7"), ("1", "7"), ("2", "7")]
+    assert upstream.handled == [r["id"] for r in upstream.records]
+
+
+def test_offset_style_asks_for_offsets_in_steps_of_the_page_size() -> None:
+    upstream = FakeUpstream(source("offset", max_concurrency=1), dataset(20))
+    walk(upstream)
+    assert [(q["offset"], q["limit"]) for q in upstream.requests] == [("0", "7"), ("7", "7"), ("14", "7")]
+
+
+@pytest.mark.parametrize("style", ALL_STYLES)
+def test_since_is_sent_as_updated_since_and_filters_the_walk(style: str) -> None:
+    upstream = FakeUpstream(source(style), dataset(30))
+    walk(upstream, since=stamp(10))
+    assert upstream.requests[0]["updated_since"] == stamp(10)
+    assert upstream.handled == [r["id"] for r in upstream.records if r["updated_at"] >= stamp(10)]
+
+
+@pytest.mark.parametrize("style", ["page", "offset", "cursor", "watermark"])
+def test_records_added_during_the_sync_are_walked_too(style: str) -> None:
+    upstream = FakeUpstream(source(style, max_concurrency=2), dataset(30))
+    late = [{"id": f"new{i}", "updated_at": stamp(500 + i), "n": -i} for i in range(12)]
+    upstream.after_request[0] = lambda: upstream.records.extend(late)  # right after the first page
+    walk(upstream)
+    assert sorted(upstream.handled) == sorted(r["id"] for r in upstream.records)
+    assert len(upstream.handled) == 42
+
+
+def test_watermark_walks_through_a_run_of_one_timestamp_longer_than_a_page() -> None:
+    upstream = FakeUpstream(source("watermark", page_size=5), dataset(40, same_second=17))
+    walk(upstream)
+    assert upstream.handled == [r["id"] for r in upstream.records]
+    second = upstream.requests[1]
+    assert (second["updated_since"], second["after_key"]) == (stamp(0), "k0004")
+
+
+def test_watermark_refuses_to_stop_silently_at_a_full_page_of_invalid_records() -> None:
+    """Regression: a full page without one valid record left the walk no keyset position to move
+    to, and it ended as if the collection were finished; everything after that page was never
+    synced (the next sync started before it again). Now the sync fails and says why."""
+    records = dataset(30)
+    for record in records[7:14]:  # the whole second page
+        del record["id"]
+    upstream = FakeUpstream(source("watermark"), records)
+    with pytest.raises(PageFormatError, match="keyset"):
+        walk(upstream)
+    assert upstream.handled == [r["id"] for r in records[:7]]
+
+
+def test_cursor_ends_on_a_null_or_empty_cursor_and_rejects_an_odd_one() -> None:
+    upstream = FakeUpstream(source("cursor"), dataset(10))
+    upstream.serve = lambda url, query: Response(200, CIMultiDictProxy(CIMultiDict()), msgspec.json.encode(
+        {"data": dataset(3), "next_cursor": {"not": "a cursor"}}), url)
+    with pytest.raises(PageFormatError, match="next_cursor"):
+        walk(upstream)
+    for end in ("", None):
+        upstream = FakeUpstream(source("cursor"), dataset(10))
+        upstream.serve = lambda url, query, end=end: Response(200, CIMultiDictProxy(CIMultiDict()),
+                                                              msgspec.json.encode({"data": dataset(3),
+                                                                                   "next_cursor": end}), url)
+        assert walk(upstream) == 1
+
+
+def test_link_follows_relative_next_links_resolved_against_the_page_url() -> None:
+    upstream = FakeUpstream(source("link"), dataset(20), link_base="/api/customers")
+    walk(upstream)
+    assert upstream.handled == [r["id"] for r in upstream.records]
+    assert [(q["page"], q["size"]) for q in upstream.requests] == [("1", "7"), ("2", "7"), ("3", "7")]
+
+
+def test_a_failed_page_stops_the_concurrent_fetches() -> None:
+    """Regression: when one concurrent page failed, gather() raised but left the other workers
+    running, so a failed sync went on fetching (and publishing) pages in the background."""
+    upstream = FakeUpstream(source("page", page_size=2, max_concurrency=3), dataset(60))
+    upstream.fail_request = 2
+
+    async def scenario() -> int:
+        with pytest.raises(UpstreamError):
+            await STYLES["page"](upstream.source, upstream, None)
+        requested = len(upstream.requests)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return requested
+
+    requested = asyncio.run(scenario())
+    assert len(upstream.requests) == requested < 30
+    assert upstream.in_flight == 0
