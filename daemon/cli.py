@@ -16,9 +16,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("daemon.run_command", "run the supervisor and its worker pools"),
     "config": ("daemon.config_command", "validate a config file and print the effective config"),
     "dlq": ("daemon.dlq_command", "list, show, replay or purge dead-letter entries"),
+    "status": ("daemon.status_command", "print the running daemon's sources, workers and partitions"),
+    "top": ("daemon.status_command", "a live view of the running daemon (q quits)"),
+    "metrics": ("daemon.metrics_command", "sample a /metrics endpoint and write a JSON time series"),
     "demo": ("demo.demo_command", "run the whole demo: upstream, analytics sink and daemon"),
     "upstream": ("demo.upstream", "serve the demo upstream CRM/inventory APIs"),
     "analytics": ("demo.analytics", "serve the demo analytics sink"),
+    "bench": ("demo.bench_command", "end-to-end benchmark with its limit and old-style baseline"),
 }
 
 

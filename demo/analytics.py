@@ -55,6 +55,8 @@ endpoints:
   GET  /stats, /stats/SOURCE  per-source count and checksum (demo/checksum.py), counters, fault counts
   GET  /records/SOURCE/KEY    the stored record (data byte for byte), 404 if absent or deleted
   GET  /health                {"status": "ok"}
+  GET  /freshness             percentiles of (apply time - updated_at) since POST /admin/freshness
+                              {"enabled": true}: the delay from an upstream change to the sink
   GET|POST /admin/faults, POST /admin/outage   see "faults" above
 """
 

@@ -76,7 +76,22 @@ class Sink:
         app.router.add_get("/admin/faults", self.get_faults)
         app.router.add_post("/admin/faults", self.set_faults)
         app.router.add_post("/admin/outage", self.start_outage)
+        app.router.add_get("/freshness", self.freshness)
+        app.router.add_post("/admin/freshness", self.reset_freshness)
         return app
+
+    async def freshness(self, request: web.Request) -> web.Response:
+        """Percentiles of (apply time - updated_at) over the records applied since the last reset."""
+        return json_response(self.store.freshness.summary())
+
+    async def reset_freshness(self, request: web.Request) -> web.Response:
+        """{"enabled": true} starts measuring afresh; {"enabled": false} stops."""
+        try:
+            enabled = bool(msgspec.json.decode(await request.read()).get("enabled", True))
+        except (msgspec.DecodeError, AttributeError):
+            return json_response({"error": "body must be a JSON object like {\"enabled\": true}"}, status=400)
+        self.store.freshness.reset(enabled=enabled)
+        return json_response(self.store.freshness.summary())
 
     @web.middleware
     async def _outage_middleware(self, request: web.Request, handler) -> web.StreamResponse:

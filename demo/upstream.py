@@ -48,11 +48,36 @@ the injected 429 (with Retry-After) and 500. Page faults apply to GET page reque
 Webhooks (--webhook-url U --webhook-secret S): every change (API or background) is POSTed to U,
 `{collection}` in U replaced by the collection name; the body is the record's JSON and
 `X-Conflux-Signature: sha256=<hex HMAC-SHA256 of the body with S>`. Deliveries are queued (bounded),
-retried a few times and may arrive out of order; failures are counted in /stats.
+retried a few times and may arrive out of order; failures are counted in /stats. When changes
+queue up, up to --webhook-batch of one collection go in one POST whose body is a JSON list.
 
 Malformed records (--malformed-rate F): that fraction of each collection, chosen by the seed; half
 lack the key field, half have an unparseable updated_at. They are served in pages, never count in
 the checksum, cannot be changed, and are listed by GET /admin/malformed.
+
+Credentials (--require-token T, and/or --client-secret S): every /api request must then carry one
+of these, or it is answered 401 {"error": "credentials: missing|invalid|expired"} with a
+WWW-Authenticate challenge (Bearer and Basic, RFC 6750 error="invalid_token" when one was sent):
+  Authorization: Bearer T
+  X-API-Key: T                       (the header named by --api-key-header)
+  Authorization: Basic base64(U:T)   (U must equal --basic-user when that is given; any U otherwise)
+  Authorization: Bearer A            (A issued by POST /oauth/token less than --token-ttl-s ago)
+  POST /oauth/token  form grant_type=client_credentials&client_id=I&client_secret=S[&scope=X]
+      (or the client as HTTP Basic) -> {"access_token": A, "token_type": "Bearer", "expires_in": N
+      [, "scope": X]}; 401 {"error": "invalid_client"} for a wrong id or secret, 400
+      {"error": "unsupported_grant_type"}, 404 without --client-secret. I is --client-id.
+  GET /admin/auth, POST /admin/auth {"require_token", "client_secret", "token_ttl_s",
+      "basic_user", "api_key_header", "revoke_tokens": true} -> rotate credentials, expire every
+      issued token. /admin, /stats and /health never need credentials; secrets are never shown.
+  /stats has "auth": token_requests, tokens_issued, token_refused, tokens_active, and requests
+  accepted per credential (bearer, api_key, basic, oauth2) and rejected per reason.
+
+Request headers (--count-header NAME, repeatable): /stats counts the values of that header on each
+collection's page requests, so a client's static headers can be checked at the server. /stats also
+shows max_in_flight: the most page requests of a collection the server was handling at once.
+
+TLS (--tls-cert FILE --tls-key FILE): serve https instead of http with that certificate chain
+(PEM) and key; the announced URL then starts with https://.
 """
 
 from __future__ import annotations
@@ -62,6 +87,7 @@ import contextlib
 import gc
 import math
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -71,6 +97,7 @@ import uvloop
 from demo.faults import FaultInjector, FaultSettings
 from demo.store import build_collections
 from demo.upstream_app import UpstreamApp, bind, serve, url_of
+from demo.upstream_auth import AuthGate, AuthSettings
 from demo.upstream_time import PRECISION_UNIT_US
 from demo.upstream_webhooks import WebhookSender
 
@@ -96,6 +123,13 @@ def _non_negative(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__[__doc__.index("API REFERENCE"):]
@@ -116,6 +150,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                          help="random record updates per second in the background (default 0)")
     changes.add_argument("--webhook-url", help="POST every change here; {collection} is replaced")
     changes.add_argument("--webhook-secret", help="HMAC-SHA256 key of X-Conflux-Signature")
+    changes.add_argument("--webhook-batch", type=int, default=100, metavar="N",
+                         help="when changes queue up, send up to N of one collection in one POST as a JSON "
+                              "list (default %(default)s; 1 sends every change alone)")
     faults = parser.add_argument_group("fault injection (page requests; see also POST /admin/faults)")
     faults.add_argument("--latency-ms", type=number, default=0.0, help="added to every page response")
     faults.add_argument("--latency-jitter-ms", type=number, default=0.0, help="plus uniform 0..N ms more")
@@ -124,12 +161,34 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--retry-after-s", type=count, default=1, help="Retry-After of a 429 (default 1)")
     faults.add_argument("--malformed-rate", type=_fraction, default=0.0,
                         help="fraction of records generated malformed (no key / bad updated_at)")
+    faults.add_argument("--count-header", action="append", default=[], metavar="NAME",
+                        help="count the values of this request header in /stats (repeatable)")
+    auth = parser.add_argument_group("credentials (see Credentials below)")
+    auth.add_argument("--require-token", metavar="T", default="",
+                      help="every /api request needs T as a bearer token, API key or basic password")
+    auth.add_argument("--api-key-header", metavar="NAME", default="X-API-Key",
+                      help="header that may carry T (default %(default)s)")
+    auth.add_argument("--basic-user", metavar="U", default="", help="the only user accepted with basic auth")
+    auth.add_argument("--client-id", metavar="I", default="conflux",
+                      help="client id of POST /oauth/token (default %(default)s)")
+    auth.add_argument("--client-secret", metavar="S", default="",
+                      help="enables POST /oauth/token (client credentials); /api then needs credentials")
+    auth.add_argument("--token-ttl-s", type=_positive, default=3600.0, metavar="SECONDS",
+                      help="lifetime of issued access tokens (default 3600)")
+    tls = parser.add_argument_group("tls")
+    tls.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve https (with --tls-key)")
+    tls.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the data, then serve until SIGTERM/SIGINT. Runs in the `conflux upstream` process."""
     if bool(args.webhook_url) != bool(args.webhook_secret):
         print("conflux upstream: --webhook-url and --webhook-secret go together", file=sys.stderr)
+        return EXIT_BAD_OPTIONS
+    try:
+        ssl_context = _tls_context(args.tls_cert, args.tls_key)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        print(f"conflux upstream: {exc}", file=sys.stderr)
         return EXIT_BAD_OPTIONS
     try:
         sock = bind(args.host, args.port)
@@ -141,8 +200,19 @@ def run(args: argparse.Namespace) -> int:
     if received:  # asked to stop while generating: nothing to drain
         sock.close()
         return EXIT_OK
-    uvloop.run(serve(app.build(), sock, announce=f"conflux-upstream listening on {url_of(sock, args.host)}"))
+    url = url_of(sock, args.host, scheme="https" if ssl_context else "http")
+    uvloop.run(serve(app.build(), sock, announce=f"conflux-upstream listening on {url}", ssl_context=ssl_context))
     return EXIT_OK
+
+
+def _tls_context(cert_file: str | None, key_file: str | None) -> ssl.SSLContext | None:
+    if not cert_file and not key_file:
+        return None
+    if not (cert_file and key_file):
+        raise ValueError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 @contextlib.contextmanager
@@ -177,7 +247,12 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
                            retry_after_s=args.retry_after_s)
     webhooks = None
     if args.webhook_url:
-        webhooks = WebhookSender(url_template=args.webhook_url, secret=args.webhook_secret)
+        webhooks = WebhookSender(url_template=args.webhook_url, secret=args.webhook_secret,
+                                 max_batch=args.webhook_batch)
+    auth = AuthSettings(require_token=args.require_token, api_key_header=args.api_key_header,
+                        basic_user=args.basic_user, client_id=args.client_id,
+                        client_secret=args.client_secret, token_ttl_s=args.token_ttl_s)
     return UpstreamApp(collections=collections, faults=FaultInjector(faults, seed=args.seed),
                        seed=args.seed, change_rate_per_s=args.change_rate,
-                       malformed_rate=args.malformed_rate, webhooks=webhooks)
+                       malformed_rate=args.malformed_rate, webhooks=webhooks, auth=AuthGate(auth),
+                       count_headers=tuple(args.count_header))

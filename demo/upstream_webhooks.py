@@ -3,7 +3,9 @@
 Runs in the upstream process's event loop. ``offer`` never waits: changes go into a bounded queue
 and a few sender tasks deliver them with retries, so a slow or dead receiver costs dropped or
 failed deliveries (counted in ``/stats``), never API latency. Like real webhooks, deliveries may
-arrive out of order; receivers should compare ``updated_at``.
+arrive out of order; receivers should compare ``updated_at``. When changes queue up faster than
+they are delivered, a sender coalesces up to ``max_batch`` changes of one collection into one POST
+whose body is a JSON list (a lone change is still a single object), as busy webhook providers do.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class WebhookSender:
     """Delivers (collection, record JSON) pairs to ``url_template`` with ``{collection}`` filled in."""
 
     def __init__(self, *, url_template: str, secret: str, queue_size: int = 10_000, senders: int = 4,
-                 attempts: int = 3, backoff_s: float = 0.2, timeout_s: float = 5.0) -> None:
+                 attempts: int = 3, backoff_s: float = 0.2, timeout_s: float = 5.0, max_batch: int = 100) -> None:
+        self._max_batch = max(1, max_batch)
         self._url_template = url_template
         self._secret = secret.encode()
         self._queue_size = queue_size
@@ -79,12 +82,22 @@ class WebhookSender:
         assert self._queue is not None
         while True:
             collection, body = await self._queue.get()
+            bodies = [body]
+            while len(bodies) < self._max_batch and not self._queue.empty():
+                other_collection, other = self._queue.get_nowait()
+                if other_collection != collection:
+                    self._queue.put_nowait((other_collection, other))  # back of the line; order is not promised
+                    self._queue.task_done()
+                    break
+                bodies.append(other)
             try:
-                await self._deliver(collection, body)
+                payload = bodies[0] if len(bodies) == 1 else b"[" + b",".join(bodies) + b"]"
+                await self._deliver(collection, payload, len(bodies))
             finally:
-                self._queue.task_done()
+                for _ in bodies:
+                    self._queue.task_done()
 
-    async def _deliver(self, collection: str, body: bytes) -> None:
+    async def _deliver(self, collection: str, body: bytes, changes: int = 1) -> None:
         assert self._session is not None
         url = self._url_template.replace("{collection}", collection)
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(self._secret, body),
@@ -96,8 +109,8 @@ class WebhookSender:
             try:
                 async with self._session.post(url, data=body, headers=headers) as response:
                     if response.status < 300:
-                        self.counts["delivered"] += 1
+                        self.counts["delivered"] += changes
                         return
             except (aiohttp.ClientError, TimeoutError):
                 pass  # a receiver that is down or slow is retried like one that answers 5xx
-        self.counts["failed"] += 1
+        self.counts["failed"] += changes

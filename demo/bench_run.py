@@ -1,0 +1,170 @@
+"""One backend's part of `conflux bench`: start the daemon, time the export, sample the stages, then
+measure the webhook-to-sink delay under a steady change load."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from demo.svgchart import line_chart, rates
+
+SAMPLE_S = 0.25
+STAGES = {"fetched": "conflux_records_fetched_total", "delivered": "conflux_records_delivered_total"}
+
+
+class BackendRun:
+    def __init__(self, args, backend: str, world, directory: Path, collections: dict[str, str], control_port: int,
+                 secret: str, log_settings: dict) -> None:
+        self.args = args
+        self.backend = backend
+        self.world = world
+        self.directory = directory
+        self.collections = collections
+        self.control_port = control_port
+        self.secret = secret
+        self.log_settings = log_settings
+        self.samples: list[dict] = []
+        self.peak_rss = 0
+        self._stop = threading.Event()
+
+    def run(self) -> dict:
+        from demo.world import start
+
+        sink = start("analytics", ["analytics", "--port", "0"], self.directory / "analytics.log")
+        self.world.services["analytics"] = sink
+        config = self.directory / "conflux.toml"
+        config.write_text(self._config(sink.url))
+        launched = time.monotonic()
+        daemon = start("daemon", ["run", "-c", str(config)], self.directory / "conflux.log")
+        self.world.services["daemon"] = daemon
+        up = time.monotonic()
+        tree = psutil.Process(daemon.proc.pid)
+        sampler = threading.Thread(target=self._sample, args=(daemon.url, sink.url, tree, up), daemon=True)
+        sampler.start()
+        export_s, equal = self._await_export(up)
+        cpu_s = _tree_cpu_s(tree)
+        self._stop.set()
+        sampler.join()
+        delay = self._webhook_delay(sink.url)
+        code = daemon.stop(timeout_s=60)
+        records = self.args.records
+        return {
+            "backend": self.backend, "records": records, "startup_s": round(up - launched, 3),
+            "export_s": round(export_s, 3), "records_per_s": round(records / export_s), "checksums_equal": equal,
+            "peak_rss_mib": round(self.peak_rss / 2**20, 1),
+            "cpu_s_per_million": round(cpu_s / records * 1_000_000, 2), "daemon_exit_code": code,
+            **delay, "chart": self._chart(), "series": self.samples,
+        }
+
+    def _config(self, sink_url: str) -> str:
+        upstream = self.world.services["upstream"].url
+        log = "\n".join(f"{key} = {_toml(value)}" for key, value in self.log_settings.items())
+        workers = "".join(f"{role} = {getattr(self.args, role)}\n" for role in ("consumers", "mergers")
+                          if getattr(self.args, role))
+        sources = "".join(
+            f'[[sources]]\nname = "{name}"\nurl = "{upstream}/api/{name}"\nkey = "{key}"\n'
+            f'page_size = {self.args.page_size}\nwebhook_secret = "{self.secret}"\n\n'
+            for name, key in self.collections.items())
+        return (f'[log]\npath = "{self.directory}/var/conflux.db"\n{log}\n\n{sources}'
+                f'[sink]\nurl = "{sink_url}/ingest"\n\n[workers]\n{workers}\n'
+                f'[control]\nlisten = "127.0.0.1:{self.control_port}"\n\n'
+                f'[daemon]\nstate_dir = "{self.directory}/var"\n')
+
+    def _await_export(self, up: float) -> tuple[float, bool]:
+        total = self.args.records
+        deadline = up + max(300.0, total / 2000)
+        while time.monotonic() < deadline:
+            counts = self.world.sink_counts()
+            if sum(counts.values()) >= total:
+                upstream, sink = self.world.checksums(list(self.collections))
+                if upstream == sink:
+                    return time.monotonic() - up, True
+            time.sleep(0.02)  # polling the sink's counters is the measurement itself
+        return time.monotonic() - up, False
+
+    def _sample(self, daemon_url: str, sink_url: str, tree: psutil.Process, up: float) -> None:
+        while not self._stop.is_set():
+            sample = {"t": round(time.monotonic() - up, 3)}
+            try:
+                sample.update(_stage_counts(daemon_url))
+                sample["sink"] = sum(v["count"] for v in requests.get(f"{sink_url}/stats", timeout=5)
+                                     .json()["sources"].values())
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            self.peak_rss = max(self.peak_rss, _tree_rss(tree))
+            self.samples.append(sample)
+            self._stop.wait(SAMPLE_S)
+
+    def _webhook_delay(self, sink_url: str) -> dict:
+        rate, seconds = self.args.changes_per_s, self.args.change_seconds
+        if rate <= 0:
+            return {"webhook_p50_ms": None, "webhook_p99_ms": None, "changes_per_s": 0}
+        upstream = self.world.services["upstream"].url
+        requests.post(f"{sink_url}/admin/freshness", json={"enabled": True}, timeout=10).raise_for_status()
+        requests.post(f"{upstream}/admin/change-rate", json={"change_rate_per_s": rate}, timeout=10)
+        time.sleep(seconds)  # the steady load runs for this long; nothing to wait for but the clock
+        requests.post(f"{upstream}/admin/change-rate", json={"change_rate_per_s": 0}, timeout=10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            upstream_sums, sink_sums = self.world.checksums(list(self.collections))
+            if upstream_sums == sink_sums:
+                break
+            time.sleep(0.1)
+        summary = requests.get(f"{sink_url}/freshness", timeout=10).json()
+        return {"webhook_p50_ms": summary["p50_ms"], "webhook_p99_ms": summary["p99_ms"],
+                "webhook_max_ms": summary["max_ms"], "changes_per_s": rate, "changes_applied": summary["count"]}
+
+    def _chart(self) -> str:
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        series = {stage: rates([(s["t"], s[stage]) for s in self.samples if stage in s])
+                  for stage in ("fetched", "delivered", "sink")}
+        path = out / f"throughput-{self.backend}-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        path.write_text(line_chart(f"Conflux {self.backend}: {self.args.records:,} records, throughput per stage",
+                                   series))
+        return str(path)
+
+
+def _stage_counts(daemon_url: str) -> dict[str, float]:
+    text = requests.get(f"{daemon_url}/metrics", timeout=5).text
+    out = dict.fromkeys(STAGES, 0.0)
+    for line in text.splitlines():
+        for stage, metric in STAGES.items():
+            if line.startswith(metric + "{"):
+                out[stage] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _tree_rss(tree: psutil.Process) -> int:
+    total = 0
+    for process in [tree, *_children(tree)]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
+
+
+def _tree_cpu_s(tree: psutil.Process) -> float:
+    total = 0.0
+    for process in [tree, *_children(tree)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _children(tree: psutil.Process) -> list[psutil.Process]:
+    try:
+        return tree.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _toml(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value)
