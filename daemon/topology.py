@@ -66,7 +66,11 @@ def build(config: Config, topics: dict[str, int], generation: int, *, static_ass
     workers = config.workers
     fetchers: list[list[str]] = [[] for _ in range(workers.fetchers)]
     for position, source in enumerate(config.sources):
-        fetchers[position % workers.fetchers].append(source.name)
+        if static_assignment:
+            fetchers[position % workers.fetchers].append(source.name)
+        else:  # every fetcher is offered every source; the ownership group decides (workers.ownership)
+            for offered in fetchers:
+                offered.append(source.name)
     consumers: list[list[TopicPartition]] = [[] for _ in range(workers.consumers)]
     if static_assignment:
         wanted = source_topics(config)

@@ -217,25 +217,32 @@ class FetcherWorker(AsyncWorker):
         self.dead_letters = backend.dead_letters()
         self.syncers: dict[str, SourceSyncer] = {}
         self.tasks: dict[str, asyncio.Task] = {}
+        self.failure: BaseException | None = None
         ownership = ownership_for(backend, list(self.spec.sources))
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as self.session:
             watcher = asyncio.create_task(ownership.run(self), name="ownership")
-            stopping = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait([watcher, stopping], return_when=asyncio.FIRST_COMPLETED)
+            watcher.add_done_callback(self._task_ended)
+            await self.stopping.wait()
             watcher.cancel()
-            stopping.cancel()
             # Stop fetching before giving the sources up, so the next owner never overlaps with us.
             tasks = list(self.tasks.values())
             self.lose(list(self.tasks))
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(watcher, *tasks, return_exceptions=True)
             ownership.close()
-            if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
-                raise watcher.exception()
         await self.producer.close()
         self.checkpoints.close()
         self.dead_letters.close()
+        if self.failure is not None:
+            raise self.failure
         return 0
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A syncer or the ownership task died of an error (the log failed): exit as a crash, so the
+        supervisor restarts this process instead of leaving a source unsynced."""
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = self.failure or task.exception()
+            self.stopping.set()
 
     def gain(self, sources: list[str]) -> None:
         """Ownership handed us these sources: start syncing them (from their saved checkpoints)."""
@@ -243,6 +250,7 @@ class FetcherWorker(AsyncWorker):
             if name not in self.tasks:
                 self.syncers[name] = SourceSyncer(self, self.config.source(name), self.session)
                 self.tasks[name] = asyncio.create_task(self.syncers[name].run(), name=f"sync-{name}")
+                self.tasks[name].add_done_callback(self._task_ended)
         self.channel.send(SourcesOwned(sources=sorted(self.syncers)))
 
     def lose(self, sources: list[str]) -> None:
