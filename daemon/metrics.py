@@ -10,10 +10,12 @@ child and opens that child's own files. When a worker dies, the supervisor calls
 
 from __future__ import annotations
 
+import glob
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 STAGE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -49,15 +51,41 @@ sink_retries = Counter("conflux_sink_retries_total", "Sink deliveries retried", 
 webhook_requests = Counter("conflux_webhook_requests_total", "Webhook requests by outcome", ["source", "status"])
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+# The label values the workers use, so the supervisor can declare their counters at 0 up front.
+DEDUP_REASONS = ("message_id", "content_hash", "stale")
+STAGES = ("decode", "consume", "merge", "sink")
 
 
 def prepare_directory(path: str) -> None:
     """Supervisor, at start: an empty directory for this run's metric files, exported to every child."""
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # Too late to switch: series made now would stay in this process and /metrics would be empty.
+        raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):
         stale.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def declare(*, roles: Iterable[str], sources: Iterable[str], topics: Iterable[str]) -> None:
+    """Supervisor, before fork: every counter whose labels are known up front exists at 0, so dashboards
+    and ``rate()`` see it before its first event (a series born at 1 hides that first 1 from rate())."""
+    for role in roles:
+        worker_restarts.labels(role)
+    for source in sources:
+        records_fetched.labels(source)
+        records_delivered.labels(source)
+        for reason in ("malformed", "sink_rejected"):
+            dlq_records.labels(source, reason)
+    for topic in topics:
+        messages_processed.labels(topic)
+        messages_failed.labels(topic)
+        dlq_records.labels(topic, "undecodable")  # the consumer only knows the topic of a broken message
+    for reason in DEDUP_REASONS:
+        dedup_skipped.labels(reason)
+    for stage in STAGES:
+        processing_duration.labels(stage)
 
 
 def mark_dead(pid: int) -> None:
@@ -71,3 +99,16 @@ def render() -> bytes:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     return generate_latest(registry)
+
+
+def counter_totals(*names: str) -> dict[str, dict[str, float]]:
+    """Control process: each named counter summed over every process, by its first label's value."""
+    files = glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "counter_*.db"))
+    totals: dict[str, dict[str, float]] = {name: {} for name in names}
+    for family in multiprocess.MultiProcessCollector.merge(files, accumulate=False):
+        for sample in family.samples:
+            by_label = totals.get(sample.name)
+            if by_label is not None:
+                label = next(iter(sample.labels.values()), "")
+                by_label[label] = by_label.get(label, 0.0) + sample.value
+    return totals

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.CONFIG_ERROR
     logs.setup("supervisor", fmt=config.daemon.log_format, level=config.daemon.log_level,
                secrets=known_secrets(config))
+    # prometheus-client picks multiprocess mode when it is first imported, and the supervisor's
+    # import brings it in: without this line every process would keep its metrics to itself.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(config.daemon.state_dir) / "metrics")
     from daemon.supervisor import Supervisor
 
     try:

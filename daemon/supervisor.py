@@ -145,6 +145,7 @@ class Supervisor:
             self.halt(ExitCode.BOOT_ERROR)
             return
         self.topology = build(config, topics, self.generation, static_assignment=self.backend.name == "embedded")
+        metrics.declare(roles=ROLES, sources=[source.name for source in config.sources], topics=topics)
         counts = {"control": 1, "fetcher": config.workers.fetchers, "consumer": config.workers.consumers,
                   "merger": config.workers.mergers}
         self.slots = {}
