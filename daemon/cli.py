@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upstream": ("demo.upstream", "serve the demo upstream CRM/inventory APIs"),
     "analytics": ("demo.analytics", "serve the demo analytics sink"),
     "bench": ("demo.bench_command", "end-to-end benchmark with its limit and old-style baseline"),
+    "loadtest": ("demo.loadtest_command", "drive creates and updates through the upstream (throughput | burst)"),
+    "check": ("demo.check_command", "integration check of a running deployment: health, create, sync, verify"),
 }
 
 
