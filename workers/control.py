@@ -24,7 +24,7 @@ from aiohttp import web
 from daemon import metrics
 from daemon.errors import LogError, PageFormatError
 from daemon.secrets import read_secret
-from daemon.status_page import STATUS_PAGE_HTML
+from daemon.status_page import STATUS_PAGE_HTML, Throughput
 from ipc.codec import encode_batch
 from ipc.messages import StatusRequest, StatusSnapshot, SyncAccepted, SyncNow
 from log import open_log
@@ -46,6 +46,7 @@ class ControlWorker(AsyncWorker):
         super().__init__(spec)
         self._status_waiters: list[asyncio.Future] = []
         self._sync_waiters: dict[str, list[asyncio.Future]] = {}
+        self.throughput = Throughput()
 
     async def main_async(self) -> int:
         backend = open_log(self.config)
@@ -62,7 +63,9 @@ class ControlWorker(AsyncWorker):
         await runner.setup()
         site = web.SockSite(runner, self.spec.listener)
         await site.start()
+        sampler = asyncio.create_task(self._sample_throughput(), name="throughput")
         await self.stopping.wait()
+        sampler.cancel()
         await runner.cleanup()
         await self.producer.close()
         self.dead_letters.close()
@@ -110,6 +113,18 @@ class ControlWorker(AsyncWorker):
         body = await asyncio.wait_for(waiter, timeout=STATUS_TIMEOUT_S)
         return msgspec.json.decode(body)
 
+    async def _sample_throughput(self) -> None:
+        """Every few seconds, the delivered and fetched totals of all processes (for the records/s chart)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                totals = await loop.run_in_executor(None, metrics.counter_totals, *Throughput.COUNTERS.values())
+            except (OSError, ValueError) as exc:
+                logger.warning("cannot read the metric files for the throughput chart: %s", exc)
+            else:
+                self.throughput.add(time.monotonic(), time.time(), totals)
+            await asyncio.sleep(self.throughput.interval_s)
+
     # -- handlers ---------------------------------------------------------------------------------------
 
     async def page(self, request: web.Request) -> web.Response:
@@ -128,9 +143,11 @@ class ControlWorker(AsyncWorker):
 
     async def status(self, request: web.Request) -> web.Response:
         try:
-            return _json(await self._snapshot())
+            snapshot = await self._snapshot()
         except TimeoutError:
             return _json({"error": "the supervisor did not answer in time"}, status=503)
+        snapshot["throughput"] = self.throughput.view()
+        return _json(snapshot)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await asyncio.get_running_loop().run_in_executor(None, metrics.render)

@@ -209,5 +209,5 @@ class MergerWorker(AsyncWorker):
         pending = self.state.pending_count
         metrics.queue_depth.labels(f"merger-{self.spec.index}-pending").set(pending)
         return {"pending": pending, "in_flight": self.in_flight, "delivered": self.delivered_records,
-                "keys_known": self.state.keys_known}
+                "keys_known": self.state.keys_known, "sink_circuit": metrics.CIRCUIT_VALUES[self.sink.breaker.state]}
 
