@@ -39,6 +39,7 @@ class LogConfig(_Section):
     replication_factor: int = 0  # 0 = min(3, number of brokers)
 
     def __post_init__(self) -> None:
+        _require("\0" not in self.path, "path must not contain a NUL character")
         _require(self.partitions >= 1, "partitions must be >= 1")
         _require(self.retention_s >= 0, "retention_s must be >= 0")
         _require(self.replication_factor >= 0, "replication_factor must be >= 0")
@@ -190,7 +191,7 @@ class ControlConfig(_Section):
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
-        _require(bool(sep) and bool(host) and port.isdigit() and int(port) < 65536,
+        _require(bool(sep) and bool(host) and port.isascii() and port.isdigit() and int(port) < 65536,
                  f"listen must be HOST:PORT, got {self.listen!r}")
 
 
@@ -201,6 +202,7 @@ class DaemonConfig(_Section):
     shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        _require("\0" not in self.state_dir, "state_dir must not contain a NUL character")
         _require(self.shutdown_timeout_s > 0, "shutdown_timeout_s must be > 0")
 
 
@@ -259,6 +261,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
@@ -291,32 +297,38 @@ def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
 
 
 def _override_source(raw: dict[str, Any], rest: str, value: str) -> None:
-    for source in raw.get("sources", []):
-        source_name = str(source.get("name", "")).lower().replace("-", "_").replace(".", "_")
-        if rest.startswith(source_name + "_"):
-            source[rest[len(source_name) + 1:]] = _parse_env_value(value)
-            return
+    sources = raw.get("sources")
+    if not isinstance(sources, list):
+        return  # the validation that follows names the problem with `sources`
+    matches = [(len(env_name), source) for source in sources if isinstance(source, dict)
+               for env_name in [str(source.get("name", "")).lower().replace("-", "_").replace(".", "_")]
+               if rest.startswith(env_name + "_")]
+    if matches:  # the longest name wins: CONFLUX_SOURCES_CRM_EU_X is for `crm_eu`, not `crm`
+        length, source = max(matches, key=lambda match: match[0])
+        source[rest[length + 1:]] = _parse_env_value(value)
 
 
 def _parse_env_value(value: str) -> Any:
-    """Environment values are TOML literals when they parse as one (4, true, 1.5), else strings."""
+    """Arrays, inline tables and quoted strings are TOML; anything else stays the string it is, and
+    the lax conversion turns it into the field's type ("4" -> 4, "true" -> True), so a string field
+    keeps a value such as CONFLUX_CONTROL_TOKEN=12345."""
     try:
-        return tomllib.loads(f"v = {value}")["v"]
+        parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         return value
+    return parsed if isinstance(parsed, str | list | dict) else value.strip()
 
 
 def _describe_validation_error(message: str) -> str:
     """'Expected `int`, got `str` - at `$.sources[0].page_size`' -> 'sources[0].page_size: ...'."""
     match = re.search(r"^(.*) - at `\$\.?(.*)`$", message)
-    if not match:
-        return f"config: {message}"
-    text, where = match.groups()
-    unknown = re.match(r"Object contains unknown field `(.+)`", text)
-    if unknown:
-        field = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
-        return f"{field}: unknown key"
-    return f"{where or 'config'}: {text}"
+    text, where = match.groups() if match else (message, "")  # errors at the top level have no `at`
+    where = re.sub(r"\.pagination_fields\b", ".pagination", where)  # the table's name in the file
+    field = re.match(r"Object (contains unknown|missing required) field `(.+)`", text)
+    if field:
+        name = f"{where}.{field.group(2)}" if where else field.group(2)
+        return f"{name}: {'unknown key' if field.group(1) == 'contains unknown' else 'missing required key'}"
+    return f"{where}: {text}" if where else text
 
 
 def _check_secret_sources(config: Config, environ: dict[str, str]) -> None:
@@ -431,7 +443,12 @@ def _is_table_array(value: Any) -> bool:
 
 
 def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else msgspec.json.encode(key).decode()
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    """JSON string escapes are TOML's, except that TOML also forbids a raw DEL (U+007F)."""
+    return msgspec.json.encode(text).decode().replace("\x7f", "\\u007f")
 
 
 def _toml_value(value: Any) -> str:
@@ -443,4 +460,4 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    return msgspec.json.encode(value).decode()
+    return _toml_string(value)

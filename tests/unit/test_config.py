@@ -1,0 +1,369 @@
+"""Configuration loading (daemon/config.py): every kind of error names its field, environment
+overrides, the [sources.pagination] table, secrets that must exist, the redacted TOML round trip,
+and hypothesis fuzzing: whatever the file or environment holds, the loader raises only ConfigError."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from daemon.config import Config, load_config, redacted, to_toml
+from daemon.errors import ConfigError
+
+FUZZ = settings(max_examples=150, derandomize=True, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SOURCE = '[[sources]]\nname = "crm"\nurl = "http://upstream/api/customers"\n'
+
+
+def load(text: str | bytes, environ: dict[str, str] | None = None, directory: Path | None = None) -> Config:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(directory or scratch) / "conflux.toml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return load_config(path, environ=environ or {})
+
+
+def error(text: str | bytes, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(text, environ)
+    return str(caught.value)
+
+
+# -- defaults and the documented example --------------------------------------------------------
+
+
+def test_an_empty_file_is_all_defaults_with_paths_relative_to_the_file(tmp_path: Path) -> None:
+    config = load("", directory=tmp_path)
+    assert config.sources == [] and config.log.backend == "embedded" and config.log.partitions == 4
+    assert config.log.path == str(tmp_path / "var" / "conflux.db")
+    assert config.daemon.state_dir == str(tmp_path / "var")
+    assert load('[log]\npath = ":memory:"').log.path == ":memory:"
+
+
+def test_the_readme_example_loads() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example_toml = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = load(example_toml)
+    [source] = config.sources
+    assert (source.name, source.pagination, source.page_size, config.sink.batch_size) == ("customers", "page",
+                                                                                          500, 1000)
+
+
+def test_a_missing_file_and_a_file_that_is_not_toml() -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config("/nonexistent/conflux.toml", environ={})
+    assert "not valid TOML" in error("[log\n")
+
+
+def test_a_file_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    """Regression: a directory or non-UTF-8 bytes raised IsADirectoryError / UnicodeDecodeError."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path, environ={})
+    assert "UTF-8" in error(b'[log]\npath = "\xff"\n')
+
+
+# -- errors name the field ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("colour = 1", "colour: unknown key"),
+    ("[log]\ncolour = 1", "log.colour: unknown key"),
+    ("[workers]\nfetcherz = 1", "workers.fetcherz: unknown key"),
+    ("[kafka]\nbroker = 1", "kafka.broker: unknown key"),
+    (SOURCE + "colour = 1", "sources[0].colour: unknown key"),
+    (SOURCE + "[sources.pagination]\ncolour = 1", "sources[0].pagination.colour: unknown key"),
+    (SOURCE + '[sources.auth]\ntype = "bearer"\ntoken_env = "T"\ncolour = 1', "sources[0].auth.colour: unknown key"),
+    ("[log]\npartitions = \"four\"", "log.partitions: Expected `int`, got `str`"),
+    ("[sink]\nbatch_size = 1.5", "sink.batch_size: Expected `int`, got `float`"),
+    ("log = 5", "log: Expected `object`, got `int`"),
+    ("sources = 5", "sources: Expected `array`, got `int`"),
+    (SOURCE + "page_size = []", "sources[0].page_size: Expected `int`, got `array`"),
+    ("[log]\nbackend = \"cassandra\"", "log.backend: Invalid enum value 'cassandra'"),
+    (SOURCE + 'pagination = "scroll"', "sources[0].pagination: Invalid enum value 'scroll'"),
+    ("[[sources]]\nname = \"crm\"", "sources[0].url: missing"),
+])
+def test_wrong_keys_and_types_name_the_field(text: str, field: str) -> None:
+    assert error(text).startswith(field)
+
+
+@pytest.mark.parametrize(("text", "section", "words"), [
+    ("[log]\npartitions = 0", "log", "partitions must be >= 1"),
+    ('[log]\nbackend = "kafka"', "log", "bootstrap_servers is required"),
+    (SOURCE + "page_size = 0", "sources[0]", "page_size must be between 1 and 100000"),
+    (SOURCE.replace("http://", "ftp://"), "sources[0]", "url must start with http:// or https://"),
+    (SOURCE.replace('"crm"', '"c r m"'), "sources[0]", "name 'c r m' may only hold"),
+    (SOURCE + "poll_interval_s = nan", "sources[0]", "poll_interval_s must be > 0"),
+    ("[sink]\nbatch_size = 100\nmax_pending_records = 10", "sink", "max_pending_records must be >= batch_size"),
+    ("[retry]\nbase_s = 5\nmax_s = 1", "retry", "base_s must be > 0 and <= max_s"),
+    ("[workers]\nconsumers = 65", "workers", "consumers must be between 1 and 64"),
+    ("[workers]\nheartbeat_timeout_s = 1", "workers", "heartbeat_timeout_s must be more than twice"),
+    ('[control]\nlisten = "9108"', "control", "listen must be HOST:PORT"),
+    ('[control]\nlisten = "h:70000"', "control", "listen must be HOST:PORT"),
+    ('[control]\nlisten = "h:\u00b2"', "control", "listen must be HOST:PORT"),
+    ("[daemon]\nshutdown_timeout_s = -1", "daemon", "shutdown_timeout_s must be > 0"),
+    (SOURCE + SOURCE, "sources", "duplicate source names ['crm']"),
+    ('[daemon]\nstate_dir = "a\\u0000b"', "daemon", "state_dir"),
+    ('[log]\npath = "a\\u0000b"', "log", "path"),
+])
+def test_bad_values_name_the_section_and_the_field(text: str, section: str, words: str) -> None:
+    message = error(text)
+    assert message.startswith(f"{section}: ") and words in message
+
+
+# -- [sources.pagination] --------------------------------------------------------------------------
+
+
+def test_the_pagination_table_renames_fields_and_may_carry_the_style() -> None:
+    config = load(SOURCE + '[sources.pagination]\nstyle = "cursor"\nrecords_path = "result.items"\nfirst_page = 0\n')
+    source = config.sources[0]
+    assert source.pagination == "cursor"
+    assert (source.pagination_options.records_path, source.pagination_options.first_page) == ("result.items", 0)
+    assert source.pagination_options.cursor_param == "cursor"  # the rest keeps the demo's names
+    plain = load(SOURCE + 'pagination = "link"\n').sources[0]
+    assert plain.pagination == "link" and plain.pagination_options.records_path == "data"
+    assert error(SOURCE + '[sources.pagination]\nstyle = "pages"').startswith("sources[0].pagination: Invalid enum")
+
+
+# -- environment overrides ---------------------------------------------------------------------
+
+
+def test_section_overrides_parse_as_the_field_type() -> None:
+    config = load("[workers]\nconsumers = 2", {
+        "CONFLUX_WORKERS_CONSUMERS": "4", "CONFLUX_SINK_FLUSH_INTERVAL_S": "0.25", "CONFLUX_LOG_BACKEND": "embedded",
+        "CONFLUX_DAEMON_LOG_FORMAT": "json", "CONFLUX_TEST_KAFKA": "ignored:9092", "OTHER": "x"})
+    assert (config.workers.consumers, config.sink.flush_interval_s, config.daemon.log_format) == (4, 0.25, "json")
+
+
+def test_string_fields_keep_override_values_that_look_like_numbers_or_booleans() -> None:
+    """Regression: override values were parsed as TOML first, so CONFLUX_CONTROL_TOKEN=12345 became
+    the integer 12345 and the config was refused ('Expected `str`, got `int`')."""
+    config = load(SOURCE, {"CONFLUX_CONTROL_TOKEN": "12345", "CONFLUX_SINK_TOKEN": "true",
+                           "CONFLUX_LOG_GROUP": "2024-01-01", "CONFLUX_SOURCES_CRM_KEY": "1.5"})
+    assert (config.control.token, config.sink.token, config.log.group) == ("12345", "true", "2024-01-01")
+    assert config.sources[0].key == "1.5"
+
+
+def test_override_values_may_be_toml_arrays_and_tables() -> None:
+    config = load(SOURCE, {"CONFLUX_SOURCES_CRM_HEADERS": '{ X-Tenant = "acme" }',
+                           "CONFLUX_KAFKA_PRODUCER": '{ "linger.ms" = 5 }', "CONFLUX_SOURCES_CRM_VERIFY_TLS": "false"})
+    assert config.sources[0].headers == {"X-Tenant": "acme"} and config.kafka.producer == {"linger.ms": 5}
+    assert config.sources[0].verify_tls is False
+
+
+def test_bad_override_values_and_keys_name_the_field() -> None:
+    assert error("", {"CONFLUX_WORKERS_CONSUMERS": "many"}).startswith("workers.consumers: Expected `int`")
+    assert error("", {"CONFLUX_LOG_COLOUR": "red"}).startswith("log.colour: unknown key")
+    assert error(SOURCE, {"CONFLUX_SOURCES_CRM_PAGE_SIZE": "0"}).startswith("sources[0]: page_size must be")
+    assert error(SOURCE, {"CONFLUX_SOURCES_CRM_COLOUR": "red"}).startswith("sources[0].colour: unknown key")
+
+
+def test_source_overrides_find_their_source_by_name() -> None:
+    text = (SOURCE + SOURCE.replace('"crm"', '"crm-eu"').replace("customers", "eu")
+            + SOURCE.replace('"crm"', '"Shop.Items"').replace("customers", "items"))
+    config = load(text, {"CONFLUX_SOURCES_CRM_EU_PAGE_SIZE": "10", "CONFLUX_SOURCES_CRM_PAGE_SIZE": "20",
+                         "CONFLUX_SOURCES_SHOP_ITEMS_PAGINATION": "cursor"})
+    assert [(s.name, s.page_size, s.pagination) for s in config.sources] == [
+        ("crm", 20, "page"), ("crm-eu", 10, "page"), ("Shop.Items", 500, "cursor")]
+
+
+def test_a_source_name_that_prefixes_another_does_not_steal_its_overrides() -> None:
+    """Regression: with sources `crm` and `crm_eu`, CONFLUX_SOURCES_CRM_EU_PAGE_SIZE went to `crm`
+    as the unknown key `eu_page_size` when `crm` came first."""
+    text = SOURCE + SOURCE.replace('"crm"', '"crm_eu"').replace("customers", "eu")
+    config = load(text, {"CONFLUX_SOURCES_CRM_EU_PAGE_SIZE": "10"})
+    assert [s.page_size for s in config.sources] == [500, 10]
+
+
+def test_the_style_override_wins_over_the_pagination_table() -> None:
+    text = SOURCE + '[sources.pagination]\nstyle = "cursor"\nrecords_path = "items"\n'
+    source = load(text, {"CONFLUX_SOURCES_CRM_PAGINATION": "watermark"}).sources[0]
+    assert source.pagination == "watermark" and source.pagination_options.records_path == "items"
+
+
+@pytest.mark.parametrize("sources", ["sources = 5", "sources = [1, 2]", '[sources]\nname = "crm"', 'sources = "crm"'])
+def test_source_overrides_with_a_malformed_sources_key_are_config_errors(sources: str) -> None:
+    """Regression: the override walked `sources` assuming a list of tables (TypeError, AttributeError)."""
+    assert error(sources, {"CONFLUX_SOURCES_CRM_PAGE_SIZE": "3"}).startswith("sources")
+
+
+# -- secrets -------------------------------------------------------------------------------------------
+
+
+def test_a_missing_secret_variable_names_the_source_and_the_variable() -> None:
+    message = error(SOURCE + 'webhook_secret_env = "CRM_HOOK_SECRET"')
+    assert message == "sources[0] (crm).webhook_secret_env: environment variable CRM_HOOK_SECRET is not set"
+    auth = SOURCE + '[sources.auth]\ntype = "bearer"\ntoken_env = "CRM_TOKEN"\n'
+    assert error(auth) == "sources[0] (crm).auth.token_env: environment variable CRM_TOKEN is not set"
+    assert load(auth, {"CRM_TOKEN": "t"}).sources[0].auth.token_env == "CRM_TOKEN"
+    assert error('[sink]\ntoken_env = "SINK_T"') == "sink.token_env: environment variable SINK_T is not set"
+    assert "environment variable CTL_T is not set" in error('[control]\ntoken_env = "CTL_T"')
+
+
+@pytest.mark.parametrize(("auth", "words"), [
+    ('type = "bearer"', "type 'bearer' needs token_env or token_file"),
+    ('type = "basic"\npassword_env = "P"', "auth.username: required for type 'basic'"),
+    ('type = "header"\nvalue_env = "P"', "auth.header: required for type 'header'"),
+    ('type = "oauth2"\nclient_secret_env = "P"', "type 'oauth2' needs token_url and client_id"),
+    ('type = "bearer"\ntoken_file = "/nonexistent/token"', "auth.token_file: file '/nonexistent/token' does not"),
+    ('type = "kerberos"', "sources[0].auth.type: Invalid enum value 'kerberos'"),
+])
+def test_auth_errors_name_the_source_and_field(auth: str, words: str) -> None:
+    assert words in error(SOURCE + "[sources.auth]\n" + auth, {"P": "secret"})
+
+
+# -- redacted and to_toml ----------------------------------------------------------------------------
+
+
+FULL = (SOURCE + 'webhook_secret = "hook-secret"\nheaders = { X-Api-Key = "k-123", Accept = "json" }\n'
+        '[sources.pagination]\nstyle = "watermark"\n'
+        + '[sources.auth]\ntype = "basic"\nusername = "u"\npassword_env = "PW"\n'
+        + '[[sources]]\nname = "erp"\nurl = "https://erp/api"\n'
+        + '[sink]\ntoken = "sink-secret"\n[kafka.producer]\n"sasl.password" = "kafka-secret"\n"linger.ms" = 5\n'
+        + '[control]\ntoken_env = "CTL"\n')
+ENV = {"PW": "pw", "CTL": "ctl"}
+
+
+def test_redacted_hides_secrets_and_is_written_in_the_file_shape() -> None:
+    data = redacted(load(FULL, ENV))
+    text = to_toml(data)
+    for secret in ("hook-secret", "k-123", "sink-secret", "kafka-secret"):
+        assert secret not in text
+    assert data["sources"][0]["pagination"]["style"] == "watermark" and "pagination_fields" not in data["sources"][0]
+    assert data["sources"][0]["auth"]["password_env"] == "PW"  # the variable's name is not the secret
+    assert "auth" not in data["sources"][1]
+    assert data["control"]["token_env"] == "CTL" and data["sources"][0]["headers"]["Accept"] == "json"
+
+
+def test_redacted_toml_round_trips_through_tomllib_and_load_config() -> None:
+    data = redacted(load(FULL, ENV))
+    assert tomllib.loads(to_toml(data)) == data
+    assert redacted(load(to_toml(data), ENV)) == data
+
+
+scalar = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),
+                   st.text(max_size=12))
+
+
+@FUZZ
+@given(data=st.dictionaries(st.text(min_size=1, max_size=8), st.one_of(
+    scalar, st.lists(scalar, max_size=3),
+    st.dictionaries(st.text(min_size=1, max_size=8), scalar, max_size=3),
+    st.lists(st.dictionaries(st.text(min_size=1, max_size=5), scalar, min_size=1, max_size=3), min_size=1,
+             max_size=2)), max_size=5))
+@example(data={"a": "del \x7f char", "b\x7f": 1})
+def test_to_toml_writes_what_tomllib_reads_back(data: dict[str, Any]) -> None:
+    """Regression: JSON escaping leaves U+007F (DEL) raw, which TOML strings and keys forbid."""
+    assert _same(tomllib.loads(to_toml(data)), data)
+
+
+def _same(read: Any, written: Any) -> bool:
+    if isinstance(written, float) and math.isnan(written):
+        return isinstance(read, float) and math.isnan(read)
+    if isinstance(written, dict):
+        return read.keys() == written.keys() and all(_same(read[k], v) for k, v in written.items())
+    if isinstance(written, list):
+        return len(read) == len(written) and all(_same(r, w) for r, w in zip(read, written))
+    return read == written and type(read) is type(written)
+
+
+# -- fuzzing the loader --------------------------------------------------------------------------------
+
+
+SECTIONS = {name: list(msgspec.structs.fields(Config)[i].type.__struct_fields__)
+            for i, name in enumerate(Config.__struct_fields__) if name != "sources"}
+SOURCE_KEYS = ["name", "url", "key", "updated", "pagination", "page_size", "poll_interval_s", "max_concurrency",
+               "headers", "auth", "webhook_secret_env", "timeout_s", "rate_limit_rps", "colour"]
+toml_value = st.recursive(
+    st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(), st.text(max_size=10),
+              st.sampled_from(["embedded", "kafka", "page", "cursor", "http://u/x", "h:1", "", "crm", "1", "0"]),
+              st.datetimes(), st.dates(), st.times()),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(min_size=1, max_size=6), inner, max_size=3),
+    max_leaves=6)
+
+
+def section_st(keys: list[str]) -> st.SearchStrategy[dict]:
+    return st.dictionaries(st.one_of(st.sampled_from(keys), st.text(min_size=1, max_size=6)), toml_value,
+                           max_size=5)
+
+
+config_doc = st.fixed_dictionaries({}, optional={
+    **{name: st.one_of(section_st(keys), toml_value) for name, keys in SECTIONS.items()},
+    "sources": st.one_of(st.lists(section_st(SOURCE_KEYS).map(lambda s: {"name": "crm", "url": "http://u", **s}),
+                                  max_size=3), toml_value),
+    "extra": toml_value,
+})
+env_st = st.dictionaries(
+    st.one_of(st.sampled_from([f"CONFLUX_{s.upper()}_{k.upper()}" for s, keys in SECTIONS.items() for k in keys]),
+              st.sampled_from(["CONFLUX_SOURCES_CRM_PAGE_SIZE", "CONFLUX_SOURCES_CRM_URL", "CONFLUX_SOURCES_X",
+                               "CONFLUX_SOURCES_", "CONFLUX_", "CONFLUX_LOG_"])),
+    st.text(max_size=12), max_size=3)
+
+
+def toml_text(value: Any) -> str:
+    """A TOML document for ``value`` (inline tables and arrays, so any nesting is expressible)."""
+    return "".join(f"{_key(k)} = {_inline(v)}\n" for k, v in value.items())
+
+
+def _key(key: str) -> str:
+    return msgspec.json.encode(key).decode().replace("\x7f", "\\u007f")
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value == math.inf else "-inf" if value == -math.inf
+                                                else repr(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_inline(v)}" for k, v in value.items()) + "}"
+    return _key(value)
+
+
+def loads_or_config_error(text: str | bytes, environ: dict[str, str]) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "conflux.toml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+        try:
+            config = load_config(path, environ=environ)
+        except ConfigError as exc:
+            assert str(exc)
+            return
+    assert isinstance(config, Config)
+    to_toml(redacted(config))
+
+
+@FUZZ
+@given(doc=config_doc, environ=env_st)
+def test_structured_nonsense_only_ever_raises_config_error(doc: dict, environ: dict[str, str]) -> None:
+    loads_or_config_error(toml_text(doc), environ)
+
+
+@FUZZ
+@given(text=st.one_of(st.binary(max_size=120), st.text(max_size=120)), environ=env_st)
+@example(text=b"\xff", environ={})
+@example(text="sources = 3", environ={"CONFLUX_SOURCES_A_B": "1"})
+def test_arbitrary_bytes_only_ever_raise_config_error(text: str | bytes, environ: dict[str, str]) -> None:
+    loads_or_config_error(text, environ)
+
+
+def test_an_explicit_environ_replaces_the_process_environment(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    monkeypatch.setenv("CONFLUX_WORKERS_FETCHERS", "7")
+    path = tmp_path / "conflux.toml"
+    path.write_text("")
+    assert load_config(path, environ={}).workers.fetchers == 1
+    assert load_config(path).workers.fetchers == 7
