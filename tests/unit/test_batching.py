@@ -23,7 +23,7 @@ from workers.batching import (
     split_by_partition,
 )
 
-FUZZ = settings(max_examples=120, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=80, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 T0 = "2024-05-01T10:00:00Z"
 
 

@@ -168,6 +168,6 @@ class TrackerMachine(RuleBasedStateMachine):
         assert self.tracker.positions() == {tp: part["committed"] for tp, part in self.model.items()}
 
 
-TrackerMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, derandomize=True,
+TrackerMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=25, derandomize=True,
                                             deadline=None)
 test_tracker_state_machine = TrackerMachine.TestCase

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from daemon.config import Config, load_config, redacted, to_toml
 from daemon.errors import ConfigError
 
-FUZZ = settings(max_examples=150, derandomize=True, deadline=None,
+FUZZ = settings(max_examples=75, derandomize=True, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 SOURCE = '[[sources]]\nname = "crm"\nurl = "http://upstream/api/customers"\n'
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from workers.dedup import Deduplicator
 
-FUZZ = settings(max_examples=150, derandomize=True, deadline=None)
+FUZZ = settings(max_examples=80, derandomize=True, deadline=None)
 
 
 def test_nothing_delivered_means_everything_is_fresh() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ipc.messages import MergeRecords, Position
 from workers.merge import HASH, UPDATED_US, MergeState, Token, make_chunk
 
-FUZZ = settings(max_examples=150, derandomize=True, deadline=None)
+FUZZ = settings(max_examples=100, derandomize=True, deadline=None)
 _offsets = count()
 
 

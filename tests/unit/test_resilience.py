@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from daemon.config import RetryConfig
 from workers.resilience import MAX_RETRY_AFTER_S, Backoff, CircuitBreaker, parse_retry_after
 
-FUZZ = settings(max_examples=200, derandomize=True, deadline=None)
+FUZZ = settings(max_examples=100, derandomize=True, deadline=None)
 NOW = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC).timestamp()
 
 
