@@ -69,7 +69,7 @@ async def walk_numbered(source: SourceConfig, pages: Pages, since: str | None, *
         known = math.ceil(total / size)
         infos = await _in_parallel(pages, source.url, [params(i) for i in range(1, known)], source.max_concurrency)
         fetched += len(infos)
-        index = known
+        index = max(known, 1)  # a total of 0 beside records must not start over at the first page
         info = infos[-1] if infos else first
     # Records added during the sync (or no total given): continue one page at a time until the end.
     while _more(info, size) and info.records:

@@ -240,3 +240,20 @@ def test_a_failed_page_stops_the_concurrent_fetches() -> None:
     requested = asyncio.run(scenario())
     assert len(upstream.requests) == requested < 30
     assert upstream.in_flight == 0
+
+
+@pytest.mark.parametrize("style", ["page", "offset"])
+def test_a_total_too_small_for_the_page_does_not_fetch_the_first_page_twice(style: str) -> None:
+    """Regression: a total of 0 (some APIs' "unknown") on a page with records made the walk start
+    over at the first page, fetching and publishing it twice."""
+    upstream = FakeUpstream(source(style), dataset(20))
+    serve = upstream.serve
+
+    def total_zero(url: str, query: dict[str, str]) -> Response:
+        response = serve(url, query)
+        body = msgspec.json.decode(response.body)
+        return response._replace(body=msgspec.json.encode({**body, "total": 0}))
+
+    upstream.serve = total_zero
+    assert walk(upstream) == 3
+    assert upstream.handled == [r["id"] for r in upstream.records]
