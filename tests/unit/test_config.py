@@ -219,6 +219,11 @@ def test_auth_errors_name_the_source_and_field(auth: str, words: str) -> None:
     assert words in error(SOURCE + "[sources.auth]\n" + auth, {"P": "secret"})
 
 
+def test_a_nul_in_a_secret_file_name_is_a_config_error() -> None:
+    """Path methods raise ValueError, not OSError, for a name with a NUL in it."""
+    assert "auth.token_file" in error(SOURCE + '[sources.auth]\ntype = "bearer"\ntoken_file = "a\\u0000b"\n')
+
+
 # -- redacted and to_toml ----------------------------------------------------------------------------
 
 
