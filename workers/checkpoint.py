@@ -23,6 +23,7 @@ class InFlight:
     key_hashes: list[int] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)
     records: int = 0
+    source: str = ""
 
     @property
     def done(self) -> bool:

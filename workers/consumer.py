@@ -171,13 +171,14 @@ class ConsumerWorker(Worker):
             return batch.message_id, batch.count, 0
         records = batch.count
         # A replay re-sends what the sink refused, so its content must not count as already delivered.
-        fresh = self.dedup.fresh_indices(batch.key_hashes, batch.hashes) if batch.sync != "replay" else None
+        fresh = (self.dedup.fresh_indices(batch.key_hashes, batch.hashes, batch.source)
+                 if batch.sync != "replay" else None)
         if fresh is not None:
             metrics.dedup_skipped.labels("content_hash").inc(batch.count - len(fresh))
             batch = _subset(batch, fresh)
         merger = merger_for(message.partition, len(self.to_mergers))
         entry = InFlight(message.offset, (1 << merger) if batch.count else 0, batch.message_id,
-                         batch.key_hashes, batch.hashes, batch.count)
+                         batch.key_hashes, batch.hashes, batch.count, batch.source)
         self._finish(self.tracker.add(tp, entry))
         if batch.count:
             self._send(merger, _merge_frame(self.spec.index, self.generation, position, batch))
@@ -217,7 +218,7 @@ class ConsumerWorker(Worker):
     def _finish(self, entries: list[InFlight]) -> None:
         for entry in entries:
             if entry.message_id:
-                self.dedup.remember(entry.message_id, entry.key_hashes, entry.hashes)
+                self.dedup.remember(entry.message_id, entry.key_hashes, entry.hashes, entry.source)
             entry.key_hashes = entry.hashes = []
 
     def _commit(self, *, force: bool = False) -> None:

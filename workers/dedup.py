@@ -17,14 +17,16 @@ class Deduplicator:
     def __init__(self, *, max_message_ids: int = 100_000) -> None:
         self._message_ids: OrderedDict[str, None] = OrderedDict()
         self._max_message_ids = max_message_ids
-        self._delivered: dict[int, str] = {}  # key hash -> content hash last delivered
+        # source -> key hash -> content hash last delivered. Per source: two systems may well hold the
+        # same key with byte-identical content, and one must not hide the other.
+        self._delivered: dict[str, dict[int, str]] = {}
 
     def seen_message(self, message_id: str) -> bool:
         return message_id in self._message_ids
 
-    def fresh_indices(self, key_hashes: list[int], hashes: list[str]) -> list[int] | None:
+    def fresh_indices(self, key_hashes: list[int], hashes: list[str], source: str = "") -> list[int] | None:
         """Indices of records whose content differs from what was delivered; None means all of them."""
-        delivered = self._delivered
+        delivered = self._delivered.get(source)
         if not delivered:
             return None
         # C-level all the way: look every key up, compare with the new content, keep the differing indices.
@@ -32,14 +34,14 @@ class Deduplicator:
         fresh = list(compress(range(len(key_hashes)), differs))
         return None if len(fresh) == len(key_hashes) else fresh
 
-    def remember(self, message_id: str, key_hashes: list[int], hashes: list[str]) -> None:
+    def remember(self, message_id: str, key_hashes: list[int], hashes: list[str], source: str = "") -> None:
         """The sink acknowledged this message: its id and its records' content are now known."""
         ids = self._message_ids
         ids[message_id] = None
         if len(ids) > self._max_message_ids:
             ids.popitem(last=False)
-        self._delivered.update(zip(key_hashes, hashes, strict=False))
+        self._delivered.setdefault(source, {}).update(zip(key_hashes, hashes, strict=False))
 
     @property
     def keys_known(self) -> int:
-        return len(self._delivered)
+        return sum(len(keys) for keys in self._delivered.values())

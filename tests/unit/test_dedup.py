@@ -56,3 +56,11 @@ def test_fresh_indices_match_a_plain_model(steps: list) -> None:
             dedup.remember(f"m{index}", key_hashes, hashes)
             delivered.update(records)
     assert dedup.keys_known == len(delivered)
+
+
+def test_sources_do_not_hide_each_other():
+    """Two systems holding the same key with byte-identical content are two records, not one."""
+    dedup = Deduplicator()
+    dedup.remember("m1", [1], ["a"], "crm")
+    assert dedup.fresh_indices([1], ["a"], "crm") == []
+    assert dedup.fresh_indices([1], ["a"], "erp") is None
