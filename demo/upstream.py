@@ -34,8 +34,9 @@ Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
       sync should start from its last watermark, not after it.
   GET /health -> {"status": "ok"}
   GET /stats[?timestamps=1] -> per collection: records, valid, malformed, requests per style,
-      status codes; with timestamps=1 the arrival times (unix seconds) of the last 100000 page
-      requests. Also changes (api, background) and webhook counters.
+      status codes, max_in_flight; with timestamps=1 the arrival times (unix seconds) of the last
+      100000 page requests, and in throttled_at when each injected 429 was answered. Also changes
+      (api, background), webhook counters and auth counters.
   GET /admin/faults, POST /admin/faults -> latency_ms, latency_jitter_ms, error_rate,
       throttle_rate, retry_after_s, change_rate_per_s (settable) and malformed_rate (fixed at start)
   GET /admin/change-rate, POST /admin/change-rate {"change_rate_per_s": R}

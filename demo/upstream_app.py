@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -22,6 +23,7 @@ from demo.datagen import Key
 from demo.faults import Fault, FaultInjector
 from demo.paging_styles import STYLES, BadParameter
 from demo.store import Collection, StoreError
+from demo.upstream_auth import AuthGate
 from demo.upstream_changes import ChangeGenerator
 from demo.upstream_stats import Stats
 from demo.upstream_time import now_us
@@ -54,12 +56,14 @@ class UpstreamApp:
     """The API over the generated collections, with fault injection, changes, webhooks and stats."""
 
     def __init__(self, *, collections: dict[str, Collection], faults: FaultInjector, seed: int,
-                 change_rate_per_s: float, malformed_rate: float, webhooks: WebhookSender | None) -> None:
+                 change_rate_per_s: float, malformed_rate: float, webhooks: WebhookSender | None,
+                 auth: AuthGate, count_headers: tuple[str, ...] = ()) -> None:
         self.collections = collections
         self.faults = faults
         self.malformed_rate = malformed_rate
         self.webhooks = webhooks
-        self.stats = Stats(collections)
+        self.auth = auth
+        self.stats = Stats(collections, count_headers=count_headers)
         self.change_counts: Counter[str] = Counter()
         self.changes = ChangeGenerator(collections=list(collections.values()),
                                        apply=self.apply_background_change,
@@ -67,7 +71,8 @@ class UpstreamApp:
         self._changes_task: asyncio.Task | None = None
 
     def build(self) -> web.Application:
-        app = web.Application(middlewares=[self._count_status], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[self._count_status, self._require_credentials],
+                              client_max_size=MAX_BODY_BYTES)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         router = app.router
@@ -78,6 +83,9 @@ class UpstreamApp:
         router.add_get("/admin/change-rate", self.change_rate_view)
         router.add_post("/admin/change-rate", self.set_change_rate)
         router.add_get("/admin/malformed", self.malformed_view)
+        router.add_get("/admin/auth", self.auth_view)
+        router.add_post("/admin/auth", self.set_auth)
+        router.add_post("/oauth/token", self.oauth_token)
         router.add_get("/api/{collection}/checksum", self.checksum)
         for style in ("offset", "cursor", "link", "keyset"):
             router.add_get(f"/api/{{collection}}/{style}", self._page_handler(style))
@@ -110,6 +118,14 @@ class UpstreamApp:
         self.stats.record_status(collection, response.status)
         return response
 
+    @web.middleware
+    async def _require_credentials(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/api/"):
+            denied = self.auth.check(request.headers)
+            if denied is not None:
+                return error_response(401, f"credentials: {denied.reason}", {"WWW-Authenticate": denied.challenge})
+        return await handler(request)
+
     def _collection(self, request: web.Request) -> Collection:
         name = request.match_info["collection"]
         collection = self.collections.get(name)
@@ -128,12 +144,17 @@ class UpstreamApp:
     async def page(self, request: web.Request, style: str) -> web.Response:
         """One page of ``style``, after the configured latency and unless a fault is drawn."""
         collection = self._collection(request)
-        self.stats.record_request(collection.name, style, page=True)
+        self.stats.record_request(collection.name, style, page=True, headers=request.headers)
+        with self.stats.in_flight(collection.name):
+            return await self._page(request, collection, style)
+
+    async def _page(self, request: web.Request, collection: Collection, style: str) -> web.Response:
         delay_s = self.faults.delay_s()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         fault = self.faults.draw()
         if fault is Fault.THROTTLE:
+            self.stats.record_throttle(collection.name)
             retry_after = {"Retry-After": str(self.faults.settings.retry_after_s)}
             return error_response(429, "throttled (injected fault)", retry_after)
         if fault is Fault.ERROR:
@@ -199,6 +220,7 @@ class UpstreamApp:
         view = self.stats.as_dict(counts, timestamps=request.query.get("timestamps") in ("1", "true"))
         view["changes"] = {"api": self.change_counts["api"], "background": self.change_counts["background"]}
         view["webhooks"] = self.webhooks.stats() if self.webhooks is not None else None
+        view["auth"] = self.auth.view()
         return json_response(view)
 
     def _faults_dict(self) -> dict[str, object]:
@@ -239,6 +261,26 @@ class UpstreamApp:
                 for name, collection in self.collections.items()}
         return json_response(view)
 
+    # -- credentials --------------------------------------------------------------------------------
+
+    async def oauth_token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        fields = {name: value for name, value in form.items() if isinstance(value, str)}
+        answer = self.auth.issue(fields, request.headers.get("Authorization", ""))
+        # RFC 6749 5.1: token responses must not be cached.
+        return json_response(answer.body, status=answer.status, headers={"Cache-Control": "no-store"})
+
+    async def auth_view(self, _request: web.Request) -> web.Response:
+        return json_response(self.auth.view())
+
+    async def set_auth(self, request: web.Request) -> web.Response:
+        """Rotate the static token or the client secret, change the TTL, revoke issued tokens."""
+        try:
+            self.auth.update(await _json_object(request))
+        except ValueError as exc:
+            return error_response(400, str(exc))
+        return json_response(self.auth.view())
+
 
 def _change_rate(value: object) -> float:
     if type(value) not in (int, float) or value < 0:
@@ -261,13 +303,15 @@ def bind(host: str, port: int) -> socket.socket:
     return socket.create_server(address[:2], family=family)
 
 
-def url_of(sock: socket.socket, host: str) -> str:
+def url_of(sock: socket.socket, host: str, *, scheme: str = "http") -> str:
     port = sock.getsockname()[1]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-async def serve(app: web.Application, sock: socket.socket, *, announce: str) -> None:
-    """Serve on ``sock`` until SIGTERM or SIGINT; ``announce`` is printed once requests are accepted."""
+async def serve(app: web.Application, sock: socket.socket, *, announce: str,
+                ssl_context: ssl.SSLContext | None = None) -> None:
+    """Serve on ``sock`` (https with ``ssl_context``) until SIGTERM or SIGINT; ``announce`` is printed
+    once requests are accepted."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -275,7 +319,7 @@ async def serve(app: web.Application, sock: socket.socket, *, announce: str) -> 
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
         print(announce, flush=True)
         await stop.wait()
     finally:

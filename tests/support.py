@@ -17,7 +17,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
-LISTEN_LINE = re.compile(r"listening on (http://\S+)")
+LISTEN_LINE = re.compile(r"listening on (https?://\S+)")
 
 
 def conflux_argv(*args: str) -> list[str]:
