@@ -18,7 +18,7 @@ import msgspec
 from daemon.errors import ConfigError
 
 PaginationStyle = Literal["page", "offset", "cursor", "link", "watermark"]
-SECRET_FIELD = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key)$", re.IGNORECASE)
+SECRET_FIELD = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|authorization)$", re.IGNORECASE)
 ENV_PREFIX = "CONFLUX_"
 
 
@@ -339,6 +339,8 @@ def _check_secret_sources(config: Config, environ: dict[str, str]) -> None:
             _require_env(environ, source.webhook_secret_env, f"{where}.webhook_secret_env")
         if source.auth is not None:
             _check_auth(source.auth, environ, f"{where}.auth")
+        if source.ca_file and not Path(source.ca_file).is_file():
+            raise ConfigError(f"{where}.ca_file: file {source.ca_file!r} does not exist")
     if config.sink.token_env:
         _require_env(environ, config.sink.token_env, "sink.token_env")
     if config.control.token_env:
@@ -358,14 +360,26 @@ def _check_auth(auth: AuthConfig, environ: dict[str, str], where: str) -> None:
             raise ConfigError(f"{where}: type {auth.type!r} needs {env_field} or {file_field}")
         if env_name:
             _require_env(environ, env_name, f"{where}.{env_field}")
-        elif not Path(file_name).is_file():
-            raise ConfigError(f"{where}.{file_field}: file {file_name!r} does not exist")
+        elif problem := _secret_file_problem(file_name):
+            raise ConfigError(f"{where}.{file_field}: {problem}")
     if auth.type == "header" and not auth.header:
         raise ConfigError(f"{where}.header: required for type 'header'")
     if auth.type == "basic" and not auth.username:
         raise ConfigError(f"{where}.username: required for type 'basic'")
     if auth.type == "oauth2" and not (auth.token_url and auth.client_id):
         raise ConfigError(f"{where}: type 'oauth2' needs token_url and client_id")
+
+
+def _secret_file_problem(name: str) -> str:
+    try:
+        text = Path(name).read_text(errors="replace")
+    except FileNotFoundError:
+        return f"file {name!r} does not exist"
+    except OSError as exc:
+        return f"cannot read file {name!r}: {exc.strerror}"
+    except ValueError:  # a NUL in the name
+        return f"{name!r} is not a valid file name"
+    return "" if text.strip() else f"file {name!r} is empty"
 
 
 def _require_env(environ: dict[str, str], name: str, where: str) -> None:

@@ -1,7 +1,8 @@
 """Credentials for upstream requests: bearer, static header, basic and OAuth2 client credentials.
 
-Secrets are read in the fetcher process after fork (``daemon.secrets``), never put in logs, and
-re-read when the fetcher is replaced after SIGHUP, so a rotated token file takes effect on reload.
+Built in the fetcher process after fork, one per source (``UpstreamClient``). Secrets are read
+there (``daemon.secrets``), never logged, and read again when SIGHUP replaces the fetchers with a
+new generation, so a rotated token file takes effect on reload.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import ssl
 import time
 
 import aiohttp
@@ -22,12 +24,17 @@ logger = logging.getLogger(__name__)
 REFRESH_BEFORE_EXPIRY_S = 30.0
 
 
+class TokenUnavailable(UpstreamError):
+    """The token endpoint could not be reached or failed (5xx): worth retrying like any request."""
+
+
 class NoAuth:
     async def headers(self, session: aiohttp.ClientSession) -> dict[str, str]:
         return {}
 
-    async def refresh(self, session: aiohttp.ClientSession) -> bool:
-        """After a 401: try new credentials once. False means there is nothing to refresh."""
+    async def refresh(self, session: aiohttp.ClientSession, used: dict[str, str]) -> bool:
+        """After a 401 to a request sent with ``used``: renew the credentials once. False means there
+        is nothing to renew, so the 401 stands."""
         return False
 
 
@@ -42,38 +49,51 @@ class StaticAuth(NoAuth):
 class OAuth2ClientCredentials(NoAuth):
     """Fetches a token with the client-credentials grant, caches it, renews it before it expires."""
 
-    def __init__(self, auth: AuthConfig, client_secret: str, where: str) -> None:
+    def __init__(self, auth: AuthConfig, client_secret: str, where: str, *, ssl_context: ssl.SSLContext | bool,
+                 timeout: aiohttp.ClientTimeout) -> None:
         self._auth = auth
         self._secret = client_secret
         self._where = where
+        self._ssl = ssl_context
+        self._timeout = timeout
         self._token = ""
         self._refresh_at = 0.0
         self._lock = asyncio.Lock()
+        self.tokens_fetched = 0
 
     async def headers(self, session: aiohttp.ClientSession) -> dict[str, str]:
         if time.monotonic() >= self._refresh_at:
             async with self._lock:
                 if time.monotonic() >= self._refresh_at:  # another request may have renewed it meanwhile
                     await self._fetch_token(session)
-        return {"Authorization": f"Bearer {self._token}"}
+        return self._current()
 
-    async def refresh(self, session: aiohttp.ClientSession) -> bool:
+    async def refresh(self, session: aiohttp.ClientSession, used: dict[str, str]) -> bool:
         async with self._lock:
-            await self._fetch_token(session)
+            # Many pages in flight get the same 401; the first renews, the rest reuse its token.
+            if used == self._current():
+                await self._fetch_token(session)
         return True
+
+    def _current(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}"}
 
     async def _fetch_token(self, session: aiohttp.ClientSession) -> None:
         form = {"grant_type": "client_credentials", "client_id": self._auth.client_id,
                 "client_secret": self._secret}
         if self._auth.scope:
             form["scope"] = self._auth.scope
+        self.tokens_fetched += 1
         try:
-            async with session.post(self._auth.token_url, data=form) as response:
+            async with session.post(self._auth.token_url, data=form, ssl=self._ssl, timeout=self._timeout) as response:
                 body = await response.json(content_type=None)
-                if response.status != 200 or "access_token" not in body:
-                    raise UpstreamError(f"{self._where}: token endpoint answered {response.status}")
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            raise UpstreamError(f"{self._where}: token request failed: {type(exc).__name__}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            raise TokenUnavailable(f"{self._where}: token request failed: {type(exc).__name__}") from None
+        if response.status >= 500 or response.status == 429:
+            raise TokenUnavailable(f"{self._where}: token endpoint answered {response.status}")
+        if response.status != 200 or not isinstance(body, dict) or "access_token" not in body:
+            raise UpstreamError(f"{self._where}: token endpoint answered {response.status}"
+                                f"{_oauth_error(body)}")
         self._token = str(body["access_token"])
         ttl_s = float(body.get("expires_in") or 3600)
         # Renew REFRESH_BEFORE_EXPIRY_S early, or half-way through a lifetime shorter than that.
@@ -81,7 +101,15 @@ class OAuth2ClientCredentials(NoAuth):
         logger.info("%s: obtained an access token valid for %.0f s", self._where, ttl_s)
 
 
-def make_auth(auth: AuthConfig | None, source_name: str) -> NoAuth:
+def _oauth_error(body: object) -> str:
+    """RFC 6749 error codes (invalid_client, ...) name the problem and carry no secret."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return f" ({error})" if isinstance(error, str) and error.isidentifier() else ""
+
+
+def make_auth(auth: AuthConfig | None, source_name: str, *, ssl_context: ssl.SSLContext | bool = True,
+              timeout: aiohttp.ClientTimeout | None = None) -> NoAuth:
+    """The credentials of one source; ``ssl_context`` and ``timeout`` also apply to its token requests."""
     if auth is None:
         return NoAuth()
     where = f"source {source_name!r} auth"
@@ -95,4 +123,5 @@ def make_auth(auth: AuthConfig | None, source_name: str) -> NoAuth:
         encoded = base64.b64encode(f"{auth.username}:{password}".encode()).decode()
         return StaticAuth("Authorization", f"Basic {encoded}")
     secret = read_secret(env=auth.client_secret_env, file=auth.client_secret_file, what=where)
-    return OAuth2ClientCredentials(auth, secret, where)
+    return OAuth2ClientCredentials(auth, secret, where, ssl_context=ssl_context,
+                                   timeout=timeout or aiohttp.ClientTimeout(total=30.0))

@@ -37,11 +37,11 @@ def _all_committed(daemon) -> bool:
 
 
 def _metric(daemon, name: str, **labels) -> float | None:
+    """The sum of the series matching ``labels`` (e.g. retries of every reason), None if there are none."""
     text = requests.get(f"{daemon.url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())]
+    return sum(values) if values else None
 
 
 def test_sink_rejections_go_to_the_dlq_and_replay_delivers_them(upstream_factory, analytics_factory, daemon_factory):
