@@ -8,6 +8,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Service:
     url: str
     log_path: Path
     extra: dict = field(default_factory=dict)
+    pump: threading.Thread | None = None
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -63,6 +65,8 @@ class Service:
         return self.proc.returncode
 
     def log_text(self) -> str:
+        if self.pump is not None and self.proc.poll() is not None:
+            self.pump.join(timeout=10)  # exited: its last lines may still be in the pipe, not yet in the file
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
@@ -75,8 +79,8 @@ def start_service(argv: Sequence[str], log_path: Path, *, timeout_s: float = 30.
                             env=full_env, cwd=cwd or REPO, start_new_session=True)
     log = log_path.open("wb")
     url = _read_until_listening(proc, log, timeout_s)
-    _forward_output(proc, log)
-    return Service(proc=proc, url=url, log_path=log_path)
+    pump = _forward_output(proc, log)
+    return Service(proc=proc, url=url, log_path=log_path, pump=pump)
 
 
 def _read_until_listening(proc: subprocess.Popen, log, timeout_s: float) -> str:
@@ -104,9 +108,8 @@ def _read_until_listening(proc: subprocess.Popen, log, timeout_s: float) -> str:
     raise AssertionError(f"{proc.args!r} did not announce its URL; output:\n{buffered.decode(errors='replace')}")
 
 
-def _forward_output(proc: subprocess.Popen, log) -> None:
+def _forward_output(proc: subprocess.Popen, log) -> threading.Thread:
     """Copy the rest of the child's output to its log file from a daemon thread."""
-    import threading
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -115,4 +118,6 @@ def _forward_output(proc: subprocess.Popen, log) -> None:
             log.flush()
         log.close()
 
-    threading.Thread(target=pump, name=f"log-{proc.pid}", daemon=True).start()
+    thread = threading.Thread(target=pump, name=f"log-{proc.pid}", daemon=True)
+    thread.start()
+    return thread
