@@ -27,10 +27,11 @@ from pathlib import Path
 
 import msgspec
 
-from daemon import metrics
+from daemon import logs, metrics
 from daemon.config import Config, load_config
 from daemon.errors import ConfigError, ExitCode, LogError
 from daemon.pool import ExitVerdict, Slot, SlotState, describe_exit
+from daemon.secrets import known_secrets
 from daemon.status import build_status
 from daemon.topology import Topology, build, remove_stale_ring_dirs, source_topics
 from ipc.channel import Channel
@@ -291,6 +292,9 @@ class Supervisor:
         old_listen = self.config.control.listen
         self.config = self.pending_config or self.config
         self.pending_config = None
+        # A reload may rotate secrets (a new token file): the redactor must know the new values too.
+        daemon = self.config.daemon
+        logs.setup("supervisor", fmt=daemon.log_format, level=daemon.log_level, secrets=known_secrets(self.config))
         if self.config.control.listen != old_listen:
             self.listener.close()
             self.listener = bind_listener(self.config.control.listen)
