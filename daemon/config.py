@@ -245,6 +245,7 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
     environ = dict(os.environ) if environ is None else environ
     raw = _read_toml(Path(path)) if path is not None else {}
     raw = _rename_pagination_tables(raw)
+    raw = _flatten_kafka_tables(raw)
     _apply_env_overrides(raw, environ)
     try:
         config = msgspec.convert(raw, Config, strict=False)
@@ -278,6 +279,27 @@ def _rename_pagination_tables(raw: dict[str, Any]) -> dict[str, Any]:
                 source["pagination"] = table.pop("style")
             source["pagination_fields"] = table
     return raw
+
+
+def _flatten_kafka_tables(raw: dict[str, Any]) -> dict[str, Any]:
+    """`sasl.mechanism = "PLAIN"` under [kafka.producer] is TOML for a nested table; librdkafka wants
+    the dotted name, so `{"sasl": {"mechanism": ...}}` becomes `{"sasl.mechanism": ...}`."""
+    kafka = raw.get("kafka")
+    if isinstance(kafka, dict):
+        for role, table in kafka.items():
+            if isinstance(table, dict):
+                kafka[role] = _dotted(table)
+    return raw
+
+
+def _dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
@@ -345,6 +367,15 @@ def _check_secret_sources(config: Config, environ: dict[str, str]) -> None:
         _require_env(environ, config.sink.token_env, "sink.token_env")
     if config.control.token_env:
         _require_env(environ, config.control.token_env, "control.token_env")
+    if config.log.backend == "kafka":
+        _check_kafka_secrets(config.kafka, environ)
+
+
+def _check_kafka_secrets(kafka: KafkaConfig, environ: dict[str, str]) -> None:
+    for role in ("producer", "consumer", "admin"):
+        for key, value in getattr(kafka, role).items():
+            if key.endswith("_env"):
+                _require_env(environ, str(value), f"kafka.{role}.{key}")
 
 
 def _check_auth(auth: AuthConfig, environ: dict[str, str], where: str) -> None:

@@ -49,6 +49,7 @@ SOURCES_TOPIC_MIN_PARTITIONS = 12
 METADATA_TIMEOUT_S = 10.0
 TOPIC_READY_TIMEOUT_S = 30.0
 READ_TIMEOUT_S = 30.0
+COMMIT_TIMEOUT_S = 30.0
 ERROR_LOG_INTERVAL_S = 30.0
 COMPACTED = {"cleanup.policy": "compact", "segment.ms": "3600000", "min.cleanable.dirty.ratio": "0.1"}
 # Security settings given in any [kafka.*] table apply to every client, unless its own table says otherwise.
@@ -64,6 +65,29 @@ READER_REQUIRED = {"enable.auto.commit": False, "enable.partition.eof": True, "f
 
 TRANSIENT = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
                        KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.REQUEST_TIMED_OUT, KafkaError._TRANSPORT})
+
+
+
+class _OncePerInterval(logging.Filter):
+    """librdkafka repeats a failing reconnect every few hundred milliseconds, per client: one line of
+    each kind (level and facility, e.g. ERROR FAIL) per interval is enough. Debug lines all pass."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.last: dict[tuple[int, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            return True
+        kind, now = (record.levelno, record.getMessage().split(" ", 1)[0]), time.monotonic()
+        if now - self.last.get(kind, -self.interval_s) < self.interval_s:
+            return False
+        self.last[kind] = now
+        return True
+
+
+librdkafka_logger.addFilter(_OncePerInterval(ERROR_LOG_INTERVAL_S))
 
 _checkpoint_encoder = msgspec.json.Encoder()
 _checkpoint_decoder = msgspec.json.Decoder(tuple[str, str, int, float, float])
@@ -91,8 +115,8 @@ class KafkaLog:
         shared: dict[str, Any] = {}
         for table in ("admin", "consumer", "producer"):
             shared.update({k: v for k, v in self._table(table).items() if k.startswith(CONNECTION_PREFIXES)})
-        return {"bootstrap.servers": self.config.log.bootstrap_servers, **defaults, **shared, **self._table(role),
-                **required, "logger": librdkafka_logger, "error_cb": _log_client_error}
+        return {"bootstrap.servers": self.config.log.bootstrap_servers, "log.connection.close": False, **defaults,
+                **shared, **self._table(role), **required, "logger": librdkafka_logger, "error_cb": _log_client_error}
 
     def _table(self, role: str) -> dict[str, Any]:
         """A [kafka.<role>] table with ``x_env`` / ``x_file`` keys replaced by ``x`` and the secret's value."""
@@ -323,6 +347,8 @@ class KafkaConsumer:
     topics, or a fetcher's seat in the source-ownership group. Rebalance callbacks run inside ``poll``
     and are cooperative (incremental): on_assign and on_revoke only name the partitions that change."""
 
+    SERVE_BATCH = 64
+
     def __init__(self, settings: dict[str, Any], topics: list[str]) -> None:
         self._settings = settings
         self._topics = topics
@@ -331,37 +357,42 @@ class KafkaConsumer:
         self._assigned: set[TopicPartition] = set()
         self._committed: dict[TopicPartition, int] = {}
         self._assigning: dict[TopicPartition, int] | None = None  # seeks made inside on_assign
-        self._lost = False
+        self._stash: list[LogMessage] = []  # read while serving callbacks; handed out by the next poll
+        self._commit_results: list[tuple[KafkaError | None, list[KafkaPartition]]] = []
+        self._in_callback = self._lost = self._closing = False
 
     def start(self, on_assign: AssignCallback, on_revoke: AssignCallback) -> None:
         self._callbacks = (on_assign, on_revoke)
-        self._consumer = Consumer(self._settings)
+        self._consumer = Consumer({**self._settings, "on_commit": self._on_commit})
         _call(self._consumer.subscribe, self._topics, on_assign=self._handle_assign,
               on_revoke=self._handle_revoke, on_lost=self._handle_lost)
 
+    # -- rebalance callbacks (inside consume or close) ----------------------------------------------
+
     def _handle_assign(self, consumer: Consumer, partitions: list[KafkaPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
-        self._assigning = {}
+        self._assigning, self._in_callback = {}, True
         try:
-            if tps:
+            if tps and not self._closing:  # a closing member's assignment is dropped by librdkafka anyway
                 self._callbacks[0](tps)
             offsets = self._assigning
         finally:
-            self._assigning = None
+            self._assigning, self._in_callback = None, False
         # The assignment is applied after the callback, so its seeks become the starting offsets.
         _call(consumer.incremental_assign, [KafkaPartition(t, p, offsets.get((t, p), OFFSET_STORED)) for t, p in tps])
         self._assigned.update(tps)
 
     def _handle_revoke(self, consumer: Consumer, partitions: list[KafkaPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        self._in_callback = True
         try:
             if tps:
                 self._callbacks[1](tps)
         finally:
+            self._in_callback = False
             _call(consumer.incremental_unassign, partitions)
             self._assigned.difference_update(tps)
-            for tp in tps:
-                self._committed.pop(tp, None)
+            self._forget(set(tps))
 
     def _handle_lost(self, consumer: Consumer, partitions: list[KafkaPartition]) -> None:
         """The session expired: others may own these already, so nothing may be committed for them."""
@@ -373,9 +404,28 @@ class KafkaConsumer:
         finally:
             self._lost = False
 
+    def _forget(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            self._committed.pop(tp, None)
+        self._stash = [m for m in self._stash if (m.topic, m.partition) not in tps]
+
+    def _serve_callbacks(self) -> None:
+        """Run pending rebalance callbacks before a blocking call. A member that does not serve them
+        cannot rejoin the group, and its synchronous commits hang until the coordinator evicts it."""
+        if not self._in_callback and not self._closing:
+            self._stash.extend(self._messages(_call(self._consumer.consume, self.SERVE_BATCH, 0)))
+
+    # -- the LogConsumer interface ------------------------------------------------------------------
+
     def poll(self, max_messages: int, timeout_s: float) -> list[LogMessage]:
+        if self._stash:
+            out, self._stash = self._stash[:max_messages], self._stash[max_messages:]
+            return out
+        return self._messages(_call(self._consumer.consume, max_messages, timeout_s))
+
+    def _messages(self, messages: list) -> list[LogMessage]:
         out = []
-        for message in _call(self._consumer.consume, max_messages, timeout_s):
+        for message in messages:
             error = message.error()
             if error is None:
                 out.append(LogMessage(message.topic(), message.partition(), message.offset(), message.value()))
@@ -389,22 +439,43 @@ class KafkaConsumer:
         if self._assigning is not None:
             self._assigning[partition] = offset
             return
+        self._stash = [m for m in self._stash if (m.topic, m.partition) != partition]
         _call(self._consumer.seek, KafkaPartition(partition[0], partition[1], offset))
 
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        """Synchronous, and only upwards. A commit refused mid-rebalance raises LogError; the caller
-        retries at its next interval, and a later, higher commit covers it anyway."""
-        wanted = {tp: offset for tp, offset in offsets.items() if offset > self._committed.get(tp, -1)}
+        """Synchronous, only upwards, and only for partitions this member still owns. A commit refused
+        mid-rebalance raises LogError; the caller retries at its next interval."""
+        self._serve_callbacks()
+        wanted = {tp: offset for tp, offset in offsets.items()
+                  if tp in self._assigned and offset > self._committed.get(tp, -1)}
         if not wanted:
             return
         if self._lost:
             raise LogError("not committing: the partitions were lost to a rebalance")
-        results = _call(self._consumer.commit, offsets=[KafkaPartition(t, p, o) for (t, p), o in wanted.items()],
-                        asynchronous=False)
-        failed = [tp for tp in results if tp.error is not None]
-        if failed:
-            raise LogError(f"commit refused for {len(failed)} partitions: {failed[0].error.str()}")
+        partitions = [KafkaPartition(t, p, o) for (t, p), o in wanted.items()]
+        if self._in_callback:  # the rebalance waits for this callback, so a synchronous commit is safe
+            error = _first_error(_call(self._consumer.commit, offsets=partitions, asynchronous=False))
+        else:
+            error = self._commit_serving_callbacks(partitions)
+        if error is not None:
+            raise LogError(f"commit refused (retried at the next commit): {error.str()}")
         self._committed.update(wanted)
+
+    def _commit_serving_callbacks(self, partitions: list[KafkaPartition]) -> KafkaError | None:
+        """Commit asynchronously and serve callbacks until the result is in. A synchronous commit made
+        while a rebalance waits for this member can hang: the rebalance needs a rejoin only we can make."""
+        self._commit_results.clear()
+        _call(self._consumer.commit, offsets=partitions, asynchronous=True)
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
+        while not self._commit_results:
+            if time.monotonic() > deadline:
+                raise LogUnavailable(f"commit not confirmed within {COMMIT_TIMEOUT_S:.0f} s")
+            self._stash.extend(self._messages(_call(self._consumer.consume, self.SERVE_BATCH, 0.01)))
+        error, results = self._commit_results.pop(0)
+        return error or _first_error(results)
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[KafkaPartition]) -> None:
+        self._commit_results.append((error, partitions))
 
     def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """Each partition's committed offset. One never committed starts at 0: if retention already
@@ -442,6 +513,8 @@ class KafkaConsumer:
         """Leave the group (on_revoke runs first, so acked work is committed) and destroy the client."""
         if self._consumer is None:
             return
+        self._serve_callbacks()
+        self._closing = True
         try:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -672,6 +745,10 @@ def _translated(exc: KafkaException) -> LogError:
                                               KafkaError._TIMED_OUT):
         return LogUnavailable(f"Kafka is not reachable: {text}")
     return LogError(f"Kafka: {text}")
+
+
+def _first_error(partitions: list[KafkaPartition]) -> KafkaError | None:
+    return next((tp.error for tp in partitions if tp.error is not None), None)
 
 
 def _metadata(client, topic: str | None = None):
