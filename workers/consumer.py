@@ -60,6 +60,7 @@ class ConsumerWorker(Worker):
         self.paused = False
         self._last_commit = self._last_lag_report = 0.0
         self._owned: list[TopicPartition] = []
+        self._sources_by_topic = {self.config.topic_of(source): source.name for source in self.config.sources}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -245,14 +246,18 @@ class ConsumerWorker(Worker):
     # -- merger restarts and rebalances -------------------------------------------------------------
 
     def _merger_restarted(self) -> bool:
-        return [ring.reader_epoch for ring in self.to_mergers] != self.merger_epochs
+        """A ring's reader epoch counts reader attachments. Going from 0 to 1 is the merger's first
+        start: frames written before it attached are still in the ring, nothing was lost. Any other
+        change means a reader died with frames it had taken."""
+        return any(new != old and not (old == 0 and new == 1)
+                   for new, old in zip([ring.reader_epoch for ring in self.to_mergers], self.merger_epochs))
 
     def _check_merger_restarts(self) -> None:
-        if self._merger_restarted():
-            self.merger_epochs = [ring.reader_epoch for ring in self.to_mergers]
-            if self.tracker.in_flight:  # a merger attaching before we sent anything is just start-up
-                logger.warning("a merger restarted; re-reading %d in-flight messages from the last commit",
-                               self.tracker.in_flight)
+        restarted = self._merger_restarted()
+        self.merger_epochs = [ring.reader_epoch for ring in self.to_mergers]
+        if restarted:
+            logger.warning("a merger restarted; re-reading %d in-flight messages from the last commit",
+                           self.tracker.in_flight)
             self._rewind()
 
     def _rewind(self) -> None:
@@ -317,12 +322,13 @@ class ConsumerWorker(Worker):
         now = time.time()
         origin = f"{message.topic}/{message.partition}/{message.offset}"
         record = msgspec.Raw(msgspec.json.encode(message.payload.decode("utf-8", "replace")))
-        entry = DeadLetter(id=dead_letter_id(message.topic, "consume", message.payload), source=message.topic,
+        source = self._sources_by_topic.get(message.topic, message.topic)
+        entry = DeadLetter(id=dead_letter_id(source, "consume", message.payload), source=source,
                            reason=reason, stage="consume", record=record, origin=origin,
                            first_seen=now, last_seen=now)
         self.dead_letters.add([entry])
         metrics.messages_failed.labels(message.topic).inc()
-        metrics.dlq_records.labels(message.topic, "undecodable").inc()
+        metrics.dlq_records.labels(source, "undecodable").inc()
 
 
 def _log_processed(message: LogMessage, message_id: str, records: int, routed: int, elapsed_s: float) -> None:
