@@ -251,9 +251,10 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_describe_validation_error(str(exc))) from None
-    _check_secret_sources(config, environ)
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
-    return _resolve_paths(config, base_dir)
+    config = _resolve_paths(config, base_dir)
+    _check_secret_sources(config, environ)
+    return config
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -426,12 +427,25 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         config,
         daemon=msgspec.structs.replace(config.daemon, state_dir=state_dir),
         log=msgspec.structs.replace(config.log, path=log_path),
+        sources=[_resolve_source_paths(source, base_dir) for source in config.sources],
     )
 
 
+def _resolve_source_paths(source: SourceConfig, base_dir: Path) -> SourceConfig:
+    """ca_file and the auth *_file secrets, like every other path, are relative to the config file."""
+    def resolved(value: str) -> str:
+        return _absolute(value, base_dir) if value else value
+
+    auth = source.auth
+    if auth is not None:
+        auth = msgspec.structs.replace(auth, **{name: resolved(getattr(auth, name)) for name in (
+            "token_file", "value_file", "password_file", "client_secret_file")})
+    return msgspec.structs.replace(source, ca_file=resolved(source.ca_file), auth=auth)
+
+
 def _absolute(value: str, base_dir: Path) -> str:
-    path = Path(value)
-    return str(path if path.is_absolute() else (base_dir / path).resolve())
+    """Pure string work (no filesystem call), so a bad path is reported by whoever opens it."""
+    return os.path.normpath(os.path.join(base_dir, value))
 
 
 # ---------------------------------------------------------------------------------------------

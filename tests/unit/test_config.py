@@ -372,3 +372,18 @@ def test_an_explicit_environ_replaces_the_process_environment(monkeypatch: pytes
     path.write_text("")
     assert load_config(path, environ={}).workers.fetchers == 1
     assert load_config(path).workers.fetchers == 7
+
+
+def test_secret_files_and_ca_files_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    from daemon.config import load_config
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "crm").write_text("token\n")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    config_path = tmp_path / "conflux.toml"
+    config_path.write_text('[[sources]]\nname = "crm"\nurl = "https://127.0.0.1:1/api"\nca_file = "ca.pem"\n'
+                           '[sources.auth]\ntype = "bearer"\ntoken_file = "secrets/crm"\n')
+    monkeypatch.chdir("/")
+    config = load_config(config_path, environ={})
+    assert config.sources[0].ca_file == str(tmp_path / "ca.pem")
+    assert config.sources[0].auth.token_file == str(tmp_path / "secrets" / "crm")
