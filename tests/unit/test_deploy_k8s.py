@@ -175,5 +175,7 @@ def test_every_secret_the_config_names_comes_from_the_secret(k8s, container):
     from_secret = {item["name"] for item in container["env"] if "valueFrom" in item}
     assert named == from_secret
     assert not [name for name in named if name.startswith("CONFLUX_")], "CONFLUX_* names are config overrides"
+    # For the same reason Kubernetes must not add its CONFLUX_SERVICE_HOST-style variables.
+    assert k8s["Deployment"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
     used_keys = {item["valueFrom"]["secretKeyRef"]["key"] for item in container["env"] if "valueFrom" in item}
     assert used_keys == set(k8s["Secret"]["stringData"])
