@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,12 +112,21 @@ def running_supervisord(conf: Path, log_dir: Path) -> Iterator[Supervisord]:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """For the unix socket, whose path must stay under ~100 bytes; pytest's tmp_path can be longer."""
+    directory = Path(tempfile.mkdtemp(prefix="conflux-sv-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def _touch(upstream_url: str, collection: str, key: str, **fields) -> None:
     requests.put(f"{upstream_url}/api/{collection}/{key}", json=fields, timeout=10).raise_for_status()
 
 
 @pytest.mark.slow
-def test_supervisord_runs_conflux_and_stop_drains_to_exit_0_losing_nothing(upstream_factory, analytics, tmp_path):
+def test_supervisord_runs_conflux_and_stop_drains_to_exit_0_losing_nothing(upstream_factory, analytics, tmp_path,
+                                                                           run_dir):
     upstream = upstream_factory(customers=2000, products=2000)
     settings = config_settings(tmp_path / "conflux", sink_url=analytics.url,
                                sources=[source("customers", upstream.url, poll_interval_s=0.5, page_size=100),
@@ -124,8 +134,6 @@ def test_supervisord_runs_conflux_and_stop_drains_to_exit_0_losing_nothing(upstr
                                daemon={"shutdown_timeout_s": 20.0})
     (tmp_path / "conflux").mkdir()
     config_path = write_config(tmp_path / "conflux", settings)
-    # A unix socket path must stay under ~100 bytes; pytest's tmp_path can be longer.
-    run_dir = Path(tempfile.mkdtemp(prefix="conflux-sv-"))
     conf = render(tmp_path, run_dir, config_path)
     with running_supervisord(conf, tmp_path / "log") as supervisord:
         wait_until(lambda: supervisord.state() == "RUNNING", timeout_s=30, message="conflux RUNNING")
