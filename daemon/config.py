@@ -250,7 +250,7 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_describe_validation_error(str(exc))) from None
+        raise ConfigError(_mention_env_source(_describe_validation_error(str(exc)), environ)) from None
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     config = _resolve_paths(config, base_dir)
     _check_secret_sources(config, environ)
@@ -317,6 +317,16 @@ def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
                 raw[section][key] = _parse_env_value(value)
         elif section == "sources" and key:
             _override_source(raw, key, value)
+
+
+def _mention_env_source(message: str, environ: dict[str, str]) -> str:
+    """'sink.bearer: unknown key' -> '... (set by environment variable CONFLUX_SINK_BEARER)', because a
+    secret given a CONFLUX_ name is read as an override and the file alone would not explain the error."""
+    field = message.split(":", 1)[0]
+    if "[" in field:
+        return message
+    variable = ENV_PREFIX + field.replace(".", "_").upper()
+    return f"{message} (set by environment variable {variable})" if variable in environ else message
 
 
 def _override_source(raw: dict[str, Any], rest: str, value: str) -> None:

@@ -60,16 +60,17 @@ _checkpoint_decoder = msgspec.json.Decoder(tuple[str, str, int, float, float])
 
 def connect(path: str, *, synchronous: str = "normal") -> sqlite3.Connection:
     """A connection for this thread, in WAL mode, waiting (not failing) when another writer holds the lock."""
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         conn.execute("PRAGMA busy_timeout=60000")
         conn.executescript(SCHEMA)
-    except sqlite3.Error as exc:
-        raise LogError(f"cannot open embedded log {path}: {exc}") from exc
+    except (sqlite3.Error, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LogError(f"cannot open embedded log {path}: {reason}") from exc
     return conn
 
 

@@ -387,3 +387,12 @@ def test_secret_files_and_ca_files_are_relative_to_the_config_file(tmp_path, mon
     config = load_config(config_path, environ={})
     assert config.sources[0].ca_file == str(tmp_path / "ca.pem")
     assert config.sources[0].auth.token_file == str(tmp_path / "secrets" / "crm")
+
+
+def test_an_unknown_key_set_by_the_environment_names_the_variable(tmp_path):
+    from daemon.config import load_config
+    from daemon.errors import ConfigError
+
+    expected = r"sink\.bearer: unknown key \(set by environment variable CONFLUX_SINK_BEARER\)"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, environ={"CONFLUX_SINK_BEARER": "s3cret"})
