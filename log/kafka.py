@@ -5,9 +5,9 @@ each librdkafka client is created on first use, in the process that uses it (lib
 not survive fork). The supervisor's own admin clients (``prepare``, ``ping``) live for one call and
 are destroyed before it forks again.
 
-Topics, for a prefix P and each source topic T: T (the configured partitions), ``T.dlq`` (dead
-letters, compacted, keyed by entry id), ``P conflux.checkpoints`` (watermarks, compacted, keyed by
-source) and ``P conflux.sources`` (always empty: its partitions stand for sources and are assigned
+Topics, for each source topic T: T (the configured partitions), ``T.dlq`` (dead letters, compacted,
+keyed by entry id), ``<prefix>conflux.checkpoints`` (watermarks, compacted, keyed by source) and
+``<prefix>conflux.sources`` (always empty: its partitions stand for sources and are assigned
 through the group ``<group>.fetchers``, see ``workers.ownership``).
 
 Settings from ``[kafka.producer]``, ``[kafka.consumer]`` and ``[kafka.admin]`` pass through to
@@ -68,7 +68,6 @@ TRANSIENT = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NO
                        KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.REQUEST_TIMED_OUT, KafkaError._TRANSPORT})
 
 
-
 class _OncePerInterval(logging.Filter):
     """librdkafka repeats a failing reconnect every few hundred milliseconds, per client: one line of
     each kind (level and facility, e.g. ERROR FAIL) per interval is enough. Debug lines all pass."""
@@ -103,7 +102,6 @@ class KafkaLog:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.group = config.log.group
-        self.partitions = config.log.partitions
         self.replication_factor = config.log.replication_factor
         self.source_topics = {source.name: config.topic_of(source) for source in config.sources}
         self.checkpoints_topic = f"{config.log.topic_prefix}conflux.checkpoints"
