@@ -82,6 +82,7 @@ class Supervisor:
         self.generation = 0
         self.draining: int | None = None          # index into DRAIN_PHASES while draining
         self.drain_deadline = 0.0
+        self.killed_at_deadline = False
         self.exit_after_drain = True
         self.pending_config: Config | None = None
         self.exit_code = ExitCode.OK
@@ -254,6 +255,7 @@ class Supervisor:
 
     def begin_drain(self, *, exit_after: bool) -> None:
         self.exit_after_drain = exit_after
+        self.killed_at_deadline = False
         self.drain_deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
         self.draining = 0
         self._signal_phase(0)
@@ -270,9 +272,10 @@ class Supervisor:
     def advance_drain(self) -> None:
         if self.draining is None:
             return
-        if time.monotonic() >= self.drain_deadline:
+        if time.monotonic() >= self.drain_deadline and not self.killed_at_deadline:
             alive = [slot.name for slot in self.slots.values() if slot.alive]
             if alive:
+                self.killed_at_deadline = True
                 logger.warning("drain deadline passed; killing %s (un-acked work is re-read at the next start)",
                                ", ".join(alive))
                 self.stop_now()

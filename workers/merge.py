@@ -108,6 +108,15 @@ class MergeState:
         self.pending_count += added
         return stale
 
+    def take_idle_tokens(self) -> list[Token]:
+        """Tokens of frames that left nothing pending (every record was stale): there is nothing to
+        deliver for them, so they can be acknowledged at once. Safe for commits: whatever made them
+        stale came from an earlier offset of the same partition, which is still unacknowledged."""
+        if self.pending_count or not self.tokens:
+            return []
+        tokens, self.tokens, self.oldest_at = self.tokens, [], None
+        return tokens
+
     def age_s(self) -> float:
         return 0.0 if self.oldest_at is None else time.monotonic() - self.oldest_at
 

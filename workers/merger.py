@@ -113,6 +113,9 @@ class MergerWorker(AsyncWorker):
 
     async def _flush_loop(self, deliveries: set[asyncio.Task]) -> None:
         while True:
+            idle_tokens = self.state.take_idle_tokens()
+            if idle_tokens:
+                self._acknowledge(idle_tokens)
             stopping = self.stopping.is_set()
             if stopping and (self.stop_quickly or self.state.pending_count == 0):
                 return

@@ -8,6 +8,7 @@ import hmac
 import json
 import subprocess
 import sys
+import time
 
 import msgspec
 import requests
@@ -69,6 +70,9 @@ def test_an_older_version_arriving_late_does_not_overwrite_a_newer_one(upstream_
     stored = requests.get(f"{analytics.url}/records/customers/7", timeout=10).json()
     assert json.loads(json.dumps(stored["data"]))["tier"] == "platinum"
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=10)
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 10, "an idle daemon took long to drain"
 
 
 def test_restart_resumes_from_checkpoint_without_a_second_full_sync(upstream_factory, analytics, daemon_factory):

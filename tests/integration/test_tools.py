@@ -22,8 +22,8 @@ def _conflux(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture
 def deployment(upstream_factory, analytics, daemon_factory):
     upstream = upstream_factory(customers=1000, products=500)
-    daemon = daemon_factory(sources=[source("customers", upstream.url, poll_interval_s=30),
-                                     source("products", upstream.url, poll_interval_s=30)],
+    daemon = daemon_factory(sources=[source("customers", upstream.url, poll_interval_s=1),
+                                     source("products", upstream.url, poll_interval_s=1)],
                             sink_url=analytics.url)
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=60)
     return upstream, analytics, daemon

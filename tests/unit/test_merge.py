@@ -183,3 +183,17 @@ def test_batch_id_is_derived_from_content_only() -> None:
     assert chunk_for([("k2", 2, "y"), ("k1", 1, "x")], 1).batch_id != same[0].batch_id  # another request
     rebuilt = make_chunk("s", same[0].keys, same[0].values)  # a retry rebuilds the same request
     assert rebuilt.batch_id == same[0].batch_id and rebuilt.body == same[0].body
+
+
+def test_a_frame_of_only_stale_records_is_acknowledged_without_a_delivery():
+    """Nothing to deliver must not mean nothing to acknowledge: the consumer would wait forever."""
+    state = MergeState()
+    state.add(frame("crm", [("k", 200, "new")]))
+    unit = state.take(100)
+    assert state.take_idle_tokens() == []
+    stale = frame("crm", [("k", 100, "old")])
+    assert state.add(stale) == 1 and state.pending_count == 0
+    assert [token.position for token in state.take_idle_tokens()] == [stale.position]
+    assert state.tokens == [] and unit.records == 1
+    state.add(frame("crm", [("j", 300, "x")]))
+    assert state.take_idle_tokens() == []  # something pending: its tokens go with the delivery
