@@ -6,11 +6,14 @@ the dead-letter queue must hold exactly the upstream's malformed records.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.chaos.scenario import (
     ChaosRun,
     bad_config_reload,
+    broker_restart,
     kill_random_worker,
     report,
     sink_apply_then_fail,
@@ -40,7 +43,7 @@ def _world(upstream_factory, analytics_factory, daemon_factory, **log):
 def _finish(run: ChaosRun) -> None:
     outcome = run.converge(timeout_s=150)
     dead = run.dead_letters()
-    got = {(e["source"], __import__("json").dumps(e["record"], sort_keys=True)) for e in dead}
+    got = {(e["source"], json.dumps(e["record"], sort_keys=True)) for e in dead}
     expected = run.malformed()
     text = report(run, outcome, got == expected, len(dead))
     print(text)
@@ -63,6 +66,31 @@ def test_chaos_on_the_embedded_log(upstream_factory, analytics_factory, daemon_f
         (11.0, sink_outage(20)),
         (16.0, kill_random_worker()),
         (33.0, kill_random_worker()),
+    ])
+    _finish(run)
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_chaos_on_kafka(upstream_factory, analytics_factory, daemon_factory, kafka_bootstrap, kafka_group_id,
+                        kafka_broker_control):
+    log = {"backend": "kafka", "bootstrap_servers": kafka_bootstrap, "group": kafka_group_id,
+           "topic_prefix": f"{kafka_group_id}.", "partitions": 4}
+    upstream, sink, daemon = _world(upstream_factory, analytics_factory, daemon_factory, log=log)
+    run = ChaosRun(daemon, upstream.url, sink.url, COLLECTIONS, SEED)
+    run.play([
+        (1.0, kill_random_worker(("consumer",))),
+        (2.0, upstream_storm(error_rate=0.3, throttle_rate=0.2, latency_ms=30, seconds=6)),
+        (3.0, kill_random_worker(("merger",))),
+        (5.0, sink_apply_then_fail(0.3, seconds=8)),
+        (7.0, bad_config_reload()),
+        (9.0, kill_random_worker(("fetcher",))),
+        (11.0, broker_restart(kafka_broker_control, down_s=5)),
+        (20.0, sink_outage(20)),
+        (25.0, kill_random_worker()),
+        (41.0, kill_random_worker()),
     ])
     _finish(run)
     assert daemon.stop() == 0, daemon.log()[-3000:]

@@ -107,3 +107,26 @@ def test_a_broker_restart_mid_sync_loses_nothing(upstream_factory, analytics, da
 def sink_count(analytics_url: str) -> int:
     stats = requests.get(f"{analytics_url}/stats", timeout=10).json()["sources"]
     return sum(stats.get(name, {}).get("count", 0) for name in BOTH)
+
+
+def test_dlq_replay_on_kafka_delivers_and_removes_the_entries(upstream_factory, analytics_factory, daemon_factory,
+                                                               kafka_log):
+    upstream = upstream_factory(customers=1500, products=500)
+    sink = analytics_factory(reject_rate=0.05)
+    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+                            sink_url=sink.url, log=kafka_log)
+    entries = wait_until(lambda: len(e := dlq_entries(daemon.config_path)) >= 60 and e, timeout_s=90,
+                         message="rejected records in the Kafka DLQ")
+    wait_until(lambda: all(p["lag"] == 0 for p in daemon.status()["partitions"] if p["lag"] is not None),
+               timeout_s=60, message="every offset committed")
+    entries = dlq_entries(daemon.config_path)
+    assert all(e["stage"] == "sink" for e in entries)
+    requests.post(f"{sink.url}/admin/faults", json={"reject_rate": 0.0}, timeout=10).raise_for_status()
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "dlq", "replay", "-c", str(daemon.config_path),
+                          "--timeout", "90"], capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["delivered"] == len(entries) and report["pending"] == 0
+    assert dlq_entries(daemon.config_path) == []
+    wait_converged(upstream.url, sink.url, BOTH, timeout_s=60)
+    assert daemon.stop() == 0
