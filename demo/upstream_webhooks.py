@@ -81,20 +81,18 @@ class WebhookSender:
     async def _send_forever(self) -> None:
         assert self._queue is not None
         while True:
-            collection, body = await self._queue.get()
-            bodies = [body]
-            while len(bodies) < self._max_batch and not self._queue.empty():
-                other_collection, other = self._queue.get_nowait()
-                if other_collection != collection:
-                    self._queue.put_nowait((other_collection, other))  # back of the line; order is not promised
-                    self._queue.task_done()
-                    break
-                bodies.append(other)
+            items = [await self._queue.get()]
+            while len(items) < self._max_batch and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            by_collection: dict[str, list[bytes]] = {}
+            for collection, body in items:
+                by_collection.setdefault(collection, []).append(body)
             try:
-                payload = bodies[0] if len(bodies) == 1 else b"[" + b",".join(bodies) + b"]"
-                await self._deliver(collection, payload, len(bodies))
+                for collection, bodies in by_collection.items():
+                    payload = bodies[0] if len(bodies) == 1 else b"[" + b",".join(bodies) + b"]"
+                    await self._deliver(collection, payload, len(bodies))
             finally:
-                for _ in bodies:
+                for _ in items:
                     self._queue.task_done()
 
     async def _deliver(self, collection: str, body: bytes, changes: int = 1) -> None:
