@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import msgspec
 
-from ipc.messages import AckFrame, Batch, ControlMessage, DeadLetter, RingFrame
+from ipc.messages import AckFrame, Batch, BatchHead, ControlMessage, DeadLetter, RingFrame
 
 json_encoder = msgspec.json.Encoder()
 msgpack_encoder = msgspec.msgpack.Encoder()
 
 batch_decoder = msgspec.json.Decoder(Batch)
+batch_head_decoder = msgspec.json.Decoder(BatchHead)
 ring_frame_decoder = msgspec.json.Decoder(RingFrame)
 ack_frame_decoder = msgspec.msgpack.Decoder(AckFrame)
 control_decoder = msgspec.msgpack.Decoder(ControlMessage)
@@ -27,6 +28,10 @@ def encode_batch(batch: Batch) -> bytes:
 
 def decode_batch(payload: bytes | memoryview) -> Batch:
     return batch_decoder.decode(payload)
+
+
+def decode_batch_head(payload: bytes | memoryview) -> BatchHead:
+    return batch_head_decoder.decode(payload)
 
 
 def encode_ring_frame(frame: object) -> bytes:

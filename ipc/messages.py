@@ -41,6 +41,26 @@ class Batch(Struct, array_like=True, gc=False, tag="batch"):
         return len(self.keys)
 
 
+class BatchHead(Struct, array_like=True, gc=False, tag="batch"):
+    """A ``Batch`` read without taking its records apart: what a consumer needs to deduplicate and
+    route a message. Everything it does not look at stays one raw slice of the payload."""
+
+    message_id: str
+    source: str
+    sync: str
+    created_us: int
+    keys: Raw
+    updated: Raw
+    updated_us: Raw
+    hashes: list[str]
+    key_hashes: list[int]
+    records: Raw
+
+    @property
+    def count(self) -> int:
+        return len(self.hashes)
+
+
 class Position(Struct, array_like=True, frozen=True, gc=False):
     """Where a message sits in the log."""
 
@@ -67,6 +87,16 @@ class MergeRecords(Struct, array_like=True, gc=False, tag="r"):
     records: list[Raw]
 
 
+class MergeBatch(Struct, array_like=True, gc=False, tag="b"):
+    """A whole log message for one merger, its payload (a ``Batch``) passed through byte for byte: the
+    usual case, when nothing in it was a duplicate, costs the consumer no re-encoding."""
+
+    consumer: int
+    generation: int
+    position: Position
+    batch: Raw
+
+
 class FlushNow(Struct, array_like=True, gc=False, tag="f"):
     """A draining consumer asks the merger to deliver what it holds without waiting for the timer."""
 
@@ -74,7 +104,7 @@ class FlushNow(Struct, array_like=True, gc=False, tag="f"):
     generation: int
 
 
-RingFrame = MergeRecords | FlushNow
+RingFrame = MergeRecords | MergeBatch | FlushNow
 
 
 class Acks(Struct, array_like=True, gc=False, tag="a"):
@@ -190,8 +220,28 @@ ControlMessage = (
 )
 
 __all__ = [
-    "AckFrame", "Acks", "Batch", "ControlMessage", "DeadLetter", "FlushNow", "Heartbeat", "Hello",
-    "LagReport", "MergeRecords", "PartitionLag", "PartitionsOwned", "Position", "RingFrame",
-    "SourceReport", "SourcesOwned", "StatusRequest", "StatusSnapshot", "SyncAccepted", "SyncNow",
-    "SyncType", "msgspec",
+    "AckFrame",
+    "Acks",
+    "Batch",
+    "BatchHead",
+    "ControlMessage",
+    "DeadLetter",
+    "FlushNow",
+    "Heartbeat",
+    "Hello",
+    "LagReport",
+    "MergeBatch",
+    "MergeRecords",
+    "PartitionLag",
+    "PartitionsOwned",
+    "Position",
+    "RingFrame",
+    "SourceReport",
+    "SourcesOwned",
+    "StatusRequest",
+    "StatusSnapshot",
+    "SyncAccepted",
+    "SyncNow",
+    "SyncType",
+    "msgspec",
 ]

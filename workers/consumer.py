@@ -23,8 +23,17 @@ import msgspec
 
 from daemon import metrics
 from daemon.errors import LogError
-from ipc.codec import ack_frame_decoder, decode_batch, encode_ring_frame
-from ipc.messages import Batch, DeadLetter, FlushNow, LagReport, MergeRecords, PartitionsOwned, Position
+from ipc.codec import ack_frame_decoder, decode_batch, decode_batch_head, encode_ring_frame
+from ipc.messages import (
+    Batch,
+    DeadLetter,
+    FlushNow,
+    LagReport,
+    MergeBatch,
+    MergeRecords,
+    PartitionsOwned,
+    Position,
+)
 from ipc.shm import FrameTooLarge, RingFull, RingReader, RingWriter
 from log import open_log
 from log.base import LogConsumer, LogMessage, TopicPartition
@@ -161,29 +170,33 @@ class ConsumerWorker(Worker):
         tp = (message.topic, message.partition)
         position = Position(message.topic, message.partition, message.offset)
         try:
-            batch = decode_batch(message.payload)
+            head = decode_batch_head(message.payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._dead_letter_message(message, f"undecodable log message: {exc}")
             self._finish(self.tracker.add(tp, InFlight(message.offset, 0, "")))
             return "", 0, 0
-        if self.dedup.seen_message(batch.message_id):
+        if self.dedup.seen_message(head.message_id):
             metrics.dedup_skipped.labels("message_id").inc()
             self._finish(self.tracker.add(tp, InFlight(message.offset, 0, "")))
-            return batch.message_id, batch.count, 0
-        records = batch.count
+            return head.message_id, head.count, 0
         # A replay re-sends what the sink refused, so its content must not count as already delivered.
-        fresh = (self.dedup.fresh_indices(batch.key_hashes, batch.hashes, batch.source)
-                 if batch.sync != "replay" else None)
-        if fresh is not None:
-            metrics.dedup_skipped.labels("content_hash").inc(batch.count - len(fresh))
-            batch = _subset(batch, fresh)
+        fresh = (self.dedup.fresh_indices(head.key_hashes, head.hashes, head.source)
+                 if head.sync != "replay" else None)
         merger = merger_for(message.partition, len(self.to_mergers))
-        entry = InFlight(message.offset, (1 << merger) if batch.count else 0, batch.message_id,
-                         batch.key_hashes, batch.hashes, batch.count, batch.source)
+        if fresh is None:  # the usual case: the payload goes to the merger as it is
+            key_hashes, hashes, routed = head.key_hashes, head.hashes, head.count
+            frame = MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(message.payload))
+        else:
+            metrics.dedup_skipped.labels("content_hash").inc(head.count - len(fresh))
+            batch = _subset(decode_batch(message.payload), fresh)
+            key_hashes, hashes, routed = batch.key_hashes, batch.hashes, batch.count
+            frame = _merge_records(self.spec.index, self.generation, position, batch)
+        entry = InFlight(message.offset, (1 << merger) if routed else 0, head.message_id, key_hashes, hashes,
+                         routed, head.source)
         self._finish(self.tracker.add(tp, entry))
-        if batch.count:
-            self._send(merger, _merge_frame(self.spec.index, self.generation, position, batch))
-        return batch.message_id, records, batch.count
+        if routed:
+            self._send(merger, encode_ring_frame(frame))
+        return head.message_id, head.count, routed
 
     def _send(self, merger: int, payload: bytes) -> bool:
         """Write one frame, waiting for room while still serving acks, signals and heartbeats.
@@ -355,7 +368,7 @@ def _subset(batch: Batch, indices: list[int]) -> Batch:
                  list(pick(batch.key_hashes)), list(pick(batch.records)))
 
 
-def _merge_frame(consumer: int, generation: int, position: Position, batch: Batch) -> bytes:
-    return encode_ring_frame(MergeRecords(
-        consumer=consumer, generation=generation, position=position, source=batch.source, keys=batch.keys,
-        updated=batch.updated, updated_us=batch.updated_us, hashes=batch.hashes, records=batch.records))
+def _merge_records(consumer: int, generation: int, position: Position, batch: Batch) -> MergeRecords:
+    return MergeRecords(consumer=consumer, generation=generation, position=position, source=batch.source,
+                        keys=batch.keys, updated=batch.updated, updated_us=batch.updated_us, hashes=batch.hashes,
+                        records=batch.records)

@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Raw
 from xxhash import xxh3_128_hexdigest
 
-from ipc.messages import MergeRecords, Position
+from ipc.messages import Batch, MergeRecords, Position
 
 # A pending record is a plain tuple (fast to build): (updated_us, hash, record, updated text, position).
 UPDATED_US, HASH, RECORD, UPDATED, POSITION = range(5)
@@ -71,27 +71,28 @@ class MergeState:
         self.tokens: list[Token] = []
         self.oldest_at: float | None = None
 
-    def add(self, frame: MergeRecords) -> int:
-        """Merge one frame; returns how many of its records were stale."""
+    def add(self, frame: MergeRecords | Batch, token: Token | None = None) -> int:
+        """Merge a frame's records (or a whole log batch's, with its ``token``); returns how many were stale."""
+        token = token or Token(frame.consumer, frame.generation, frame.position)
         latest = self.latest.setdefault(frame.source, {})
         pending = self.pending.setdefault(frame.source, {})
         keys = frame.keys
         if latest.keys().isdisjoint(keys) and pending.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
             before = len(pending)
             pending.update(zip(keys, zip(frame.updated_us, frame.hashes, frame.records, frame.updated,
-                                         repeat(frame.position))))
+                                         repeat(token.position))))
             stale = 0
             self.pending_count += len(pending) - before
         else:
-            stale = self._add_one_by_one(frame, latest, pending)
-        self.tokens.append(Token(frame.consumer, frame.generation, frame.position))
+            stale = self._add_one_by_one(frame, latest, pending, token.position)
+        self.tokens.append(token)
         if self.oldest_at is None:
             self.oldest_at = time.monotonic()
         return stale
 
-    def _add_one_by_one(self, frame: MergeRecords, latest: dict[str, int], pending: dict[str, tuple]) -> int:
+    def _add_one_by_one(self, frame: MergeRecords | Batch, latest: dict[str, int], pending: dict[str, tuple],
+                        position: Position) -> int:
         stale = added = 0
-        position = frame.position
         for key, updated_us, content_hash, record, updated in zip(
                 frame.keys, frame.updated_us, frame.hashes, frame.records, frame.updated, strict=True):
             handed = latest.get(key)  # not a -1 default: instants before 1970 are negative

@@ -18,8 +18,8 @@ import time
 from collections import defaultdict
 
 from daemon import metrics
-from ipc.codec import encode_ack_frame, ring_frame_decoder
-from ipc.messages import Acks, DeadLetter, FlushNow, MergeRecords
+from ipc.codec import decode_batch, encode_ack_frame, ring_frame_decoder
+from ipc.messages import Acks, DeadLetter, FlushNow, MergeBatch, MergeRecords
 from ipc.shm import RingFull, RingReader, RingWriter
 from log import open_log
 from workers.base import AsyncWorker
@@ -96,12 +96,16 @@ class MergerWorker(AsyncWorker):
         started = time.perf_counter()
         for payload in reader.read_many(FRAMES_PER_READ):
             frame = ring_frame_decoder.decode(payload)
-            if isinstance(frame, MergeRecords):
+            if isinstance(frame, MergeBatch):
+                token = Token(frame.consumer, frame.generation, frame.position)
+                stale = self.state.add(decode_batch(frame.batch), token)
+            elif isinstance(frame, MergeRecords):
                 stale = self.state.add(frame)
-                if stale:
-                    metrics.dedup_skipped.labels("stale").inc(stale)
             elif isinstance(frame, FlushNow):
                 self.flush_now = True
+                continue
+            if stale:
+                metrics.dedup_skipped.labels("stale").inc(stale)
         if reader.used_bytes:  # more than one read's worth: come back on the next loop turn
             asyncio.get_running_loop().call_soon(self._on_frames, reader)
         metrics.processing_duration.labels("merge").observe(time.perf_counter() - started)

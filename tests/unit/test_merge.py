@@ -91,7 +91,7 @@ def test_fast_path_and_one_by_one_path_agree(records: list, known: list) -> None
         state.latest["s"] = dict(known)
     one = frame("s", records)
     stale_fast = fast.add(one)
-    stale_slow = slow._add_one_by_one(one, slow.latest["s"], slow.pending.setdefault("s", {}))
+    stale_slow = slow._add_one_by_one(one, slow.latest["s"], slow.pending.setdefault("s", {}), one.position)
     assert stale_fast == stale_slow
     assert fast.pending_count == slow.pending_count == len(slow.pending["s"])
     assert fast.pending == slow.pending
