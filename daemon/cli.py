@@ -51,6 +51,18 @@ def _configure(module_name: str, parser: argparse.ArgumentParser) -> None:
     module.configure_parser(parser)
 
 
+def load_config_or_report(path: str | None):
+    """For commands: the validated config, or None after printing the error (exit with CONFIG_ERROR)."""
+    from daemon.config import load_config
+    from daemon.errors import ConfigError
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"conflux: config error: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -16,13 +15,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import msgspec
 
-    from daemon.config import load_config, redacted, to_toml
-    from daemon.errors import ConfigError, ExitCode
+    from daemon.cli import load_config_or_report
+    from daemon.config import redacted, to_toml
+    from daemon.errors import ExitCode
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"conflux: config error: {exc}", file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return ExitCode.CONFIG_ERROR
     data = redacted(config)
     if args.json:

@@ -34,14 +34,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.config import load_config
-    from daemon.errors import ConfigError, ExitCode, LogError
+    from daemon.cli import load_config_or_report
+    from daemon.errors import ExitCode, LogError
     from log import open_log
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"conflux: config error: {exc}", file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return ExitCode.CONFIG_ERROR
     backend = open_log(config)
     try:

@@ -14,14 +14,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from daemon import logs
-    from daemon.config import load_config
+    from daemon.cli import load_config_or_report
     from daemon.errors import ConfigError, ExitCode
     from daemon.secrets import known_secrets
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"conflux: config error: {exc}", file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return ExitCode.CONFIG_ERROR
     logs.setup("supervisor", fmt=config.daemon.log_format, level=config.daemon.log_level,
                secrets=known_secrets(config))
