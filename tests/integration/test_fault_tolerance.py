@@ -14,6 +14,7 @@ import psutil
 import pytest
 import requests
 
+from tests.fixtures.analytics import predicted_rejections
 from tests.fixtures.daemon import source, wait_converged, write_config
 from tests.support import REPO, wait_until
 
@@ -49,8 +50,12 @@ def test_sink_rejections_go_to_the_dlq_and_replay_delivers_them(upstream_factory
     sink = analytics_factory(reject_rate=0.05)
     daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
                             sink_url=sink.url)
-    entries = wait_until(lambda: _all_committed(daemon) and len(e := _dlq(daemon)) >= 100 and e, timeout_s=60,
-                         message="rejected records in the DLQ and every offset committed")
+    refused = predicted_rejections(upstream.url, {"customers": "id", "products": "sku"}, 0.05)
+    entries = wait_until(lambda: _all_committed(daemon) and len(e := _dlq(daemon)) >= len(refused) and e,
+                         timeout_s=60, message="every refused record in the DLQ and every offset committed")
+    got = {(e["source"], e["key"]) for e in entries}
+    assert got == refused, f"{len(got)} dead letters, {len(refused)} predicted; extra {sorted(got - refused)[:5]}, " \
+                           f"missing {sorted(refused - got)[:5]}"
     assert all(e["stage"] == "sink" and "reject" in e["reason"] and e["origin"].count("/") == 2 for e in entries)
     assert all(e["attempts"] >= 1 and e["first_seen"] <= e["last_seen"] for e in entries)
     requests.post(f"{sink.url}/admin/faults", json={"reject_rate": 0.0}, timeout=10).raise_for_status()

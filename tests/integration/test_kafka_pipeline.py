@@ -10,6 +10,7 @@ import sys
 import pytest
 import requests
 
+from tests.fixtures.analytics import predicted_rejections
 from tests.fixtures.daemon import source, wait_converged
 from tests.support import REPO, wait_until
 
@@ -115,12 +116,10 @@ def test_dlq_replay_on_kafka_delivers_and_removes_the_entries(upstream_factory, 
     sink = analytics_factory(reject_rate=0.05)
     daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
                             sink_url=sink.url, log=kafka_log)
-    entries = wait_until(lambda: len(e := dlq_entries(daemon.config_path)) >= 60 and e, timeout_s=90,
-                         message="rejected records in the Kafka DLQ")
-    wait_until(lambda: all(p["lag"] == 0 for p in daemon.status()["partitions"] if p["lag"] is not None),
-               timeout_s=60, message="every offset committed")
-    entries = dlq_entries(daemon.config_path)
-    assert all(e["stage"] == "sink" for e in entries)
+    refused = predicted_rejections(upstream.url, {"customers": "id", "products": "sku"}, 0.05)
+    entries = wait_until(lambda: len(e := dlq_entries(daemon.config_path)) == len(refused) and e, timeout_s=90,
+                         message="every refused record in the Kafka DLQ")
+    assert {(e["source"], e["key"]) for e in entries} == refused and all(e["stage"] == "sink" for e in entries)
     requests.post(f"{sink.url}/admin/faults", json={"reject_rate": 0.0}, timeout=10).raise_for_status()
     out = subprocess.run([sys.executable, "-m", "daemon.cli", "dlq", "replay", "-c", str(daemon.config_path),
                           "--timeout", "90"], capture_output=True, text=True, cwd=REPO, timeout=180)
