@@ -65,7 +65,7 @@ def test_an_older_version_arriving_late_does_not_overwrite_a_newer_one(upstream_
     assert response.status_code == 202, response.text
     # The stale copy went through the log (202 means durable); wait until the consumer has committed
     # past it, then the sink must still hold the newer version.
-    wait_until(lambda: all(p["lag"] == 0 for p in daemon.status()["partitions"] if p["lag"] is not None),
+    wait_until(lambda: (parts := daemon.status()["partitions"]) and all(p["lag"] == 0 for p in parts),
                timeout_s=30, message="consumers to commit past the webhook")
     stored = requests.get(f"{analytics.url}/records/customers/7", timeout=10).json()
     assert json.loads(json.dumps(stored["data"]))["tier"] == "platinum"
