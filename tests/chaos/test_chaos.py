@@ -51,22 +51,23 @@ def _finish(run: ChaosRun) -> None:
     assert got == expected, f"{text}\nDLQ has {len(got - expected)} extra and misses {len(expected - got)}"
 
 
+# Every scenario starts with the same faults on the workers, the upstream and the sink.
+COMMON_FAULTS = [
+    (1.0, kill_random_worker(("consumer",))),
+    (2.0, upstream_storm(error_rate=0.3, throttle_rate=0.2, latency_ms=30, seconds=6)),
+    (3.0, kill_random_worker(("merger",))),
+    (5.0, sink_apply_then_fail(0.3, seconds=8)),
+    (7.0, bad_config_reload()),
+    (9.0, kill_random_worker(("fetcher",))),
+]
+
+
 @pytest.mark.chaos
 @pytest.mark.slow
 def test_chaos_on_the_embedded_log(upstream_factory, analytics_factory, daemon_factory):
     upstream, sink, daemon = _world(upstream_factory, analytics_factory, daemon_factory)
     run = ChaosRun(daemon, upstream.url, sink.url, COLLECTIONS, SEED)
-    run.play([
-        (1.0, kill_random_worker(("consumer",))),
-        (2.0, upstream_storm(error_rate=0.3, throttle_rate=0.2, latency_ms=30, seconds=6)),
-        (3.0, kill_random_worker(("merger",))),
-        (5.0, sink_apply_then_fail(0.3, seconds=8)),
-        (7.0, bad_config_reload()),
-        (9.0, kill_random_worker(("fetcher",))),
-        (11.0, sink_outage(20)),
-        (16.0, kill_random_worker()),
-        (33.0, kill_random_worker()),
-    ])
+    run.play([*COMMON_FAULTS, (11.0, sink_outage(20)), (16.0, kill_random_worker()), (33.0, kill_random_worker())])
     _finish(run)
     assert daemon.stop() == 0, daemon.log()[-3000:]
 
@@ -80,17 +81,7 @@ def test_chaos_on_kafka(upstream_factory, analytics_factory, daemon_factory, kaf
            "topic_prefix": f"{kafka_group_id}.", "partitions": 4}
     upstream, sink, daemon = _world(upstream_factory, analytics_factory, daemon_factory, log=log)
     run = ChaosRun(daemon, upstream.url, sink.url, COLLECTIONS, SEED)
-    run.play([
-        (1.0, kill_random_worker(("consumer",))),
-        (2.0, upstream_storm(error_rate=0.3, throttle_rate=0.2, latency_ms=30, seconds=6)),
-        (3.0, kill_random_worker(("merger",))),
-        (5.0, sink_apply_then_fail(0.3, seconds=8)),
-        (7.0, bad_config_reload()),
-        (9.0, kill_random_worker(("fetcher",))),
-        (11.0, broker_restart(kafka_broker_control, down_s=5)),
-        (20.0, sink_outage(20)),
-        (25.0, kill_random_worker()),
-        (41.0, kill_random_worker()),
-    ])
+    run.play([*COMMON_FAULTS, (11.0, broker_restart(kafka_broker_control, down_s=5)), (20.0, sink_outage(20)),
+              (25.0, kill_random_worker()), (41.0, kill_random_worker())])
     _finish(run)
     assert daemon.stop() == 0, daemon.log()[-3000:]
