@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-LISTENING = re.compile(rb"listening on (http://\S+)")
+LISTENING = re.compile(rb"listening on (https?://\S+)")
 
 
 def free_port() -> int:
@@ -36,6 +36,12 @@ class ServiceProcess:
     proc: subprocess.Popen
     url: str
     log_path: Path
+    pump: threading.Thread | None = None
+
+    def log_text(self) -> str:
+        if self.pump is not None and self.proc.poll() is not None:
+            self.pump.join(timeout=10)  # exited: its last lines may still be in the pipe, not yet in the file
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
         if self.proc.poll() is None:
@@ -51,10 +57,16 @@ class ServiceProcess:
 def start(name: str, args: list[str], log_path: Path, *, timeout_s: float = 120.0,
           env: dict[str, str] | None = None) -> ServiceProcess:
     """Run `conflux <args>` and wait for its listening line; its output goes to ``log_path``."""
+    return launch(name, [sys.executable, "-m", "daemon.cli", *args], log_path, timeout_s=timeout_s, env=env)
+
+
+def launch(name: str, argv: list[str], log_path: Path, *, timeout_s: float = 120.0,
+           env: dict[str, str] | None = None, cwd: Path | None = None,
+           factory: type[ServiceProcess] = ServiceProcess) -> ServiceProcess:
+    """Run ``argv`` in its own session and wait for its listening line; its output goes to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
     log = log_path.open("wb")
     url = _await_url(proc, log, timeout_s)
     if url is None:
@@ -62,8 +74,9 @@ def start(name: str, args: list[str], log_path: Path, *, timeout_s: float = 120.
         proc.wait()
         log.close()
         raise RuntimeError(f"{name} did not start; see {log_path}:\n{log_path.read_text(errors='replace')[-2000:]}")
-    threading.Thread(target=_pump, args=(proc, log), name=f"log-{name}", daemon=True).start()
-    return ServiceProcess(name, proc, url, log_path)
+    pump = threading.Thread(target=_pump, args=(proc, log), name=f"log-{name}", daemon=True)
+    pump.start()
+    return factory(name, proc, url, log_path, pump)
 
 
 def _await_url(proc: subprocess.Popen, log, timeout_s: float) -> str | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fixtures.daemon import source, wait_converged
+from tests.fixtures.daemon import both_sources, wait_converged
 from tests.support import REPO, wait_until
 
 OPERATIONS = REPO / "docs" / "OPERATIONS.md"
@@ -51,8 +51,7 @@ def _checkpoints(db: Path) -> set[str]:
 def test_a_backup_of_a_running_daemon_restores_into_one_that_resumes_incrementally(
         upstream_factory, analytics, daemon_factory, tmp_path):
     upstream = upstream_factory(customers=3000, products=3000)
-    sources = [source("customers", upstream.url, poll_interval_s=0.5),
-               source("products", upstream.url, poll_interval_s=0.5)]
+    sources = both_sources(upstream.url, poll_interval_s=0.5)
     original = daemon_factory(sources=sources, sink_url=analytics.url)
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=90)
     for name in BOTH:  # past the full sync: the watermarks are checkpointed

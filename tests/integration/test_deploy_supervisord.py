@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fixtures.daemon import config_settings, source, wait_converged, write_config
+from tests.fixtures.daemon import both_sources, config_settings, wait_converged, write_config
 from tests.support import REPO, wait_until
 
 COMMITTED = REPO / "deploy" / "supervisord.conf"
@@ -129,8 +129,7 @@ def test_supervisord_runs_conflux_and_stop_drains_to_exit_0_losing_nothing(upstr
                                                                            run_dir):
     upstream = upstream_factory(customers=2000, products=2000)
     settings = config_settings(tmp_path / "conflux", sink_url=analytics.url,
-                               sources=[source("customers", upstream.url, poll_interval_s=0.5, page_size=100),
-                                        source("products", upstream.url, poll_interval_s=0.5, page_size=100)],
+                               sources=both_sources(upstream.url, poll_interval_s=0.5, page_size=100),
                                daemon={"shutdown_timeout_s": 20.0})
     (tmp_path / "conflux").mkdir()
     config_path = write_config(tmp_path / "conflux", settings)

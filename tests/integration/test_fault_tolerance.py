@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.fixtures.analytics import predicted_rejections
-from tests.fixtures.daemon import source, wait_converged, write_config
+from tests.fixtures.daemon import both_sources, source, wait_converged, write_config
 from tests.support import REPO, wait_until
 
 BOTH = {"customers": "customers", "products": "products"}
@@ -48,7 +48,7 @@ def _metric(daemon, name: str, **labels) -> float | None:
 def test_sink_rejections_go_to_the_dlq_and_replay_delivers_them(upstream_factory, analytics_factory, daemon_factory):
     upstream = upstream_factory(customers=2000, products=1000)
     sink = analytics_factory(reject_rate=0.05)
-    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+    daemon = daemon_factory(sources=both_sources(upstream.url),
                             sink_url=sink.url)
     refused = predicted_rejections(upstream.url, {"customers": "id", "products": "sku"}, 0.05)
     entries = wait_until(lambda: _all_committed(daemon) and len(e := _dlq(daemon)) >= len(refused) and e,
@@ -70,7 +70,7 @@ def test_sink_rejections_go_to_the_dlq_and_replay_delivers_them(upstream_factory
 def test_a_whole_batch_4xx_is_dead_lettered_not_retried_forever(upstream_factory, analytics_factory, daemon_factory):
     upstream = upstream_factory(customers=300, products=200)
     sink = analytics_factory(max_body_bytes=2000)  # every batch is too large: 413
-    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+    daemon = daemon_factory(sources=both_sources(upstream.url),
                             sink_url=sink.url)
     entries = wait_until(lambda: _all_committed(daemon) and len(e := _dlq(daemon)) >= 500 and e, timeout_s=60,
                          message="every record dead-lettered and committed")
@@ -87,8 +87,7 @@ def test_sink_outage_backpressure_is_bounded_and_the_backlog_drains(upstream_fac
     upstream = upstream_factory(customers=60_000, products=60_000)
     sink = analytics_factory()
     requests.post(f"{sink.url}/admin/outage", json={"seconds": 12}, timeout=10).raise_for_status()
-    daemon = daemon_factory(sources=[source("customers", upstream.url, page_size=1000),
-                                     source("products", upstream.url, page_size=1000)],
+    daemon = daemon_factory(sources=both_sources(upstream.url, page_size=1000),
                             sink_url=sink.url, sink={"max_pending_records": 5000})
     # While the sink is down the fetchers finish writing the whole sync to the log (disk), and
     # the rest of the tree holds a bounded amount in memory.
@@ -106,8 +105,7 @@ def test_sink_outage_backpressure_is_bounded_and_the_backlog_drains(upstream_fac
 def test_upstream_storms_of_errors_and_429s_still_converge(upstream_factory, analytics, daemon_factory):
     upstream = upstream_factory(customers=3000, products=3000, error_rate=0.3, throttle_rate=0.2,
                                 retry_after_s=0, latency_ms=5)
-    daemon = daemon_factory(sources=[source("customers", upstream.url, page_size=200),
-                                     source("products", upstream.url, page_size=200)],
+    daemon = daemon_factory(sources=both_sources(upstream.url, page_size=200),
                             sink_url=analytics.url, retry={"base_s": 0.05, "max_s": 0.5, "max_attempts": 20})
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=120)
     retries = _metric(daemon, "conflux_upstream_retries_total", source="customers")
@@ -133,7 +131,7 @@ def test_a_failing_source_never_stalls_the_others(upstream_factory, analytics, d
 
 def test_a_crash_looping_slot_goes_fatal_and_the_rest_keeps_serving(upstream_factory, analytics, daemon_factory):
     upstream = upstream_factory(customers=500, products=500)
-    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+    daemon = daemon_factory(sources=both_sources(upstream.url),
                             sink_url=analytics.url, workers={"max_restarts": 3, "restart_window_s": 120.0})
     daemon.wait_running()
     for _ in range(3):
@@ -152,7 +150,7 @@ def test_a_crash_looping_slot_goes_fatal_and_the_rest_keeps_serving(upstream_fac
 
 def test_a_hung_worker_is_aborted_and_replaced(upstream_factory, analytics, daemon_factory):
     upstream = upstream_factory(customers=500, products=500)
-    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+    daemon = daemon_factory(sources=both_sources(upstream.url),
                             sink_url=analytics.url, workers={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 3.0})
     daemon.wait_running()
     victim = daemon.worker_pid("consumer", 0)
@@ -168,8 +166,7 @@ def test_a_hung_worker_is_aborted_and_replaced(upstream_factory, analytics, daem
 def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid_and_applies_a_valid_one(
         upstream_factory, analytics, daemon_factory):
     upstream = upstream_factory(customers=1000, products=1000, systems=1, records_per_system=500)
-    daemon = daemon_factory(sources=[source("customers", upstream.url, poll_interval_s=0.5),
-                                     source("products", upstream.url, poll_interval_s=0.5)],
+    daemon = daemon_factory(sources=both_sources(upstream.url, poll_interval_s=0.5),
                             sink_url=analytics.url)
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=60)
     generation = daemon.status()["daemon"]["generation"]

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.fixtures.analytics import predicted_rejections
-from tests.fixtures.daemon import source, wait_converged
+from tests.fixtures.daemon import both_sources, source, wait_converged
 from tests.support import REPO, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -114,7 +114,7 @@ def test_dlq_replay_on_kafka_delivers_and_removes_the_entries(upstream_factory, 
                                                                kafka_log):
     upstream = upstream_factory(customers=1500, products=500)
     sink = analytics_factory(reject_rate=0.05)
-    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+    daemon = daemon_factory(sources=both_sources(upstream.url),
                             sink_url=sink.url, log=kafka_log)
     refused = predicted_rejections(upstream.url, {"customers": "id", "products": "sku"}, 0.05)
     entries = wait_until(lambda: len(e := dlq_entries(daemon.config_path)) == len(refused) and e, timeout_s=90,

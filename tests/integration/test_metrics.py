@@ -12,7 +12,7 @@ from datetime import datetime
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.daemon import source, wait_converged
+from tests.fixtures.daemon import both_sources, wait_converged
 from tests.support import wait_until
 
 # The contract of issue 6: series name -> its label names (histograms: the series' own, besides le).
@@ -56,7 +56,7 @@ def value(series: dict, name: str, **labels: str) -> float | None:
 
 def start_pipeline(upstream_factory, analytics, daemon_factory, **sections):
     upstream = upstream_factory(customers=400, products=300)
-    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+    daemon = daemon_factory(sources=both_sources(upstream.url),
                             sink_url=analytics.url, **sections)
     wait_converged(upstream.url, analytics.url, COLLECTIONS, timeout_s=60)
     return upstream, daemon

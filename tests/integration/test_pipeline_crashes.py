@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from tests.fixtures.daemon import source, wait_converged
+from tests.fixtures.daemon import both_sources, wait_converged
 from tests.support import wait_until
 
 BOTH = {"customers": "customers", "products": "products"}
@@ -24,8 +24,7 @@ def _sink_total(analytics_url: str) -> int:
 def _slow_world(upstream_factory, analytics, daemon_factory, *, records: int = 40_000, **daemon_options):
     """A sync that takes a few seconds (upstream latency, small pages), so there is a 'mid-sync'."""
     upstream = upstream_factory(customers=records // 2, products=records // 2, latency_ms=15)
-    daemon = daemon_factory(sources=[source("customers", upstream.url, page_size=200, max_concurrency=2),
-                                     source("products", upstream.url, page_size=200, max_concurrency=2)],
+    daemon = daemon_factory(sources=both_sources(upstream.url, page_size=200, max_concurrency=2),
                             sink_url=analytics.url, **daemon_options)
     return upstream, daemon
 
@@ -70,7 +69,7 @@ def test_sigterm_mid_sync_drains_and_exits_0_then_a_restart_completes(upstream_f
 def test_second_sigterm_stops_at_once(upstream_factory, analytics_factory, daemon_factory):
     upstream = upstream_factory(customers=1000, products=1000)
     sink = analytics_factory(outage_s="0:600")  # the sink is down: a drain could never finish
-    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+    daemon = daemon_factory(sources=both_sources(upstream.url),
                             sink_url=sink.url, daemon={"shutdown_timeout_s": 60.0})
     daemon.wait_running()
     wait_until(lambda: "breaker is now open" in daemon.log() or "retried" in daemon.log(), timeout_s=60,

@@ -13,7 +13,7 @@ import time
 import msgspec
 import requests
 
-from tests.fixtures.daemon import source, wait_converged
+from tests.fixtures.daemon import both_sources, source, wait_converged
 from tests.support import REPO, wait_until
 
 BOTH = {"customers": "customers", "products": "products"}
@@ -28,8 +28,7 @@ def _touch(upstream_url: str, collection: str, key: str, **fields) -> dict:
 
 def test_changes_in_the_watermark_second_are_not_missed(upstream_factory, analytics, daemon_factory):
     upstream = upstream_factory(customers=2000, products=1000)
-    daemon = daemon_factory(sources=[source("customers", upstream.url, poll_interval_s=0.3),
-                                     source("products", upstream.url, poll_interval_s=0.3)],
+    daemon = daemon_factory(sources=both_sources(upstream.url, poll_interval_s=0.3),
                             sink_url=analytics.url)
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=60)
     # Bursts of updates and inserts, each burst inside one second (second-precision stamps), while
@@ -77,8 +76,7 @@ def test_an_older_version_arriving_late_does_not_overwrite_a_newer_one(upstream_
 
 def test_restart_resumes_from_checkpoint_without_a_second_full_sync(upstream_factory, analytics, daemon_factory):
     upstream = upstream_factory(customers=3000, products=3000)
-    daemon = daemon_factory(sources=[source("customers", upstream.url, poll_interval_s=0.5),
-                                     source("products", upstream.url, poll_interval_s=0.5)],
+    daemon = daemon_factory(sources=both_sources(upstream.url, poll_interval_s=0.5),
                             sink_url=analytics.url)
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=60)
     first = daemon.status()["sources"]["customers"]
@@ -98,7 +96,7 @@ def test_restart_resumes_from_checkpoint_without_a_second_full_sync(upstream_fac
 def test_malformed_records_go_to_the_dlq_with_reasons_while_the_rest_flows(upstream_factory, analytics,
                                                                          daemon_factory):
     upstream = upstream_factory(customers=2000, products=1000, malformed_rate=0.02)
-    daemon = daemon_factory(sources=[source("customers", upstream.url), source("products", upstream.url)],
+    daemon = daemon_factory(sources=both_sources(upstream.url),
                             sink_url=analytics.url)
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=60)
     malformed = requests.get(f"{upstream.url}/admin/malformed", timeout=10).json()

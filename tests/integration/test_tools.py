@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.fixtures.daemon import source, wait_converged
+from tests.fixtures.daemon import both_sources, wait_converged
 from tests.support import REPO
 
 BOTH = {"customers": "customers", "products": "products"}
@@ -22,8 +22,7 @@ def _conflux(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture
 def deployment(upstream_factory, analytics, daemon_factory):
     upstream = upstream_factory(customers=1000, products=500)
-    daemon = daemon_factory(sources=[source("customers", upstream.url, poll_interval_s=1),
-                                     source("products", upstream.url, poll_interval_s=1)],
+    daemon = daemon_factory(sources=both_sources(upstream.url, poll_interval_s=1),
                             sink_url=analytics.url)
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=60)
     return upstream, analytics, daemon
