@@ -19,13 +19,13 @@ import msgspec
 import pytest
 import xxhash
 
-from daemon.config import Config, SourceConfig
-from ipc.codec import encode_batch
-from ipc.messages import MergeRecords, Position
-from ipc.shm import RingReader, RingWriter, create_ring, destroy_ring
-from workers.batching import RecordSchema, split_by_partition
-from workers.dedup import Deduplicator
-from workers.merge import MergeState, make_chunk
+from conflux.config import Config, SourceConfig
+from conflux.ipc.codec import encode_batch
+from conflux.ipc.messages import Batch, Position, cut
+from conflux.ipc.shm import RingReader, RingWriter, create_ring, destroy_ring
+from conflux.workers.batching import RecordSchema, split_by_partition
+from conflux.workers.dedup import Deduplicator
+from conflux.workers.merge import MergeState, Token, make_chunk
 
 RECORDS = 1000
 FRAMES = 2000
@@ -93,15 +93,14 @@ def test_baseline_hash_and_dedup(benchmark):
 
 # -- merge and sink encoding -------------------------------------------------------------------------------
 
-FRAME = MergeRecords(consumer=0, generation=1, position=Position("customers", 0, 0), source="customers",
-                     keys=COLUMNS.keys, updated=COLUMNS.updated, updated_us=COLUMNS.updated_us,
-                     hashes=COLUMNS.hashes, records=COLUMNS.records)
+FRAME = Batch("m", "customers", "full", 0, *cut(COLUMNS, 0, len(COLUMNS)))
+TOKEN = Token(consumer=0, generation=1, position=Position("customers", 0, 0))
 
 
 def test_merge_and_encode_for_sink(benchmark):
     def kernel():
         state = MergeState()
-        state.add(FRAME)
+        state.add(FRAME, TOKEN)
         return state.take(1000)
     assert benchmark(kernel).records == RECORDS
 
@@ -199,7 +198,7 @@ def test_baseline_pipe(benchmark):
 
 @pytest.fixture
 def embedded_log(tmp_path):
-    from log.embedded import EmbeddedLog
+    from conflux.log.embedded import EmbeddedLog
 
     config = msgspec.convert({"log": {"path": str(tmp_path / "log.db")},
                               "sources": [{"name": "customers", "url": "http://127.0.0.1/x"}]}, Config)
@@ -211,7 +210,7 @@ def embedded_log(tmp_path):
 def test_embedded_log_append(benchmark, embedded_log):
     import asyncio
 
-    from log.base import OutgoingMessage
+    from conflux.log.base import OutgoingMessage
 
     payloads = [(p, encode_batch(b)) for p, b in split_by_partition(COLUMNS, "customers", "full", 4)]
 
@@ -232,7 +231,7 @@ def test_embedded_log_append(benchmark, embedded_log):
 def test_embedded_log_read(benchmark, embedded_log):
     import asyncio
 
-    from log.base import OutgoingMessage
+    from conflux.log.base import OutgoingMessage
 
     payload = encode_batch(split_by_partition(COLUMNS, "customers", "full", 1)[0][1])
 
@@ -243,7 +242,7 @@ def test_embedded_log_read(benchmark, embedded_log):
     asyncio.run(fill())
 
     def kernel():
-        consumer = embedded_log.consumer(0, 1, [("customers", 0)])
+        consumer = embedded_log.consumer(0, [("customers", 0)])
         consumer.start(lambda parts: None, lambda parts: None)
         consumer.seek(("customers", 0), 0)
         count = 0

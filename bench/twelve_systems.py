@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon.config import to_toml  # noqa: E402  (after the path set-up, so it runs from a checkout)
-from demo.world import World, start  # noqa: E402
+from conflux.config import to_toml  # noqa: E402  (after the path set-up, so it runs from a checkout)
+from conflux.demo.world import World, start  # noqa: E402
 
 EXAMPLE = REPO / "deploy" / "examples" / "twelve-systems.toml"
 

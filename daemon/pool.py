@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from daemon.errors import ExitCode
+from conflux.errors import ExitCode
 
 
 class SlotState(StrEnum):

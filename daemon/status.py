@@ -1,40 +1,57 @@
 """The daemon's state as plain data: what /status returns and what `conflux status` prints.
 
-Built by the supervisor (which owns the facts) each time the control process asks for it.
+The supervisor owns the facts; each time the control process asks, it hands a ``DaemonFacts`` snapshot
+to ``build_status``, which knows nothing of the supervisor itself.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import msgspec
 
-from daemon.pool import SlotState
+from conflux.config import Config
+from conflux.daemon.pool import Slot, SlotState
+from conflux.ipc.messages import PartitionLag, SourceReport
+from conflux.log.base import TopicPartition
 
-if TYPE_CHECKING:
-    from daemon.supervisor import Supervisor
+
+@dataclass(frozen=True)
+class DaemonFacts:
+    """What the supervisor knows at one moment, as much as /status shows."""
+
+    config: Config
+    config_path: str
+    started_at: float
+    generation: int
+    backend: str
+    state: str                  # running | draining | reloading
+    log_reachable: bool
+    slots: Sequence[Slot]
+    sources: Mapping[str, SourceReport]
+    lags: Mapping[TopicPartition, tuple[str, PartitionLag]]   # partition -> (reporting slot, lag)
 
 
-def build_status(supervisor: Supervisor) -> dict:
+def build_status(facts: DaemonFacts) -> dict:
     now_wall, now = time.time(), time.monotonic()
-    workers = [_worker(slot, now) for slot in supervisor.slots.values()]
+    workers = [_worker(slot, now) for slot in facts.slots]
     return {
         "daemon": {
             "pid": os.getpid(),
-            "started_at": supervisor.started_at,
-            "uptime_s": round(now_wall - supervisor.started_at, 3),
-            "generation": supervisor.generation,
-            "backend": supervisor.backend.name,
-            "state": "running" if supervisor.draining is None else (
-                "draining" if supervisor.exit_after_drain else "reloading"),
-            "config": supervisor.config_path or "",
+            "started_at": facts.started_at,
+            "uptime_s": round(now_wall - facts.started_at, 3),
+            "generation": facts.generation,
+            "backend": facts.backend,
+            "state": facts.state,
+            "config": facts.config_path,
         },
-        "ready": _readiness(supervisor, workers),
-        "sources": _sources(supervisor),
+        "ready": _readiness(facts, workers),
+        "sources": _sources(facts),
         "workers": workers,
-        "partitions": _partitions(supervisor),
+        "partitions": _partitions(facts),
         "generated_at": now_wall,
     }
 
@@ -50,40 +67,40 @@ def _worker(slot, now: float) -> dict:
     }
 
 
-def _readiness(supervisor: Supervisor, workers: list[dict]) -> dict:
+def _readiness(facts: DaemonFacts, workers: list[dict]) -> dict:
     not_running = [w["name"] for w in workers if w["state"] != SlotState.RUNNING.value]
     reasons = []
-    if not supervisor.log_reachable:
+    if not facts.log_reachable:
         reasons.append("the log is not reachable")
     if not_running:
         reasons.append("workers not running: " + ", ".join(not_running))
-    if supervisor.draining is not None:
+    if facts.state != "running":
         reasons.append("draining")
-    return {"ready": not reasons, "log": supervisor.log_reachable, "reasons": reasons}
+    return {"ready": not reasons, "log": facts.log_reachable, "reasons": reasons}
 
 
-def _sources(supervisor: Supervisor) -> dict:
+def _sources(facts: DaemonFacts) -> dict:
     out = {}
-    for source in supervisor.config.sources:
-        report = supervisor.sources.get(source.name)
+    for source in facts.config.sources:
+        report = facts.sources.get(source.name)
         data = msgspec.to_builtins(report) if report is not None else {"source": source.name}
         ok, failed = data.get("syncs_ok", 0), data.get("syncs_failed", 0)
         data["success_rate"] = round(ok / (ok + failed), 4) if ok + failed else None
-        data["topic"] = supervisor.config.topic_of(source)
+        data["topic"] = facts.config.topic_of(source)
         data["pagination"] = source.pagination
-        data["fetcher"] = next((slot.name for slot in supervisor.slots.values()
+        data["fetcher"] = next((slot.name for slot in facts.slots
                                 if slot.role == "fetcher" and source.name in slot.sources), None)
         data.pop("source", None)
         out[source.name] = data
     return out
 
 
-def _partitions(supervisor: Supervisor) -> list[dict]:
-    owners = {tp: slot.name for slot in supervisor.slots.values() for tp in slot.partitions}
-    keys = sorted(set(owners) | set(supervisor.lags))
+def _partitions(facts: DaemonFacts) -> list[dict]:
+    owners = {tp: slot.name for slot in facts.slots for tp in slot.partitions}
+    keys = sorted(set(owners) | set(facts.lags))
     rows = []
     for tp in keys:
-        lag = supervisor.lags.get(tp, (None, None))[1]
+        lag = facts.lags.get(tp, (None, None))[1]
         rows.append({"topic": tp[0], "partition": tp[1], "owner": owners.get(tp),
                      "committed": lag.committed if lag else None, "end": lag.end if lag else None,
                      "lag": lag.lag if lag else None})

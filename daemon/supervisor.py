@@ -27,15 +27,14 @@ from pathlib import Path
 
 import msgspec
 
-from daemon import logs, metrics
-from daemon.config import Config, load_config
-from daemon.errors import ConfigError, ExitCode, LogError
-from daemon.pool import ExitVerdict, Slot, SlotState, describe_exit
-from daemon.secrets import known_secrets
-from daemon.status import build_status
-from daemon.topology import Topology, build, remove_stale_ring_dirs, source_topics
-from ipc.channel import Channel
-from ipc.messages import (
+from conflux import logs, metrics
+from conflux.config import Config, load_config
+from conflux.daemon.pool import ExitVerdict, Slot, SlotState, describe_exit
+from conflux.daemon.status import DaemonFacts, build_status
+from conflux.daemon.topology import Topology, build, remove_stale_ring_dirs, source_topics
+from conflux.errors import ConfigError, ExitCode, LogError
+from conflux.ipc.channel import Channel
+from conflux.ipc.messages import (
     Heartbeat,
     Hello,
     LagReport,
@@ -47,12 +46,13 @@ from ipc.messages import (
     SyncAccepted,
     SyncNow,
 )
-from log import open_log
-from workers.base import WorkerSpec
-from workers.consumer import ConsumerWorker
-from workers.control import ControlWorker
-from workers.fetcher import FetcherWorker
-from workers.merger import MergerWorker
+from conflux.log import open_log
+from conflux.secrets import known_secrets
+from conflux.workers.base import WorkerSpec
+from conflux.workers.consumer import ConsumerWorker
+from conflux.workers.control import ControlWorker
+from conflux.workers.fetcher import FetcherWorker
+from conflux.workers.merger import MergerWorker
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +171,10 @@ class Supervisor:
         elif slot.role == "merger":
             inbound, outbound = topology.merger_rings(slot.index)
         return WorkerSpec(
-            role=slot.role, index=slot.index, config=config, channel=channel_end, topics=topology.topics,
+            role=slot.role, index=slot.index, config=config, channel=channel_end,
             sources=tuple(topology.fetcher_sources[slot.index]) if slot.role == "fetcher" else (),
             assignment=tuple(topology.consumer_partitions[slot.index]) if slot.role == "consumer" else (),
             inbound=inbound, outbound=outbound, listener=self.listener if slot.role == "control" else None,
-            consumers=topology.consumers, mergers=topology.mergers,
         )
 
     def spawn(self, slot: Slot) -> None:
@@ -355,9 +354,16 @@ class Supervisor:
             for lag in message.lags:
                 self.lags[(lag.topic, lag.partition)] = (slot.name, lag)
         elif isinstance(message, StatusRequest):
-            self._send(slot, StatusSnapshot(body=msgspec.json.encode(build_status(self))))
+            self._send(slot, StatusSnapshot(body=msgspec.json.encode(build_status(self.facts()))))
         elif isinstance(message, SyncNow):
             self._route_sync(slot, message)
+
+    def facts(self) -> DaemonFacts:
+        state = "running" if self.draining is None else ("draining" if self.exit_after_drain else "reloading")
+        return DaemonFacts(
+            config=self.config, config_path=self.config_path or "", started_at=self.started_at,
+            generation=self.generation, backend=self.backend.name, state=state, log_reachable=self.log_reachable,
+            slots=list(self.slots.values()), sources=dict(self.sources), lags=dict(self.lags))
 
     def _route_sync(self, requester: Slot, request: SyncNow) -> None:
         owner = next((slot for slot in self.slots.values()

@@ -13,9 +13,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.config import Config
-from ipc.shm import RingSpec, create_ring, destroy_ring
-from log.base import TopicPartition
+from conflux.config import Config
+from conflux.ipc.shm import RingSpec, create_ring, destroy_ring
+from conflux.log.base import TopicPartition
 
 SHM_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 SHM_PREFIX = "conflux-"

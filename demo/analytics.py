@@ -24,10 +24,10 @@ import time
 import uvloop
 from aiohttp import web
 
-from demo.analytics_db import Database
-from demo.analytics_faults import Faults, FaultSpecError, parse_outage_spec, settings_from_flags
-from demo.analytics_http import Sink
-from demo.analytics_store import Store
+from conflux.demo.analytics_db import Database
+from conflux.demo.analytics_faults import Faults, FaultSpecError, parse_outage_spec, settings_from_flags
+from conflux.demo.analytics_http import Sink
+from conflux.demo.analytics_store import Store
 
 log = logging.getLogger("conflux.analytics")
 

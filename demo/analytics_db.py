@@ -20,8 +20,8 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from demo.analytics_wire import Rejection, decode_batch, parse_instant
-from demo.checksum import record_digest
+from conflux.demo.analytics_wire import Rejection, decode_batch, parse_instant
+from conflux.demo.checksum import record_digest
 
 log = logging.getLogger("conflux.analytics")
 

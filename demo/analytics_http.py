@@ -15,9 +15,9 @@ from collections.abc import Callable
 import msgspec
 from aiohttp import web
 
-from demo.analytics_faults import Faults, FaultSpecError, decode_outage_request, patched_settings
-from demo.analytics_store import BatchOutcome, Store, StoreFailed
-from demo.analytics_wire import REASON_REJECT_RATE, MalformedBody, check_batch, decode_batch
+from conflux.demo.analytics_faults import Faults, FaultSpecError, decode_outage_request, patched_settings
+from conflux.demo.analytics_store import BatchOutcome, Store, StoreFailed
+from conflux.demo.analytics_wire import REASON_REJECT_RATE, MalformedBody, check_batch, decode_batch
 
 log = logging.getLogger("conflux.analytics")
 

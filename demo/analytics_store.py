@@ -14,9 +14,9 @@ from datetime import datetime
 
 import msgspec
 
-from demo.analytics_db import Database
-from demo.analytics_wire import Change, Rejection, parse_instant
-from demo.checksum import Checksum
+from conflux.demo.analytics_db import Database
+from conflux.demo.analytics_wire import Change, Rejection, parse_instant
+from conflux.demo.checksum import Checksum
 
 # key -> (updated instant, digest); digest None marks a tombstone, kept so a late older upsert stays dead.
 Entry = tuple[datetime, int | None]

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import msgspec
 import xxhash
 
-from demo.checksum import record_digest
+from conflux.demo.checksum import record_digest
 
 REASON_EMPTY_KEY = "key is empty"
 REASON_BAD_UPDATED_AT = "updated_at is not an ISO 8601 timestamp"

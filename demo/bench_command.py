@@ -50,9 +50,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from demo.bench_baseline import measure_baseline
-    from demo.bench_limit import measure_limit
-    from demo.world import World, free_port, start
+    from conflux.demo.bench_baseline import measure_baseline
+    from conflux.demo.bench_limit import measure_limit
+    from conflux.demo.world import World, free_port, start
 
     collections = {name: KEYS.get(name, "id") for name in args.collections.split(",")}
     directory = Path(tempfile.mkdtemp(prefix="conflux-bench-"))
@@ -105,7 +105,7 @@ def _baseline(args, directory: Path, upstream_url: str, collections: dict, measu
 
 def _run_backend(args, backend: str, world, directory: Path, collections: dict, control_port: int, secret: str,
                  limit: dict, baseline: dict | None, kafka) -> dict:
-    from demo.bench_run import BackendRun
+    from conflux.demo.bench_run import BackendRun
 
     run_dir = directory / backend
     run_dir.mkdir()

@@ -15,9 +15,9 @@ from itertools import repeat
 
 import aiohttp
 
-from daemon.config import SourceConfig
-from workers.batching import RecordSchema
-from workers.merge import make_chunk
+from conflux.config import SourceConfig
+from conflux.workers.batching import RecordSchema
+from conflux.workers.merge import make_chunk
 
 SINK_BATCH = 1000
 

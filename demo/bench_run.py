@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from demo.svgchart import line_chart, rates
+from conflux.demo.svgchart import line_chart, rates
 
 SAMPLE_S = 0.25
 STAGES = {"fetched": "conflux_records_fetched_total", "delivered": "conflux_records_delivered_total"}
@@ -33,7 +33,7 @@ class BackendRun:
         self._stop = threading.Event()
 
     def run(self) -> dict:
-        from demo.world import start
+        from conflux.demo.world import start
 
         sink = start("analytics", ["analytics", "--port", "0"], self.directory / "analytics.log")
         self.world.services["analytics"] = sink

@@ -30,8 +30,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def _endpoints(args) -> tuple[str, str, dict[str, str]]:
     daemon, sink, headers = args.daemon, args.sink, {}
     if args.config:
-        from daemon.config import load_config
-        from daemon.secrets import read_secret
+        from conflux.config import load_config
+        from conflux.secrets import read_secret
 
         config = load_config(args.config)
         if not config.control.listen.endswith(":0"):  # port 0 is picked at start: not knowable from here

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from demo.upstream_time import PRECISION_UNIT_US, format_us, parse_iso_us
+from conflux.demo.upstream_time import PRECISION_UNIT_US, format_us, parse_iso_us
 
 Key = int | str
 # A column generator: (rng, count, columns generated so far, keys) -> one value per record.

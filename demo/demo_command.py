@@ -30,7 +30,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from demo.world import World, config_toml, free_port, start
+    from conflux.demo.world import World, config_toml, free_port, start
 
     directory = Path(args.dir or tempfile.mkdtemp(prefix="conflux-demo-"))
     directory.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from demo.datagen import Key
-from demo.store import Collection
-from demo.upstream_time import parse_iso_us
+from conflux.demo.datagen import Key
+from conflux.demo.store import Collection
+from conflux.demo.upstream_time import parse_iso_us
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

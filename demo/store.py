@@ -17,9 +17,9 @@ from collections.abc import Iterator, Mapping
 import msgspec
 from sortedcontainers import SortedList
 
-from demo.checksum import Checksum, record_digest
-from demo.datagen import CollectionSpec, Generated, Key, collection_plan, generate
-from demo.upstream_time import format_us, truncate_us
+from conflux.demo.checksum import Checksum, record_digest
+from conflux.demo.datagen import CollectionSpec, Generated, Key, collection_plan, generate
+from conflux.demo.upstream_time import format_us, truncate_us
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(dict).decode

@@ -95,12 +95,12 @@ from collections.abc import Callable, Iterator
 
 import uvloop
 
-from demo.faults import FaultInjector, FaultSettings
-from demo.store import build_collections
-from demo.upstream_app import UpstreamApp, bind, serve, url_of
-from demo.upstream_auth import AuthGate, AuthSettings
-from demo.upstream_time import PRECISION_UNIT_US
-from demo.upstream_webhooks import WebhookSender
+from conflux.demo.faults import FaultInjector, FaultSettings
+from conflux.demo.store import build_collections
+from conflux.demo.upstream_app import UpstreamApp, bind, serve, url_of
+from conflux.demo.upstream_auth import AuthGate, AuthSettings
+from conflux.demo.upstream_time import PRECISION_UNIT_US
+from conflux.demo.upstream_webhooks import WebhookSender
 
 EXIT_OK = 0
 EXIT_CANNOT_LISTEN = 1

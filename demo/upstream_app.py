@@ -19,15 +19,15 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import web
 
-from demo.datagen import Key
-from demo.faults import Fault, FaultInjector
-from demo.paging_styles import STYLES, BadParameter
-from demo.store import Collection, StoreError
-from demo.upstream_auth import AuthGate
-from demo.upstream_changes import ChangeGenerator
-from demo.upstream_stats import Stats
-from demo.upstream_time import now_us
-from demo.upstream_webhooks import WebhookSender
+from conflux.demo.datagen import Key
+from conflux.demo.faults import Fault, FaultInjector
+from conflux.demo.paging_styles import STYLES, BadParameter
+from conflux.demo.store import Collection, StoreError
+from conflux.demo.upstream_auth import AuthGate
+from conflux.demo.upstream_changes import ChangeGenerator
+from conflux.demo.upstream_stats import Stats
+from conflux.demo.upstream_time import now_us
+from conflux.demo.upstream_webhooks import WebhookSender
 
 JSON = "application/json"
 # Handlers answer in milliseconds; waiting longer at shutdown only delays the exit code.

@@ -14,8 +14,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from demo.datagen import Key
-from demo.store import Collection
+from conflux.demo.datagen import Key
+from conflux.demo.store import Collection
 
 # Waking more often than this costs more than it smooths; above 1/MIN_SLEEP_S changes per second
 # several are applied per wake-up.

@@ -57,7 +57,7 @@ class ServiceProcess:
 def start(name: str, args: list[str], log_path: Path, *, timeout_s: float = 120.0,
           env: dict[str, str] | None = None) -> ServiceProcess:
     """Run `conflux <args>` and wait for its listening line; its output goes to ``log_path``."""
-    return launch(name, [sys.executable, "-m", "daemon.cli", *args], log_path, timeout_s=timeout_s, env=env)
+    return launch(name, [sys.executable, "-m", "conflux", *args], log_path, timeout_s=timeout_s, env=env)
 
 
 def launch(name: str, argv: list[str], log_path: Path, *, timeout_s: float = 120.0,

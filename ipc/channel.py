@@ -2,18 +2,19 @@
 
 Seqpacket keeps message boundaries, so there is no framing to get wrong. Both ends are non-blocking:
 the supervisor must never stall on a slow worker, and a worker must never stall its main loop on
-the supervisor. A message that cannot be sent right now is dropped and counted; everything sent on
+the supervisor. A message that cannot be sent right now is dropped; everything sent on
 this line is either periodic (heartbeats, reports) or answered (sync requests), so a lost one is
 repaired by the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import msgspec
 
-from ipc.codec import control_decoder, encode_control
+from conflux.ipc.codec import control_decoder, encode_control
 
 MAX_MESSAGE_BYTES = 1 << 20
 
@@ -24,7 +25,6 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sock.setblocking(False)
-        self.dropped = 0
 
     @classmethod
     def pair(cls) -> tuple[socket.socket, socket.socket]:
@@ -43,11 +43,7 @@ class Channel:
         try:
             self.sock.send(encode_control(message))
             return True
-        except (BlockingIOError, InterruptedError):
-            self.dropped += 1
-            return False
-        except OSError:  # the other end is gone; the supervisor notices through waitpid
-            self.dropped += 1
+        except OSError:  # full right now, or the other end is gone (the supervisor notices through waitpid)
             return False
 
     def receive(self, max_messages: int = 1000) -> tuple[list[object], bool]:
@@ -62,10 +58,9 @@ class Channel:
                 return messages, True
             if not data:
                 return messages, True
-            try:
+            # A garbled message is lost like an unsent one; the next report repairs it.
+            with contextlib.suppress(msgspec.DecodeError):
                 messages.append(control_decoder.decode(data))
-            except msgspec.DecodeError:
-                self.dropped += 1
         return messages, False
 
     def close(self) -> None:

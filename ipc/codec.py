@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ipc.messages import AckFrame, Batch, BatchHead, ControlMessage, DeadLetter, RingFrame
+from conflux.ipc.messages import AckFrame, Batch, BatchHead, ControlMessage, DeadLetter, RingFrame
 
 json_encoder = msgspec.json.Encoder()
 msgpack_encoder = msgspec.msgpack.Encoder()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
-from ipc.messages import DeadLetter, PartitionLag, Position
+from conflux.ipc.messages import DeadLetter, PartitionLag, Position
 
 TopicPartition = tuple[str, int]
 
@@ -108,7 +108,7 @@ class LogBackend(Protocol):
 
     def producer(self) -> LogProducer: ...
 
-    def consumer(self, member: int, members: int, assignment: list[TopicPartition]) -> LogConsumer: ...
+    def consumer(self, member: int, assignment: list[TopicPartition]) -> LogConsumer: ...
 
     def checkpoints(self) -> CheckpointStore: ...
 
@@ -121,3 +121,13 @@ class LogBackend(Protocol):
     def ping(self, timeout_s: float) -> bool: ...
 
     def trim(self) -> int: ...
+
+
+def partitions_for(key_hashes: list[int], partitions: int) -> list[int]:
+    """The partitioner every producer uses (a key's xxh3 hash modulo the partition count), over a whole
+    column at once: all versions of a key meet in one partition."""
+    return [key_hash % partitions for key_hash in key_hashes]
+
+
+def dlq_topic(topic: str) -> str:
+    return f"{topic}.dlq"

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import msgspec
 
-from daemon.config import Config
-from daemon.errors import LogError
-from ipc.codec import dead_letter_decoder, encode_dead_letter
-from ipc.messages import DeadLetter, PartitionLag, Position
-from log.base import (
+from conflux.config import Config
+from conflux.errors import LogError
+from conflux.ipc.codec import dead_letter_decoder, encode_dead_letter
+from conflux.ipc.messages import DeadLetter, PartitionLag, Position
+from conflux.log.base import (
     AssignCallback,
     Checkpoint,
     LogMessage,
@@ -108,7 +108,7 @@ class EmbeddedLog:
     def producer(self) -> EmbeddedProducer:
         return EmbeddedProducer(self)
 
-    def consumer(self, member: int, members: int, assignment: list[TopicPartition]) -> EmbeddedConsumer:
+    def consumer(self, member: int, assignment: list[TopicPartition]) -> EmbeddedConsumer:
         return EmbeddedConsumer(self, assignment)
 
     def checkpoints(self) -> SqliteCheckpointStore:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from demo.world import ServiceProcess, launch
+from conflux.demo.world import ServiceProcess, launch
 
 T = TypeVar("T")
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def conflux_argv(*args: str) -> list[str]:
     """argv that runs the `conflux` CLI with this interpreter (no reliance on PATH)."""
-    return [sys.executable, "-m", "daemon.cli", *args]
+    return [sys.executable, "-m", "conflux", *args]
 
 
 def wait_until(predicate: Callable[[], T], *, timeout_s: float = 30.0, interval_s: float = 0.05,

@@ -15,9 +15,9 @@ import time
 
 import aiohttp
 
-from daemon.config import AuthConfig
-from daemon.errors import UpstreamError
-from daemon.secrets import read_secret
+from conflux.config import AuthConfig
+from conflux.errors import UpstreamError
+from conflux.secrets import read_secret
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ class OAuth2ClientCredentials(NoAuth):
         self._token = ""
         self._refresh_at = 0.0
         self._lock = asyncio.Lock()
-        self.tokens_fetched = 0
 
     async def headers(self, session: aiohttp.ClientSession) -> dict[str, str]:
         if time.monotonic() >= self._refresh_at:
@@ -83,7 +82,6 @@ class OAuth2ClientCredentials(NoAuth):
                 "client_secret": self._secret}
         if self._auth.scope:
             form["scope"] = self._auth.scope
-        self.tokens_fetched += 1
         try:
             async with session.post(self._auth.token_url, data=form, ssl=self._ssl, timeout=self._timeout) as response:
                 body = await response.json(content_type=None)

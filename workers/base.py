@@ -16,17 +16,17 @@ import random
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from daemon import logs
-from daemon.config import Config
-from daemon.errors import ConfigError, ExitCode, LogError
-from daemon.secrets import known_secrets
-from ipc.channel import Channel
-from ipc.messages import Heartbeat, Hello
-from ipc.shm import RingSpec
-from log.base import TopicPartition
-from workers import batching
+from conflux import logs
+from conflux.config import Config
+from conflux.errors import ConfigError, ExitCode, LogError
+from conflux.ipc.channel import Channel
+from conflux.ipc.messages import Heartbeat, Hello
+from conflux.ipc.shm import RingSpec
+from conflux.log.base import TopicPartition
+from conflux.secrets import known_secrets
+from conflux.workers import batching
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,11 @@ class WorkerSpec:
     index: int
     config: Config
     channel: socket.socket
-    topics: dict[str, int] = field(default_factory=dict)
     sources: tuple[str, ...] = ()
     assignment: tuple[TopicPartition, ...] = ()
     inbound: tuple[RingSpec, ...] = ()
     outbound: tuple[RingSpec, ...] = ()
     listener: socket.socket | None = None
-    consumers: int = 0
-    mergers: int = 0
 
     @property
     def name(self) -> str:

@@ -14,17 +14,17 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from itertools import count, repeat
-from operator import itemgetter, mul
+from operator import mul
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
 from msgspec import Raw
 from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
 
-from daemon.config import SourceConfig
-from daemon.errors import PageFormatError
-from ipc.messages import Batch, DeadLetter
-from log import partitions_for
+from conflux.config import SourceConfig
+from conflux.errors import PageFormatError
+from conflux.ipc.messages import Batch, DeadLetter, cut, take
+from conflux.log.base import partitions_for
 
 _message_counter = count()
 _stamps_encoder = msgspec.json.Encoder()
@@ -64,7 +64,8 @@ class PageMeta(NamedTuple):
 
 
 class Columns(msgspec.Struct, gc=False):
-    """The valid records of a page, column by column, plus what was wrong with the others."""
+    """The valid records of a page in the record columns (``ipc.messages.RECORD_COLUMNS``), plus what
+    was wrong with the others."""
 
     keys: list[str]
     updated: list[str]
@@ -235,17 +236,14 @@ def split_by_partition(columns: Columns, source: str, sync: str, partitions: int
         return []
     created_us = time.time_ns() // 1000
     if partitions == 1:
-        return [(0, _batch(columns, source, sync, created_us))]
+        return [(0, _batch(columns, source, sync, created_us, 0, len(columns)))]
     # One stable sort by partition, then each batch is a slice: C-level work instead of a loop per record.
     owners = partitions_for(columns.key_hashes, partitions)
     order = sorted(range(len(owners)), key=owners.__getitem__)
-    sorted_columns = _take(columns, order)
+    in_order = Columns(*take(columns, order), dead=[])
     batches, start = [], 0
     for partition, size in sorted(Counter(owners).items()):
-        part = Columns(*(column[start:start + size] for column in (
-            sorted_columns.keys, sorted_columns.updated, sorted_columns.updated_us, sorted_columns.hashes,
-            sorted_columns.key_hashes, sorted_columns.records)), dead=[])
-        batches.append((partition, _batch(part, source, sync, created_us)))
+        batches.append((partition, _batch(in_order, source, sync, created_us, start, start + size)))
         start += size
     return batches
 
@@ -264,24 +262,8 @@ def dead_letter_id(source: str, stage: str, record: bytes | Raw) -> str:
     return xxh3_64_hexdigest(b"%s\x00%s\x00%s" % (source.encode(), stage.encode(), bytes(record)))
 
 
-def _batch(columns: Columns, source: str, sync: str, created_us: int) -> Batch:
-    return Batch(
-        message_id=new_message_id(), source=source, sync=sync, created_us=created_us,
-        keys=columns.keys, updated=columns.updated, updated_us=columns.updated_us, hashes=columns.hashes,
-        key_hashes=columns.key_hashes, records=columns.records,
-    )
-
-
-def _take(columns: Columns, indices: list[int]) -> Columns:
-    pick = itemgetter(*indices)
-    if len(indices) == 1:
-        def pick(column, _i=indices[0]):
-            return (column[_i],)
-    return Columns(
-        keys=list(pick(columns.keys)), updated=list(pick(columns.updated)),
-        updated_us=list(pick(columns.updated_us)), hashes=list(pick(columns.hashes)),
-        key_hashes=list(pick(columns.key_hashes)), records=list(pick(columns.records)), dead=[],
-    )
+def _batch(columns: Columns, source: str, sync: str, created_us: int, start: int, stop: int) -> Batch:
+    return Batch(new_message_id(), source, sync, created_us, *cut(columns, start, stop))
 
 
 def _nested(path: list[str], leaf: Any, meta_names: dict[str, str] | None = None) -> Any:

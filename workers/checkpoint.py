@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from log.base import TopicPartition
+from conflux.log.base import TopicPartition
 
 
 @dataclass(slots=True)

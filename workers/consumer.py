@@ -17,30 +17,27 @@ import os
 import select
 import signal
 import time
-from operator import itemgetter
 
 import msgspec
 
-from daemon import metrics
-from daemon.errors import LogError
-from ipc.codec import ack_frame_decoder, decode_batch, decode_batch_head, encode_ring_frame
-from ipc.messages import (
-    Batch,
+from conflux import metrics
+from conflux.errors import LogError
+from conflux.ipc.codec import ack_frame_decoder, decode_batch, decode_batch_head, encode_batch, encode_ring_frame
+from conflux.ipc.messages import (
     DeadLetter,
     FlushNow,
     LagReport,
     MergeBatch,
-    MergeRecords,
     PartitionsOwned,
     Position,
 )
-from ipc.shm import FrameTooLarge, RingFull, RingReader, RingWriter
-from log import open_log
-from log.base import LogConsumer, LogMessage, TopicPartition
-from workers.base import Worker
-from workers.batching import dead_letter_id
-from workers.checkpoint import InFlight, OffsetTracker
-from workers.dedup import Deduplicator
+from conflux.ipc.shm import FrameTooLarge, RingFull, RingReader, RingWriter
+from conflux.log import open_log
+from conflux.log.base import LogConsumer, LogMessage, TopicPartition
+from conflux.workers.base import Worker
+from conflux.workers.batching import dead_letter_id
+from conflux.workers.checkpoint import InFlight, OffsetTracker
+from conflux.workers.dedup import Deduplicator
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +80,7 @@ class ConsumerWorker(Worker):
         self.to_mergers = [RingWriter(spec) for spec in self.spec.outbound]
         self.from_mergers = [RingReader(spec) for spec in self.spec.inbound]
         self.merger_epochs = [ring.reader_epoch for ring in self.to_mergers]
-        self.log_consumer = backend.consumer(self.spec.index, self.spec.consumers, list(self.spec.assignment))
+        self.log_consumer = backend.consumer(self.spec.index, list(self.spec.assignment))
         self.log_consumer.start(self._on_assign, self._on_revoke)
         try:
             self._loop()
@@ -188,9 +185,9 @@ class ConsumerWorker(Worker):
             frame = MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(message.payload))
         else:
             metrics.dedup_skipped.labels("content_hash").inc(head.count - len(fresh))
-            batch = _subset(decode_batch(message.payload), fresh)
+            batch = decode_batch(message.payload).subset(fresh)
             key_hashes, hashes, routed = batch.key_hashes, batch.hashes, batch.count
-            frame = _merge_records(self.spec.index, self.generation, position, batch)
+            frame = MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(encode_batch(batch)))
         entry = InFlight(message.offset, (1 << merger) if routed else 0, head.message_id, key_hashes, hashes,
                          routed, head.source)
         self._finish(self.tracker.add(tp, entry))
@@ -356,19 +353,3 @@ def merger_for(partition: int, mergers: int) -> int:
     """Every key lives in one partition, so routing partitions routes keys: one merger owns each key.
     Whole messages move without being split; give a topic a multiple of ``mergers`` partitions."""
     return partition % mergers
-
-
-def _subset(batch: Batch, indices: list[int]) -> Batch:
-    pick = itemgetter(*indices) if len(indices) > 1 else (lambda column: (column[indices[0]],))
-    if not indices:
-        def pick(column):
-            return ()
-    return Batch(batch.message_id, batch.source, batch.sync, batch.created_us, list(pick(batch.keys)),
-                 list(pick(batch.updated)), list(pick(batch.updated_us)), list(pick(batch.hashes)),
-                 list(pick(batch.key_hashes)), list(pick(batch.records)))
-
-
-def _merge_records(consumer: int, generation: int, position: Position, batch: Batch) -> MergeRecords:
-    return MergeRecords(consumer=consumer, generation=generation, position=position, source=batch.source,
-                        keys=batch.keys, updated=batch.updated, updated_us=batch.updated_us, hashes=batch.hashes,
-                        records=batch.records)

@@ -21,16 +21,16 @@ import time
 import msgspec
 from aiohttp import web
 
-from daemon import metrics
-from daemon.errors import LogError, PageFormatError
-from daemon.secrets import read_secret
-from daemon.status_page import STATUS_PAGE_HTML, Throughput
-from ipc.codec import encode_batch
-from ipc.messages import StatusRequest, StatusSnapshot, SyncAccepted, SyncNow
-from log import open_log
-from log.base import OutgoingMessage
-from workers.base import AsyncWorker
-from workers.batching import RecordSchema, dead_letters, split_by_partition
+from conflux import metrics
+from conflux.errors import LogError, PageFormatError
+from conflux.ipc.codec import encode_batch
+from conflux.ipc.messages import StatusRequest, StatusSnapshot, SyncAccepted, SyncNow
+from conflux.log import open_log
+from conflux.log.base import OutgoingMessage
+from conflux.secrets import read_secret
+from conflux.workers.base import AsyncWorker
+from conflux.workers.batching import RecordSchema, dead_letters, split_by_partition
+from conflux.workers.status_page import STATUS_PAGE_HTML, Throughput
 
 logger = logging.getLogger(__name__)
 

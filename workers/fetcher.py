@@ -16,18 +16,18 @@ import time
 
 import aiohttp
 
-from daemon import metrics
-from daemon.config import SourceConfig
-from daemon.errors import LogError, PageFormatError, UpstreamError
-from ipc.codec import encode_batch
-from ipc.messages import DeadLetter, SourceReport, SourcesOwned, SyncNow
-from log import open_log
-from log.base import Checkpoint, CheckpointStore, DeadLetterStore, LogProducer, OutgoingMessage
-from workers.base import AsyncWorker
-from workers.batching import RecordSchema, dead_letters, split_by_partition
-from workers.ownership import ownership_for
-from workers.paging import STYLES, PageInfo
-from workers.upstream import Response, UpstreamClient
+from conflux import metrics
+from conflux.config import SourceConfig
+from conflux.errors import LogError, PageFormatError, UpstreamError
+from conflux.ipc.codec import encode_batch
+from conflux.ipc.messages import DeadLetter, SourceReport, SourcesOwned, SyncNow
+from conflux.log import open_log
+from conflux.log.base import Checkpoint, CheckpointStore, DeadLetterStore, LogProducer, OutgoingMessage
+from conflux.workers.base import AsyncWorker
+from conflux.workers.batching import RecordSchema, dead_letters, split_by_partition
+from conflux.workers.ownership import ownership_for
+from conflux.workers.paging import STYLES, PageInfo
+from conflux.workers.upstream import Response, UpstreamClient
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Raw
 from xxhash import xxh3_128_hexdigest
 
-from ipc.messages import Batch, MergeRecords, Position
+from conflux.ipc.messages import Batch, Position
 
 # A pending record is a plain tuple (fast to build): (updated_us, hash, record, updated text, position).
 UPDATED_US, HASH, RECORD, UPDATED, POSITION = range(5)
@@ -71,9 +71,8 @@ class MergeState:
         self.tokens: list[Token] = []
         self.oldest_at: float | None = None
 
-    def add(self, frame: MergeRecords | Batch, token: Token | None = None) -> int:
-        """Merge a frame's records (or a whole log batch's, with its ``token``); returns how many were stale."""
-        token = token or Token(frame.consumer, frame.generation, frame.position)
+    def add(self, frame: Batch, token: Token) -> int:
+        """Merge a log batch's records, acknowledged with ``token`` once delivered; returns how many were stale."""
         latest = self.latest.setdefault(frame.source, {})
         pending = self.pending.setdefault(frame.source, {})
         keys = frame.keys
@@ -90,7 +89,7 @@ class MergeState:
             self.oldest_at = time.monotonic()
         return stale
 
-    def _add_one_by_one(self, frame: MergeRecords | Batch, latest: dict[str, int], pending: dict[str, tuple],
+    def _add_one_by_one(self, frame: Batch, latest: dict[str, int], pending: dict[str, tuple],
                         position: Position) -> int:
         stale = added = 0
         for key, updated_us, content_hash, record, updated in zip(

@@ -17,15 +17,15 @@ import logging
 import time
 from collections import defaultdict
 
-from daemon import metrics
-from ipc.codec import decode_batch, encode_ack_frame, ring_frame_decoder
-from ipc.messages import Acks, DeadLetter, FlushNow, MergeBatch, MergeRecords
-from ipc.shm import RingFull, RingReader, RingWriter
-from log import open_log
-from workers.base import AsyncWorker
-from workers.batching import dead_letter_id
-from workers.merge import POSITION, RECORD, Chunk, FlushUnit, MergeState, Token
-from workers.sinks import HttpSink
+from conflux import metrics
+from conflux.ipc.codec import decode_batch, encode_ack_frame, ring_frame_decoder
+from conflux.ipc.messages import Acks, DeadLetter, FlushNow, MergeBatch
+from conflux.ipc.shm import RingFull, RingReader, RingWriter
+from conflux.log import open_log
+from conflux.workers.base import AsyncWorker
+from conflux.workers.batching import dead_letter_id
+from conflux.workers.merge import POSITION, RECORD, Chunk, FlushUnit, MergeState, Token
+from conflux.workers.sinks import HttpSink
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ class MergerWorker(AsyncWorker):
             if isinstance(frame, MergeBatch):
                 token = Token(frame.consumer, frame.generation, frame.position)
                 stale = self.state.add(decode_batch(frame.batch), token)
-            elif isinstance(frame, MergeRecords):
-                stale = self.state.add(frame)
             elif isinstance(frame, FlushNow):
                 self.flush_now = True
                 continue

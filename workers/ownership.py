@@ -21,7 +21,7 @@ from typing import Protocol
 
 from xxhash import xxh3_64_intdigest
 
-from log.base import LogBackend, TopicPartition
+from conflux.log.base import LogBackend, TopicPartition
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
 
-from daemon.config import SourceConfig
-from daemon.errors import PageFormatError
-from workers.batching import PageMeta
-from workers.upstream import Response
+from conflux.config import SourceConfig
+from conflux.errors import PageFormatError
+from conflux.workers.batching import PageMeta
+from conflux.workers.upstream import Response
 
 LINK_NEXT = re.compile(r'<([^>]+)>\s*;[^,]*rel="?next"?', re.IGNORECASE)
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
-from daemon.config import RetryConfig
+from conflux.config import RetryConfig
 
 Clock = Callable[[], float]
 MAX_RETRY_AFTER_S = 600.0  # a server asking for more than this is treated as asking for this

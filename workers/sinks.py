@@ -17,10 +17,10 @@ from typing import NamedTuple
 import aiohttp
 import msgspec
 
-from daemon import metrics
-from daemon.config import RetryConfig, SinkConfig
-from daemon.secrets import read_secret
-from workers.resilience import Backoff, CircuitBreaker, parse_retry_after
+from conflux import metrics
+from conflux.config import RetryConfig, SinkConfig
+from conflux.secrets import read_secret
+from conflux.workers.resilience import Backoff, CircuitBreaker, parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ class Delivery(NamedTuple):
 
     rejected: dict[int, str]
     status: int
-
-    @property
-    def complete(self) -> bool:
-        return not self.rejected
 
 
 class HttpSink:

@@ -22,12 +22,12 @@ from typing import NamedTuple
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from daemon import metrics
-from daemon.config import RetryConfig, SourceConfig
-from daemon.errors import ConfigError, UpstreamError
-from workers.auth import TokenUnavailable, make_auth
-from workers.ratelimit import TokenBucket
-from workers.resilience import MAX_RETRY_AFTER_S, Backoff, CircuitBreaker, parse_retry_after
+from conflux import metrics
+from conflux.config import RetryConfig, SourceConfig
+from conflux.errors import ConfigError, UpstreamError
+from conflux.workers.auth import TokenUnavailable, make_auth
+from conflux.workers.ratelimit import TokenBucket
+from conflux.workers.resilience import MAX_RETRY_AFTER_S, Backoff, CircuitBreaker, parse_retry_after
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ class ChaosRun:
                 "converged_after_s": converged_at}
 
     def dead_letters(self) -> list[dict]:
-        out = subprocess.run([sys.executable, "-m", "daemon.cli", "dlq", "list", "-c", str(self.daemon.config_path),
+        out = subprocess.run([sys.executable, "-m", "conflux", "dlq", "list", "-c", str(self.daemon.config_path),
                               "--json"], capture_output=True, text=True, cwd=REPO, timeout=120)
         assert out.returncode == 0, out.stderr
         return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 import requests
 
-from demo.analytics_wire import REASON_REJECT_RATE, rejected_by_rate
-from demo.checksum import Checksum, record_digest
+from conflux.demo.analytics_wire import REASON_REJECT_RATE, rejected_by_rate
+from conflux.demo.checksum import Checksum, record_digest
 from tests.fixtures.analytics import batch_body, post_batch, sink_record
 from tests.support import conflux_argv, wait_until
 

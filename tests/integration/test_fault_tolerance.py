@@ -22,7 +22,7 @@ BOTH = {"customers": "customers", "products": "products"}
 
 
 def _cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "conflux", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout_s)
 
 

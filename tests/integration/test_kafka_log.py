@@ -11,13 +11,12 @@ import msgspec
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from daemon.config import Config, load_config
-from daemon.errors import ConfigError
-from daemon.secrets import known_secrets
-from ipc.messages import DeadLetter
-from log import dlq_topic
-from log.base import Checkpoint, OutgoingMessage
-from log.kafka import KafkaLog
+from conflux.config import Config, load_config
+from conflux.errors import ConfigError
+from conflux.ipc.messages import DeadLetter
+from conflux.log.base import Checkpoint, OutgoingMessage, dlq_topic
+from conflux.log.kafka import KafkaLog
+from conflux.secrets import known_secrets
 from tests.support import wait_until
 
 SOURCES = ("customers", "products")
@@ -67,7 +66,7 @@ def test_prepare_creates_each_topic_with_the_configured_partitions(config, kafka
 def test_an_existing_topic_with_fewer_partitions_is_used_as_it_is(config, kafka_admin, caplog):
     topic = config.topic_of(config.sources[0])
     kafka_admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(timeout=30)
-    with caplog.at_level(logging.WARNING, logger="log.kafka"):
+    with caplog.at_level(logging.WARNING, logger="conflux.log.kafka"):
         actual = KafkaLog(config).prepare({topic: 6})
     assert actual == {topic: 2}
     assert len(kafka_admin.list_topics(topic=topic, timeout=10).topics[topic].partitions) == 2
@@ -98,7 +97,7 @@ def test_publish_waits_for_delivery_and_the_group_commits_only_upwards(config, p
 
 def consume(log: KafkaLog, count: int) -> list[tuple[int, int, bytes]]:
     """Read ``count`` messages with a group member, committing upwards and then (ignored) downwards."""
-    consumer = log.consumer(0, 1, [])
+    consumer = log.consumer(0, [])
     assigned: list = []
     consumer.start(assigned.extend, lambda tps: None)
     read: list = []

@@ -27,7 +27,7 @@ def kafka_log(kafka_bootstrap: str, kafka_group_id: str) -> dict:
 
 
 def dlq_entries(config_path) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "dlq", "list", "-c", str(config_path), "--json"],
+    out = subprocess.run([sys.executable, "-m", "conflux", "dlq", "list", "-c", str(config_path), "--json"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
@@ -121,7 +121,7 @@ def test_dlq_replay_on_kafka_delivers_and_removes_the_entries(upstream_factory, 
                          message="every refused record in the Kafka DLQ")
     assert {(e["source"], e["key"]) for e in entries} == refused and all(e["stage"] == "sink" for e in entries)
     requests.post(f"{sink.url}/admin/faults", json={"reject_rate": 0.0}, timeout=10).raise_for_status()
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "dlq", "replay", "-c", str(daemon.config_path),
+    out = subprocess.run([sys.executable, "-m", "conflux", "dlq", "replay", "-c", str(daemon.config_path),
                           "--timeout", "90"], capture_output=True, text=True, cwd=REPO, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])

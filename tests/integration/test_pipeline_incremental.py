@@ -104,7 +104,7 @@ def test_malformed_records_go_to_the_dlq_with_reasons_while_the_rest_flows(upstr
     assert len(expected) >= 40
 
     def dlq_entries():
-        out = subprocess.run([sys.executable, "-m", "daemon.cli", "dlq", "list", "-c", str(daemon.config_path),
+        out = subprocess.run([sys.executable, "-m", "conflux", "dlq", "list", "-c", str(daemon.config_path),
                               "--json"], capture_output=True, text=True, cwd=REPO, timeout=60)
         assert out.returncode == 0, out.stderr
         return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

@@ -169,7 +169,7 @@ def test_status_page_renders_in_chromium_and_follows_a_sync(upstream_factory, an
 
 def test_throughput_turns_counter_samples_into_rates_over_a_bounded_window():
     """Pure logic of the records/s history that /status carries for the page and `conflux top`."""
-    from daemon.status_page import Throughput
+    from conflux.workers.status_page import Throughput
 
     fetched, delivered = Throughput.COUNTERS["fetched"], Throughput.COUNTERS["delivered"]
     history = Throughput(interval_s=2.0, window_s=6.0)

@@ -15,7 +15,7 @@ BOTH = {"customers": "customers", "products": "products"}
 
 
 def _conflux(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "conflux", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout_s)
 
 

@@ -21,7 +21,7 @@ import msgspec
 import pytest
 import requests
 
-from demo.checksum import Checksum, record_digest
+from conflux.demo.checksum import Checksum, record_digest
 from tests.fixtures.upstream import start_upstream, stop_upstream
 from tests.support import Service, wait_until
 

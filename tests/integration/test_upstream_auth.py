@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from daemon.errors import ExitCode
+from conflux.errors import ExitCode
 from tests.fixtures.daemon import config_settings, source, wait_converged, write_config
 from tests.support import REPO, wait_until
 
@@ -26,7 +26,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "conflux", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, timeout=120)
 
 
@@ -150,9 +150,9 @@ def test_a_missing_secret_is_a_config_error_naming_source_and_variable(tmp_path,
         source("crm", "http://127.0.0.1:9", auth=auth)])
     config = str(write_config(tmp_path, settings))
     env = {name: value for name, value in os.environ.items() if not name.startswith("CONFLUX_TEST_UNSET")}
-    check = subprocess.run([sys.executable, "-m", "daemon.cli", "config", "check", "-c", config],
+    check = subprocess.run([sys.executable, "-m", "conflux", "config", "check", "-c", config],
                            capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
-    run = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "-c", config],
+    run = subprocess.run([sys.executable, "-m", "conflux", "run", "-c", config],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     for result in (check, run):
         assert result.returncode == ExitCode.CONFIG_ERROR, result.stdout + result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from daemon.errors import ExitCode
+from conflux.errors import ExitCode
 from tests.fixtures.daemon import config_settings, source, wait_converged, write_config
 from tests.support import REPO, wait_until
 
@@ -81,7 +81,7 @@ def test_https_sources_verify_with_ca_file_refuse_unknown_cas_and_may_skip_check
 def test_a_missing_ca_file_is_a_config_error(tmp_path):
     settings = config_settings(tmp_path, sink_url="http://127.0.0.1:9", sources=[
         source("crm", "https://127.0.0.1:9", ca_file=str(tmp_path / "missing-ca.pem"))])
-    check = subprocess.run([sys.executable, "-m", "daemon.cli", "config", "check", "-c",
+    check = subprocess.run([sys.executable, "-m", "conflux", "config", "check", "-c",
                             str(write_config(tmp_path, settings))], capture_output=True, text=True, cwd=REPO,
                            env=dict(os.environ), timeout=60)
     assert check.returncode == ExitCode.CONFIG_ERROR

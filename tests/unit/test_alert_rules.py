@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from daemon import metrics
+from conflux import metrics
 from tests.support import REPO
 
 RULES_DIR = REPO / "deploy" / "prometheus"

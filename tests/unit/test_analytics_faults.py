@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from demo import analytics_faults
-from demo.analytics_faults import (
+from conflux.demo import analytics_faults
+from conflux.demo.analytics_faults import (
     Faults,
     FaultSettings,
     FaultSpecError,

@@ -11,10 +11,10 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from demo.analytics_db import Database, to_signed, to_unsigned
-from demo.analytics_store import Store, StoreFailed
-from demo.analytics_wire import check_batch, decode_batch, parse_instant
-from demo.checksum import Checksum, record_digest
+from conflux.demo.analytics_db import Database, to_signed, to_unsigned
+from conflux.demo.analytics_store import Store, StoreFailed
+from conflux.demo.analytics_wire import check_batch, decode_batch, parse_instant
+from conflux.demo.checksum import Checksum, record_digest
 
 TIMES = ["2024-01-01T00:00:00Z", "2024-01-01T01:00:00+01:00", "2024-01-01T00:00:01Z", "2024-01-01T00:00:02Z"]
 

@@ -8,7 +8,7 @@ import xxhash
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from demo.analytics_wire import (
+from conflux.demo.analytics_wire import (
     REASON_BAD_HASH,
     REASON_BAD_UPDATED_AT,
     REASON_EMPTY_KEY,
@@ -21,7 +21,7 @@ from demo.analytics_wire import (
     parse_instant,
     rejected_by_rate,
 )
-from demo.checksum import record_digest
+from conflux.demo.checksum import record_digest
 
 REASONS = {REASON_BAD_HASH, REASON_BAD_UPDATED_AT, REASON_EMPTY_KEY, REASON_NOT_OBJECT, REASON_REJECT_RATE}
 FIELDS = ("source", "key", "op", "updated_at", "hash", "data")

@@ -14,13 +14,13 @@ import msgspec
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from daemon.config import AuthConfig, RetryConfig, SourceConfig
-from daemon.errors import ConfigError, UpstreamError
-from demo.upstream_auth import AuthGate, AuthSettings
-from workers import auth as auth_module
-from workers.auth import OAuth2ClientCredentials, make_auth
-from workers.ratelimit import TokenBucket
-from workers.upstream import UpstreamClient
+from conflux.config import AuthConfig, RetryConfig, SourceConfig
+from conflux.demo.upstream_auth import AuthGate, AuthSettings
+from conflux.errors import ConfigError, UpstreamError
+from conflux.workers import auth as auth_module
+from conflux.workers.auth import OAuth2ClientCredentials, make_auth
+from conflux.workers.ratelimit import TokenBucket
+from conflux.workers.upstream import UpstreamClient
 
 OAUTH2 = AuthConfig(type="oauth2", token_url="http://idp/oauth/token", client_id="conflux",
                     client_secret_env="SECRET", scope="read")
@@ -157,7 +157,7 @@ def test_retry_after_pauses_the_whole_source(monkeypatch):
     client = _client(session)
     paused: list[float] = []
     monkeypatch.setattr(client.limiter, "pause", paused.append)
-    monkeypatch.setattr("workers.upstream.asyncio.sleep", _no_sleep)
+    monkeypatch.setattr("conflux.workers.upstream.asyncio.sleep", _no_sleep)
     assert asyncio.run(client.get(client.source.url)).status == 200
     assert paused == [7.0] and len(session.sent) == 2
 

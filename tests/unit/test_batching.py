@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
 
-from daemon.config import PaginationConfig, SourceConfig
-from daemon.errors import PageFormatError
-from workers.batching import (
+from conflux.config import PaginationConfig, SourceConfig
+from conflux.errors import PageFormatError
+from conflux.workers.batching import (
     PageMeta,
     RecordSchema,
     dead_letter_id,

@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from workers.checkpoint import InFlight, OffsetTracker
+from conflux.workers.checkpoint import InFlight, OffsetTracker
 
 TP, OTHER = ("orders", 0), ("orders", 1)
 BOTH = 0b11  # waiting on mergers 0 and 1

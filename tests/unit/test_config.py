@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import Config, load_config, redacted, to_toml
-from daemon.errors import ConfigError
+from conflux.config import Config, load_config, redacted, to_toml
+from conflux.errors import ConfigError
 
 FUZZ = settings(max_examples=75, derandomize=True, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -375,7 +375,7 @@ def test_an_explicit_environ_replaces_the_process_environment(monkeypatch: pytes
 
 
 def test_secret_files_and_ca_files_are_relative_to_the_config_file(tmp_path, monkeypatch):
-    from daemon.config import load_config
+    from conflux.config import load_config
 
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "crm").write_text("token\n")
@@ -390,8 +390,8 @@ def test_secret_files_and_ca_files_are_relative_to_the_config_file(tmp_path, mon
 
 
 def test_an_unknown_key_set_by_the_environment_names_the_variable(tmp_path):
-    from daemon.config import load_config
-    from daemon.errors import ConfigError
+    from conflux.config import load_config
+    from conflux.errors import ConfigError
 
     expected = r"sink\.bearer: unknown key \(set by environment variable CONFLUX_SINK_BEARER\)"
     with pytest.raises(ConfigError, match=expected):

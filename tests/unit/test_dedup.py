@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.dedup import Deduplicator
+from conflux.workers.dedup import Deduplicator
 
 FUZZ = settings(max_examples=80, derandomize=True, deadline=None)
 

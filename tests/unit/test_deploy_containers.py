@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from daemon.config import ControlConfig, DaemonConfig, load_config
+from conflux.config import ControlConfig, DaemonConfig, load_config
 from tests.support import REPO
 
 DEPLOY = REPO / "deploy"
@@ -159,7 +159,8 @@ def test_installs_leave_no_caches_and_no_remote_adds(stages):
 def test_the_image_copies_every_package_setup_cfg_installs(stages):
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
-    packages = {line.split(".")[0] for line in setup["options.packages.find"]["include"].split()}
+    # package_dir lines read "conflux.daemon = daemon": the folder each package is installed from
+    packages = {line.split("=")[1].strip() for line in setup["options"]["package_dir"].strip().splitlines()}
     copied: set[str] = set()
     for stage in stages[1:]:
         for instruction in stage:

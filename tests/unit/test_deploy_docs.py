@@ -12,7 +12,7 @@ from tests.support import REPO
 
 OPERATIONS = REPO / "docs" / "OPERATIONS.md"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
-METRICS_SOURCE = REPO / "daemon" / "metrics.py"
+METRICS_SOURCE = REPO / "conflux" / "metrics.py"
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 USER_CREATED = frozenset({"deploy/.env"})  # copied from deploy/.env.example by the operator
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import DaemonConfig, load_config
-from daemon.errors import ExitCode
+from conflux.config import DaemonConfig, load_config
+from conflux.errors import ExitCode
 from tests.support import REPO
 
 HOST_CONFIG = REPO / "deploy" / "conflux.toml"

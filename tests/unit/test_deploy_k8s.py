@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from daemon.config import load_config
+from conflux.config import load_config
 from tests.support import REPO
 from tests.unit.test_deploy_containers import dockerfile_stages, env_of, first, image_env
 

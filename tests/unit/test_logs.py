@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from daemon import logs
+from conflux import logs
 
 
 @pytest.fixture(autouse=True)

@@ -9,24 +9,26 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipc.messages import MergeRecords, Position
-from workers.merge import HASH, UPDATED_US, MergeState, Token, make_chunk
+from conflux.ipc.messages import Batch, Position
+from conflux.workers.merge import HASH, UPDATED_US, MergeState, Token, make_chunk
 
 FUZZ = settings(max_examples=100, derandomize=True, deadline=None)
 _offsets = count()
 
 
 def frame(source: str, records: list[tuple[str, int, str]], *, consumer: int = 0, generation: int = 1,
-          offset: int | None = None) -> MergeRecords:
-    """records: (key, updated_us, content); the record's JSON carries all three."""
+          offset: int | None = None) -> tuple[Batch, Token]:
+    """A log batch and its token; records: (key, updated_us, content), the record's JSON carries all three."""
     raws = [msgspec.Raw(msgspec.json.encode({"k": key, "u": updated_us, "c": content}))
             for key, updated_us, content in records]
-    return MergeRecords(
-        consumer=consumer, generation=generation,
-        position=Position(f"t-{source}", 0, next(_offsets) if offset is None else offset), source=source,
+    batch = Batch(
+        message_id=f"m{next(_offsets)}", source=source, sync="full", created_us=0,
         keys=[key for key, _, _ in records], updated=[f"u{updated_us}" for _, updated_us, _ in records],
         updated_us=[updated_us for _, updated_us, _ in records],
-        hashes=[f"h-{content}" for _, _, content in records], records=raws)
+        hashes=[f"h-{content}" for _, _, content in records], key_hashes=[hash(key) for key, _, _ in records],
+        records=raws)
+    position = Position(f"t-{source}", 0, next(_offsets) if offset is None else offset)
+    return batch, Token(consumer, generation, position)
 
 
 def flushed(state: MergeState, batch_size: int = 1000) -> list[tuple[str, list[tuple[str, int, str]]]]:
@@ -78,7 +80,7 @@ def test_merge_state_follows_the_latest_wins_rule(steps: list) -> None:
             assert flushed(state, step) == model.take(step)
         else:
             source, records = step
-            assert state.add(frame(source, records)) == model.add(source, records)
+            assert state.add(*frame(source, records)) == model.add(source, records)
             assert state.pending_count == sum(len(keys) for keys in model.pending.values())
     assert flushed(state, 3) == model.take(3)
 
@@ -90,8 +92,8 @@ def test_fast_path_and_one_by_one_path_agree(records: list, known: list) -> None
     for state in (fast, slow):  # the same history of versions already handed to the sink
         state.latest["s"] = dict(known)
     one = frame("s", records)
-    stale_fast = fast.add(one)
-    stale_slow = slow._add_one_by_one(one, slow.latest["s"], slow.pending.setdefault("s", {}), one.position)
+    stale_fast = fast.add(*one)
+    stale_slow = slow._add_one_by_one(one[0], slow.latest["s"], slow.pending.setdefault("s", {}), one[1].position)
     assert stale_fast == stale_slow
     assert fast.pending_count == slow.pending_count == len(slow.pending["s"])
     assert fast.pending == slow.pending
@@ -99,21 +101,21 @@ def test_fast_path_and_one_by_one_path_agree(records: list, known: list) -> None
 
 def test_newer_wins_and_an_older_version_arriving_late_is_dropped() -> None:
     state = MergeState()
-    assert state.add(frame("s", [("k", 20, "new")])) == 0
-    assert state.add(frame("s", [("k", 10, "old")])) == 1  # late and older: stale
+    assert state.add(*frame("s", [("k", 20, "new")])) == 0
+    assert state.add(*frame("s", [("k", 10, "old")])) == 1  # late and older: stale
     assert flushed(state) == [("s", [("k", 20, "h-new")])]
-    assert state.add(frame("s", [("k", 15, "older-than-handed")])) == 1
+    assert state.add(*frame("s", [("k", 15, "older-than-handed")])) == 1
     assert state.pending_count == 0 and flushed(state) == []
-    assert state.add(frame("s", [("k", 30, "newer")])) == 0
+    assert state.add(*frame("s", [("k", 30, "newer")])) == 0
     assert flushed(state) == [("s", [("k", 30, "h-newer")])]
 
 
 def test_equal_timestamps_the_later_arrival_wins_in_pending_and_after_a_flush() -> None:
     state = MergeState()
-    state.add(frame("s", [("k", 5, "first"), ("k", 5, "second")]))
-    state.add(frame("s", [("k", 5, "third")]))
+    state.add(*frame("s", [("k", 5, "first"), ("k", 5, "second")]))
+    state.add(*frame("s", [("k", 5, "third")]))
     assert flushed(state) == [("s", [("k", 5, "h-third")])]
-    assert state.add(frame("s", [("k", 5, "fourth")])) == 0  # equal to the handed version: not stale
+    assert state.add(*frame("s", [("k", 5, "fourth")])) == 0  # equal to the handed version: not stale
     assert flushed(state) == [("s", [("k", 5, "h-fourth")])]
 
 
@@ -121,21 +123,21 @@ def test_records_before_1970_are_not_mistaken_for_stale() -> None:
     """Regression: the one-by-one path compared against -1 for unknown keys, so negative instants
     (legacy 1900-01-01 style stamps) were silently dropped when a frame had a repeated key."""
     state = MergeState()
-    assert state.add(frame("s", [("k", -2_208_988_800_000_000, "a"), ("k", -2_208_988_800_000_000, "b")])) == 0
+    assert state.add(*frame("s", [("k", -2_208_988_800_000_000, "a"), ("k", -2_208_988_800_000_000, "b")])) == 0
     assert flushed(state) == [("s", [("k", -2_208_988_800_000_000, "h-b")])]
 
 
 def test_sources_are_separate_key_spaces() -> None:
     state = MergeState()
-    state.add(frame("a", [("k", 10, "x")]))
-    state.add(frame("b", [("k", 1, "y")]))  # same key, other source: not stale
+    state.add(*frame("a", [("k", 10, "x")]))
+    state.add(*frame("b", [("k", 1, "y")]))  # same key, other source: not stale
     assert flushed(state) == [("a", [("k", 10, "h-x")]), ("b", [("k", 1, "h-y")])]
 
 
 def test_take_cuts_per_source_chunks_of_at_most_batch_size() -> None:
     state = MergeState()
-    state.add(frame("a", [(f"k{i}", i, "x") for i in range(7)]))
-    state.add(frame("b", [(f"k{i}", i, "x") for i in range(3)]))
+    state.add(*frame("a", [(f"k{i}", i, "x") for i in range(7)]))
+    state.add(*frame("b", [(f"k{i}", i, "x") for i in range(3)]))
     unit = state.take(3)
     assert [(chunk.source, len(chunk.keys)) for chunk in unit.chunks] == [("a", 3), ("a", 3), ("a", 1), ("b", 3)]
     assert unit.records == 10
@@ -149,17 +151,17 @@ def test_take_hands_back_every_token_in_arrival_order_and_resets_the_age() -> No
     assert state.age_s() == 0.0
     first = frame("a", [("k", 1, "x")], consumer=0, generation=3, offset=7)
     second = frame("a", [("k", 0, "y")], consumer=1, generation=4, offset=9)  # stale, still acknowledged
-    state.add(first)
-    state.add(second)
+    state.add(*first)
+    state.add(*second)
     assert state.age_s() >= 0.0 and state.oldest_at is not None
     unit = state.take(10)
-    assert unit.tokens == [Token(0, 3, first.position), Token(1, 4, second.position)]
+    assert unit.tokens == [first[1], second[1]]
     assert state.tokens == [] and state.oldest_at is None and state.age_s() == 0.0
 
 
 def test_chunk_body_is_the_sink_contract() -> None:
     state = MergeState()
-    state.add(frame("s", [("k1", 1, "x"), ("k2", 2, "y")]))
+    state.add(*frame("s", [("k1", 1, "x"), ("k2", 2, "y")]))
     chunk = state.take(10).chunks[0]
     body = msgspec.json.decode(chunk.body)
     assert body["batch_id"] == chunk.batch_id
@@ -174,7 +176,7 @@ def test_chunk_body_is_the_sink_contract() -> None:
 def test_batch_id_is_derived_from_content_only() -> None:
     def chunk_for(records: list, offset: int):
         state = MergeState()
-        state.add(frame("s", records, consumer=offset, generation=offset, offset=offset))
+        state.add(*frame("s", records, consumer=offset, generation=offset, offset=offset))
         return state.take(10).chunks[0]
 
     same = [chunk_for([("k1", 1, "x"), ("k2", 2, "y")], offset) for offset in (1, 2)]
@@ -188,12 +190,12 @@ def test_batch_id_is_derived_from_content_only() -> None:
 def test_a_frame_of_only_stale_records_is_acknowledged_without_a_delivery():
     """Nothing to deliver must not mean nothing to acknowledge: the consumer would wait forever."""
     state = MergeState()
-    state.add(frame("crm", [("k", 200, "new")]))
+    state.add(*frame("crm", [("k", 200, "new")]))
     unit = state.take(100)
     assert state.take_idle_tokens() == []
     stale = frame("crm", [("k", 100, "old")])
-    assert state.add(stale) == 1 and state.pending_count == 0
-    assert [token.position for token in state.take_idle_tokens()] == [stale.position]
+    assert state.add(*stale) == 1 and state.pending_count == 0
+    assert [token.position for token in state.take_idle_tokens()] == [stale[1].position]
     assert state.tokens == [] and unit.records == 1
-    state.add(frame("crm", [("j", 300, "x")]))
+    state.add(*frame("crm", [("j", 300, "x")]))
     assert state.take_idle_tokens() == []  # something pending: its tokens go with the delivery

@@ -11,11 +11,11 @@ import msgspec
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from daemon.config import PaginationConfig, SourceConfig
-from daemon.errors import PageFormatError, UpstreamError
-from workers.batching import RecordSchema
-from workers.paging import STYLES, PageInfo
-from workers.upstream import Response
+from conflux.config import PaginationConfig, SourceConfig
+from conflux.errors import PageFormatError, UpstreamError
+from conflux.workers.batching import RecordSchema
+from conflux.workers.paging import STYLES, PageInfo
+from conflux.workers.upstream import Response
 
 URL = "http://upstream.test/api/customers"
 

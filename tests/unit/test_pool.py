@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.errors import ExitCode
-from daemon.pool import ExitVerdict, Slot, SlotState, describe_exit
+from conflux.daemon.pool import ExitVerdict, Slot, SlotState, describe_exit
+from conflux.errors import ExitCode
 
 
 def running_slot(now: float = 0.0, **kwargs) -> Slot:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.ratelimit import TokenBucket
+from conflux.workers.ratelimit import TokenBucket
 
 
 class Clock:
@@ -35,7 +35,7 @@ _real_sleep = asyncio.sleep
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr("workers.ratelimit.asyncio.sleep", fake.sleep)
+    monkeypatch.setattr("conflux.workers.ratelimit.asyncio.sleep", fake.sleep)
     return fake
 
 
@@ -111,7 +111,7 @@ def test_never_more_than_burst_plus_rate_times_elapsed(rate: float, burst: int, 
             await bucket.acquire()
 
     with pytest.MonkeyPatch.context() as patch:  # hypothesis examples cannot share the fixture
-        patch.setattr("workers.ratelimit.asyncio.sleep", clock.sleep)
+        patch.setattr("conflux.workers.ratelimit.asyncio.sleep", clock.sleep)
         asyncio.run(run())
     elapsed = clock.now - 100.0
     assert count <= burst + rate * elapsed + 1e-6

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.config import RetryConfig
-from workers.resilience import MAX_RETRY_AFTER_S, Backoff, CircuitBreaker, parse_retry_after
+from conflux.config import RetryConfig
+from conflux.workers.resilience import MAX_RETRY_AFTER_S, Backoff, CircuitBreaker, parse_retry_after
 
 FUZZ = settings(max_examples=100, derandomize=True, deadline=None)
 NOW = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC).timestamp()

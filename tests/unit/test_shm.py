@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from xxhash import xxh3_64
 
-from ipc.shm import (
+from conflux.ipc.shm import (
     FRAME_HEADER,
     HEADER_BYTES,
     W_WRITE_POS,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from demo import datagen
-from demo.upstream_time import format_us, parse_iso_us, truncate_us
+from conflux.demo import datagen
+from conflux.demo.upstream_time import format_us, parse_iso_us, truncate_us
 
 
 def test_same_seed_same_bytes_and_other_seed_other_bytes():

@@ -10,11 +10,11 @@ from collections import Counter
 
 import pytest
 
-from demo import datagen
-from demo.faults import Fault, FaultInjector, FaultSettings
-from demo.store import Collection
-from demo.upstream_changes import ChangeGenerator
-from demo.upstream_webhooks import signature
+from conflux.demo import datagen
+from conflux.demo.faults import Fault, FaultInjector, FaultSettings
+from conflux.demo.store import Collection
+from conflux.demo.upstream_changes import ChangeGenerator
+from conflux.demo.upstream_webhooks import signature
 
 
 def draws(injector: FaultInjector, count: int) -> list[Fault | None]:

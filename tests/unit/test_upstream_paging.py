@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from demo import datagen
-from demo.paging_styles import (
+from conflux.demo import datagen
+from conflux.demo.paging_styles import (
     STYLES,
     BadParameter,
     decode_cursor,
@@ -18,8 +18,8 @@ from demo.paging_styles import (
     int_param,
     since_param,
 )
-from demo.store import Collection
-from demo.upstream_time import format_us, parse_iso_us
+from conflux.demo.store import Collection
+from conflux.demo.upstream_time import format_us, parse_iso_us
 
 
 class Body(msgspec.Struct):

@@ -7,10 +7,10 @@ import random
 import msgspec
 import pytest
 
-from demo import datagen
-from demo.checksum import Checksum, record_digest
-from demo.store import Collection, KeyConflict, ReadOnlyRecord, StoreError, UnknownKey
-from demo.upstream_time import parse_iso_us
+from conflux.demo import datagen
+from conflux.demo.checksum import Checksum, record_digest
+from conflux.demo.store import Collection, KeyConflict, ReadOnlyRecord, StoreError, UnknownKey
+from conflux.demo.upstream_time import parse_iso_us
 
 NOW_US = parse_iso_us("2026-11-01T12:00:00.123456Z")
 

@@ -13,10 +13,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon import logs
-    from daemon.cli import load_config_or_report
-    from daemon.errors import ConfigError, ExitCode
-    from daemon.secrets import known_secrets
+    from conflux import logs
+    from conflux.cli.main import load_config_or_report
+    from conflux.errors import ConfigError, ExitCode
+    from conflux.secrets import known_secrets
 
     config = load_config_or_report(args.config)
     if config is None:
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     # prometheus-client picks multiprocess mode when it is first imported, and the supervisor's
     # import brings it in: without this line every process would keep its metrics to itself.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(config.daemon.state_dir) / "metrics")
-    from daemon.supervisor import Supervisor
+    from conflux.daemon.supervisor import Supervisor
 
     try:
         return Supervisor(config, args.config).run()

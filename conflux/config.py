@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from daemon.errors import ConfigError
+from conflux.errors import ConfigError
 
 PaginationStyle = Literal["page", "offset", "cursor", "link", "watermark"]
 SECRET_FIELD = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|authorization)$", re.IGNORECASE)

@@ -60,9 +60,9 @@ class StatusClient:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StatusClient:
-        from daemon.config import load_config
-        from daemon.errors import ConfigError
-        from daemon.secrets import read_secret
+        from conflux.config import load_config
+        from conflux.errors import ConfigError
+        from conflux.secrets import read_secret
 
         try:
             config = load_config(args.config)

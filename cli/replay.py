@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from daemon.config import Config
-from daemon.errors import ConfigError
-from ipc.codec import encode_batch
-from ipc.messages import DeadLetter, Position
-from log.base import DeadLetterStore, LogBackend, OutgoingMessage
-from workers.batching import RecordSchema, split_by_partition
+from conflux.config import Config
+from conflux.errors import ConfigError
+from conflux.ipc.codec import encode_batch
+from conflux.ipc.messages import DeadLetter, Position
+from conflux.log.base import DeadLetterStore, LogBackend, OutgoingMessage
+from conflux.workers.batching import RecordSchema, split_by_partition
 
 POLL_S = 0.2
 

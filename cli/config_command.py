@@ -15,9 +15,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import msgspec
 
-    from daemon.cli import load_config_or_report
-    from daemon.config import redacted, to_toml
-    from daemon.errors import ExitCode
+    from conflux.cli.main import load_config_or_report
+    from conflux.config import redacted, to_toml
+    from conflux.errors import ExitCode
 
     config = load_config_or_report(args.config)
     if config is None:

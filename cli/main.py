@@ -10,29 +10,26 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
-# command -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("daemon.run_command", "run the supervisor and its worker pools"),
-    "config": ("daemon.config_command", "validate a config file and print the effective config"),
-    "dlq": ("daemon.dlq_command", "list, show, replay or purge dead-letter entries"),
-    "status": ("daemon.status_command", "print the running daemon's sources, workers and partitions"),
-    "top": ("daemon.status_command", "a live view of the running daemon (q quits)"),
-    "metrics": ("daemon.metrics_command", "sample a /metrics endpoint and write a JSON time series"),
-    "demo": ("demo.demo_command", "run the whole demo: upstream, analytics sink and daemon"),
-    "upstream": ("demo.upstream", "serve the demo upstream CRM/inventory APIs"),
-    "analytics": ("demo.analytics", "serve the demo analytics sink"),
-    "bench": ("demo.bench_command", "end-to-end benchmark with its limit and old-style baseline"),
-    "loadtest": ("demo.loadtest_command", "drive creates and updates through the upstream (throughput | burst)"),
-    "check": ("demo.check_command", "integration check of a running deployment: health, create, sync, verify"),
-}
+COMMAND_GROUP = "conflux.commands"
+
+
+def discover_commands() -> dict[str, tuple[str, str]]:
+    """Every registered command: name -> (module, one-line help). Each entry point of the group names a
+    ``COMMANDS`` table (the daemon's own, the demo's, a plugin's); loading one imports only that table."""
+    commands: dict[str, tuple[str, str]] = {}
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda entry: (entry.name != "core", entry.name)):
+        for name, spec in entry.load().items():
+            commands.setdefault(name, spec)
+    return commands
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to configure its arguments."""
     parser = argparse.ArgumentParser(prog="conflux", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in discover_commands().items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module_name)
         if name == command:
@@ -53,8 +50,8 @@ def _configure(module_name: str, parser: argparse.ArgumentParser) -> None:
 
 def load_config_or_report(path: str | None):
     """For commands: the validated config, or None after printing the error (exit with CONFIG_ERROR)."""
-    from daemon.config import load_config
-    from daemon.errors import ConfigError
+    from conflux.config import load_config
+    from conflux.errors import ConfigError
 
     try:
         return load_config(path)
@@ -74,5 +71,3 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.run(args) or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

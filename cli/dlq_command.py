@@ -34,9 +34,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.cli import load_config_or_report
-    from daemon.errors import ExitCode, LogError
-    from log import open_log
+    from conflux.cli.main import load_config_or_report
+    from conflux.errors import ExitCode, LogError
+    from conflux.log import open_log
 
     config = load_config_or_report(args.config)
     if config is None:
@@ -92,7 +92,7 @@ def _purge(args, config, backend, store) -> int:
 
 
 def _replay(args, config, backend, store) -> int:
-    from daemon.replay import replay
+    from conflux.cli.replay import replay
 
     entries = [e for e in store.list(args.source) if not args.ids or e.id in args.ids]
     if not entries:

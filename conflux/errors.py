@@ -23,10 +23,6 @@ class LogUnavailable(LogError):
     """The log cannot be reached right now; retry later."""
 
 
-class SinkError(ConfluxError):
-    """The sink refused or failed a delivery."""
-
-
 class UpstreamError(ConfluxError):
     """An upstream request failed after its retries."""
 

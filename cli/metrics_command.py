@@ -64,9 +64,9 @@ def metrics_url(args: argparse.Namespace) -> str:
     if args.url:
         url = args.url
     elif args.config:
-        from daemon.config import load_config
-        from daemon.errors import ConfigError
-        from daemon.status_command import StatusError, control_url
+        from conflux.cli.status_command import StatusError, control_url
+        from conflux.config import load_config
+        from conflux.errors import ConfigError
 
         try:
             url = control_url(load_config(args.config).control.listen)

@@ -11,8 +11,8 @@ import contextlib
 import os
 from pathlib import Path
 
-from daemon.config import Config
-from daemon.errors import ConfigError
+from conflux.config import Config
+from conflux.errors import ConfigError
 
 
 def read_secret(*, env: str = "", file: str = "", literal: str = "", what: str = "secret") -> str:
