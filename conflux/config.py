@@ -7,11 +7,13 @@ receive the already-validated object across fork and never parse files themselve
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -111,6 +113,12 @@ class SourceConfig(_Section):
     webhook_max_bytes: int = 1 << 20
     pagination_options: PaginationConfig = msgspec.field(default_factory=PaginationConfig, name="pagination_fields")
     auth: AuthConfig | None = None
+    # Origins (scheme://host:port) besides the source's own that next links and redirects may lead to;
+    # they never get the source's credentials or static headers.
+    allowed_origins: list[str] = []
+    max_page_bytes: int = 64 << 20            # per response, after decompression
+    max_pages_per_sync: int = 100_000
+    max_clock_skew_s: float = 300.0           # how far in the future an updated_at may be
 
     def __post_init__(self) -> None:
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
@@ -123,6 +131,12 @@ class SourceConfig(_Section):
         _require(self.rate_limit_rps >= 0, "rate_limit_rps must be >= 0")
         _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeout_s and connect_timeout_s must be > 0")
         _require(self.webhook_max_bytes >= 1, "webhook_max_bytes must be >= 1")
+        for index, origin in enumerate(self.allowed_origins):
+            problem = _origin_problem(origin)
+            _require(not problem, f"allowed_origins[{index}]: {origin!r} {problem}")
+        _require(self.max_page_bytes >= 1024, "max_page_bytes must be >= 1024")
+        _require(self.max_pages_per_sync >= 1, "max_pages_per_sync must be >= 1")
+        _require(0 <= self.max_clock_skew_s < math.inf, "max_clock_skew_s must be a finite number >= 0")
 
 
 class SinkConfig(_Section):
@@ -234,6 +248,20 @@ class Config(_Section):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _origin_problem(text: str) -> str:
+    """'' for an origin written as scheme://host[:port]; otherwise what is wrong with it."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be http(s)://host[:port]"
+    if "\\" in text or "@" in parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must be only scheme://host[:port], without user, path or query"
+    return "" if port is None or port > 0 else "has port 0"
 
 
 # ---------------------------------------------------------------------------------------------

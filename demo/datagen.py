@@ -28,6 +28,9 @@ RANGE_SPAN_US = 30 * 86_400 * 1_000_000
 RECORDS_PER_BURST = 8
 MISSING_KEY = "missing_key"
 BAD_UPDATED_AT = "bad_updated_at"
+TOO_DEEP = "too_deep"                    # a valid record nested past any recursive decoder's limit
+FUTURE_UPDATED_AT = "future_updated_at"  # a valid record stamped in the year 2999
+FUTURE_STAMP = "2999-01-01T00:00:00Z"
 _BAD_DATES = ("not-a-date", "2026-13-45T99:00:00Z")
 
 _encode = msgspec.json.Encoder().encode
@@ -178,17 +181,30 @@ def collection_plan(*, customers: int, products: int, systems: int,
     return plan
 
 
+@dataclass(frozen=True)
+class HostileRecords:
+    """Records a buggy or hostile API serves, per collection: ``deep`` records carry a member nested
+    ``depth`` levels deep, ``future`` records are stamped FUTURE_STAMP. Both are listed as malformed."""
+
+    deep: int = 0
+    depth: int = 3000
+    future: int = 0
+
+
+NO_HOSTILE_RECORDS = HostileRecords()
+
+
 @dataclass
 class Generated:
     """One collection's initial records: ``items`` are (sort_us, key, json) sorted by (sort_us, key)."""
 
     items: list[tuple[int, Key, bytes]]
-    malformed: dict[Key, str]  # key -> MISSING_KEY | BAD_UPDATED_AT
+    malformed: dict[Key, str]  # key -> MISSING_KEY | BAD_UPDATED_AT | TOO_DEEP | FUTURE_UPDATED_AT
     key_width: int
 
 
 def generate(spec: CollectionSpec, count: int, *, seed: int, precision: str,
-             malformed_rate: float = 0.0) -> Generated:
+             malformed_rate: float = 0.0, hostile: HostileRecords = NO_HOSTILE_RECORDS) -> Generated:
     """Generate ``count`` records of ``spec``; deterministic in (seed, spec, count, precision)."""
     rng = random.Random(f"{seed}:{spec.name}:data")
     width = max(6, len(str(count)))
@@ -207,6 +223,8 @@ def generate(spec: CollectionSpec, count: int, *, seed: int, precision: str,
     rows = map(row_type, keys, *columns.values(), map(stamps.__getitem__, sorted_bursts))
     encoded = list(map(_encode, rows))
     malformed = _malform(spec, keys, encoded, random.Random(f"{seed}:{spec.name}:malformed"), malformed_rate)
+    if hostile != NO_HOSTILE_RECORDS:
+        _make_hostile(keys, encoded, random.Random(f"{seed}:{spec.name}:hostile"), hostile, malformed)
     sort_us = map(burst_us.__getitem__, sorted_bursts)
     items = list(zip(sort_us, keys, encoded, strict=True))
     return Generated(items=items, malformed=malformed, key_width=width)
@@ -237,3 +255,20 @@ def _malform(spec: CollectionSpec, keys: list[Key], encoded: list[bytes], rng: r
             malformed[keys[index]] = BAD_UPDATED_AT
         encoded[index] = _encode(record)
     return malformed
+
+
+def _make_hostile(keys: list[Key], encoded: list[bytes], rng: random.Random, hostile: HostileRecords,
+                  malformed: dict[Key, str]) -> None:
+    """Turn records not malformed yet into ``hostile``'s deep and future ones, in place."""
+    candidates = [index for index, key in enumerate(keys) if key not in malformed]
+    chosen = rng.sample(candidates, min(len(candidates), hostile.deep + hostile.future))
+    nested = b"[" * hostile.depth + b"]" * hostile.depth
+    for position, index in enumerate(sorted(chosen)):
+        if position < hostile.deep:
+            encoded[index] = encoded[index][:-1] + b',"nested":' + nested + b"}"
+            malformed[keys[index]] = TOO_DEEP
+        else:
+            record = _decode(encoded[index])
+            record["updated_at"] = FUTURE_STAMP
+            encoded[index] = _encode(record)
+            malformed[keys[index]] = FUTURE_UPDATED_AT

@@ -134,10 +134,11 @@ def offset_style(collection: Collection, query: Query) -> Page:
     return Page(body)
 
 
-def cursor_style(collection: Collection, query: Query) -> Page:
-    """``?limit=100[&cursor=…]``: the cursor is a keyset position, so changes never shift pages."""
+def cursor_style(collection: Collection, query: Query, *, loop_after_pages: int = 0) -> Page:
+    """``?limit=100[&cursor=…]``: the cursor is a keyset position, so changes never shift pages. With
+    ``loop_after_pages`` (a hostile upstream), from that page on next_cursor points back to page 2."""
     limit = _size(query, "limit")
-    start = collection.index_since(since_param(query))
+    first = start = collection.index_since(since_param(query))
     cursor = query.get("cursor")
     if cursor:
         start = max(start, collection.index_after(*decode_cursor(collection, cursor)))
@@ -145,18 +146,23 @@ def cursor_style(collection: Collection, query: Query) -> Page:
     next_cursor = b"null"
     if entries and start + len(entries) < len(collection):
         sort_us, key, _data_bytes = entries[-1]
+        if loop_after_pages and start - first >= (loop_after_pages - 1) * limit:
+            sort_us, key, _data_bytes = collection.entries(first + limit - 1, first + limit)[0]
         next_cursor = b'"%s"' % encode_cursor(collection.name, sort_us, key).encode()
     data = b",".join([entry[2] for entry in entries])
     body = b'{"data":[' + data + b'],"next_cursor":' + next_cursor + b"}"
     return Page(body)
 
 
-def link_style(collection: Collection, query: Query) -> Page:
-    """``?page=1&size=100``: the body holds only data; the next page is in the Link header."""
+def link_style(collection: Collection, query: Query, *, loop_after_pages: int = 0) -> Page:
+    """``?page=1&size=100``: the body holds only data; the next page is in the Link header. With
+    ``loop_after_pages`` (a hostile upstream), from that page on the next link points back to page 1."""
     page = int_param(query, "page", 1, minimum=1)
     size = _size(query, "size")
     start = collection.index_since(since_param(query)) + (page - 1) * size
     next_page = page + 1 if start + size < len(collection) else None
+    if next_page is not None and loop_after_pages and page >= loop_after_pages:
+        next_page = 1
     return Page(_data(collection, start, start + size) + b"}", next_page)
 
 
@@ -180,7 +186,7 @@ def keyset_style(collection: Collection, query: Query) -> Page:
     return Page(body)
 
 
-STYLES: dict[str, Callable[[Collection, Query], Page]] = {
+STYLES: dict[str, Callable[..., Page]] = {
     "page": page_style,
     "offset": offset_style,
     "cursor": cursor_style,

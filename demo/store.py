@@ -5,8 +5,9 @@ when it is generated or changed; serving a page only slices the order and joins 
 the order is ``(sort_us, key, json)``: tuples compare on (sort_us, key) because keys are unique, and
 the JSON rides along so a page needs no second lookup.
 
-Malformed records (no key field, or a garbled ``updated_at``) sort by the hidden time they were
-generated with, are served like the others, never count in the checksum and are read-only.
+Malformed records (no key field, a garbled ``updated_at``, and the hostile ones: nested too deep, or
+stamped in 2999) sort by the hidden time they were generated with, are served like the others, never
+count in the checksum and are read-only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import msgspec
 from sortedcontainers import SortedList
 
 from conflux.demo.checksum import Checksum, record_digest
-from conflux.demo.datagen import CollectionSpec, Generated, Key, collection_plan, generate
+from conflux.demo.datagen import (
+    NO_HOSTILE_RECORDS,
+    CollectionSpec,
+    Generated,
+    HostileRecords,
+    Key,
+    collection_plan,
+    generate,
+)
 from conflux.demo.upstream_time import format_us, truncate_us
 
 _encode = msgspec.json.Encoder().encode
@@ -169,12 +178,14 @@ class Collection:
 
 
 def build_collections(*, seed: int, precision: str, malformed_rate: float, customers: int, products: int,
-                      systems: int, records_per_system: int) -> dict[str, Collection]:
+                      systems: int, records_per_system: int,
+                      hostile: HostileRecords = NO_HOSTILE_RECORDS) -> dict[str, Collection]:
     """Generate every collection the upstream serves; called once, before the server starts."""
     plan = collection_plan(customers=customers, products=products, systems=systems,
                            records_per_system=records_per_system)
     collections = {}
     for spec, count in plan:
-        generated = generate(spec, count, seed=seed, precision=precision, malformed_rate=malformed_rate)
+        generated = generate(spec, count, seed=seed, precision=precision, malformed_rate=malformed_rate,
+                             hostile=hostile)
         collections[spec.name] = Collection(spec, generated, precision=precision)
     return collections

@@ -79,6 +79,24 @@ shows max_in_flight: the most page requests of a collection the server was handl
 
 TLS (--tls-cert FILE --tls-key FILE): serve https instead of http with that certificate chain
 (PEM) and key; the announced URL then starts with https://.
+
+A hostile or buggy upstream (for tests of what Conflux refuses; all off by default):
+  --next-link-origin O     link style: next links point at origin O (same path and query)
+  --redirect-pages-to O    every page request is answered 302 to O + the same path and query
+  --redirect-token-to O    POST /oauth/token is answered 307 (method and body kept) to O/oauth/token
+  --set-cookie             every answer sets a demo_session cookie
+  --loop-after-pages N     cursor style: from page N on, next_cursor points back to page 2; link
+                           style: from page N on, the next link points back to page 1
+  --pad-pages-mib M        M MiB of whitespace after every page body (still valid JSON)
+  --gzip-pages             pages are sent gzip-compressed; with padding, a gzip bomb
+  --deep-records N         N records per collection carry a member nested --deep-record-depth
+                           levels deep (default 3000); listed in /admin/malformed as too_deep
+  --future-records N       N records per collection are stamped 2999-01-01T00:00:00Z; listed as
+                           future_updated_at (they keep their place in the order)
+  --record-requests        keep every request (method, path and query, headers, body): GET
+                           /admin/requests -> {"recording": b, "requests": [...]}; a second upstream
+                           started with it plays "the foreign origin" and shows what reached it
+GET /admin/malformed?records=0 lists keys and reasons without the records themselves.
 """
 
 from __future__ import annotations
@@ -95,10 +113,12 @@ from collections.abc import Callable, Iterator
 
 import uvloop
 
+from conflux.demo.datagen import HostileRecords
 from conflux.demo.faults import FaultInjector, FaultSettings
 from conflux.demo.store import build_collections
 from conflux.demo.upstream_app import UpstreamApp, bind, serve, url_of
 from conflux.demo.upstream_auth import AuthGate, AuthSettings
+from conflux.demo.upstream_hostile import HostileSettings
 from conflux.demo.upstream_time import PRECISION_UNIT_US
 from conflux.demo.upstream_webhooks import WebhookSender
 
@@ -176,6 +196,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                       help="enables POST /oauth/token (client credentials); /api then needs credentials")
     auth.add_argument("--token-ttl-s", type=_positive, default=3600.0, metavar="SECONDS",
                       help="lifetime of issued access tokens (default 3600)")
+    hostile = parser.add_argument_group("a hostile or buggy upstream (see the reference below)")
+    hostile.add_argument("--next-link-origin", metavar="ORIGIN", default="", help="next links lead to ORIGIN")
+    hostile.add_argument("--redirect-pages-to", metavar="ORIGIN", default="", help="302 every page to ORIGIN")
+    hostile.add_argument("--redirect-token-to", metavar="ORIGIN", default="", help="307 /oauth/token to ORIGIN")
+    hostile.add_argument("--set-cookie", action="store_true", help="every answer sets a cookie")
+    hostile.add_argument("--loop-after-pages", type=count, default=0, metavar="N",
+                         help="cursor and link styles loop back after N pages")
+    hostile.add_argument("--pad-pages-mib", type=number, default=0.0, metavar="M",
+                         help="M MiB of whitespace after every page")
+    hostile.add_argument("--gzip-pages", action="store_true", help="send pages gzip-compressed")
+    hostile.add_argument("--deep-records", type=count, default=0, metavar="N",
+                         help="N records per collection nested --deep-record-depth levels deep")
+    hostile.add_argument("--deep-record-depth", type=count, default=3000, metavar="LEVELS")
+    hostile.add_argument("--future-records", type=count, default=0, metavar="N",
+                         help="N records per collection stamped in the year 2999")
+    hostile.add_argument("--record-requests", action="store_true", help="keep every request for /admin/requests")
     tls = parser.add_argument_group("tls")
     tls.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve https (with --tls-key)")
     tls.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
@@ -237,7 +273,9 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
     collections = build_collections(seed=args.seed, precision=args.timestamp_precision,
                                     malformed_rate=args.malformed_rate, customers=args.customers,
                                     products=args.products, systems=args.systems,
-                                    records_per_system=args.records_per_system)
+                                    records_per_system=args.records_per_system,
+                                    hostile=HostileRecords(deep=args.deep_records, depth=args.deep_record_depth,
+                                                           future=args.future_records))
     gc.freeze()
     gc.enable()
     total = sum(len(collection) for collection in collections.values())
@@ -256,4 +294,12 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
     return UpstreamApp(collections=collections, faults=FaultInjector(faults, seed=args.seed),
                        seed=args.seed, change_rate_per_s=args.change_rate,
                        malformed_rate=args.malformed_rate, webhooks=webhooks, auth=AuthGate(auth),
-                       count_headers=tuple(args.count_header))
+                       count_headers=tuple(args.count_header), hostile=_hostile_settings(args))
+
+
+def _hostile_settings(args: argparse.Namespace) -> HostileSettings:
+    return HostileSettings(next_link_origin=args.next_link_origin.rstrip("/"),
+                           redirect_pages_to=args.redirect_pages_to.rstrip("/"),
+                           redirect_token_to=args.redirect_token_to.rstrip("/"), set_cookie=args.set_cookie,
+                           loop_after_pages=args.loop_after_pages, pad_pages_mib=args.pad_pages_mib,
+                           gzip_pages=args.gzip_pages, record_requests=args.record_requests)

@@ -25,6 +25,7 @@ from conflux.demo.paging_styles import STYLES, BadParameter
 from conflux.demo.store import Collection, StoreError
 from conflux.demo.upstream_auth import AuthGate
 from conflux.demo.upstream_changes import ChangeGenerator
+from conflux.demo.upstream_hostile import Hostile, HostileSettings
 from conflux.demo.upstream_stats import Stats
 from conflux.demo.upstream_time import now_us
 from conflux.demo.upstream_webhooks import WebhookSender
@@ -57,8 +58,10 @@ class UpstreamApp:
 
     def __init__(self, *, collections: dict[str, Collection], faults: FaultInjector, seed: int,
                  change_rate_per_s: float, malformed_rate: float, webhooks: WebhookSender | None,
-                 auth: AuthGate, count_headers: tuple[str, ...] = ()) -> None:
+                 auth: AuthGate, count_headers: tuple[str, ...] = (),
+                 hostile: HostileSettings | None = None) -> None:
         self.collections = collections
+        self.hostile = Hostile(hostile or HostileSettings())
         self.faults = faults
         self.malformed_rate = malformed_rate
         self.webhooks = webhooks
@@ -71,7 +74,7 @@ class UpstreamApp:
         self._changes_task: asyncio.Task | None = None
 
     def build(self) -> web.Application:
-        app = web.Application(middlewares=[self._count_status, self._require_credentials],
+        app = web.Application(middlewares=[self._hostile, self._count_status, self._require_credentials],
                               client_max_size=MAX_BODY_BYTES)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
@@ -84,6 +87,7 @@ class UpstreamApp:
         router.add_post("/admin/change-rate", self.set_change_rate)
         router.add_get("/admin/malformed", self.malformed_view)
         router.add_get("/admin/auth", self.auth_view)
+        router.add_get("/admin/requests", self.requests_view)
         router.add_post("/admin/auth", self.set_auth)
         router.add_post("/oauth/token", self.oauth_token)
         router.add_get("/api/{collection}/checksum", self.checksum)
@@ -106,6 +110,13 @@ class UpstreamApp:
                 await self._changes_task
         if self.webhooks is not None:
             await self.webhooks.close()
+
+    @web.middleware
+    async def _hostile(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        await self.hostile.record(request)
+        response = await handler(request)
+        self.hostile.answered(response)
+        return response
 
     @web.middleware
     async def _count_status(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -159,14 +170,19 @@ class UpstreamApp:
             return error_response(429, "throttled (injected fault)", retry_after)
         if fault is Fault.ERROR:
             return error_response(500, "internal error (injected fault)")
+        redirect = self.hostile.page_redirect(request)
+        if redirect is not None:
+            return redirect
         try:
-            page = STYLES[style](collection, request.query)
+            loop_after_pages = self.hostile.settings.loop_after_pages
+            looping = {"loop_after_pages": loop_after_pages} if loop_after_pages and style in ("cursor", "link") else {}
+            page = STYLES[style](collection, request.query, **looping)
         except BadParameter as exc:
             return error_response(400, str(exc))
-        headers = None
+        headers = {}
         if page.next_page is not None:
-            headers = {"Link": f'<{request.url.update_query(page=page.next_page)}>; rel="next"'}
-        return web.Response(body=page.body, content_type=JSON, headers=headers)
+            headers["Link"] = f'<{self.hostile.next_link(request, page.next_page)}>; rel="next"'
+        return self.hostile.page_answer(page.body, headers)
 
     async def checksum(self, request: web.Request) -> web.Response:
         collection = self._collection(request)
@@ -255,15 +271,24 @@ class UpstreamApp:
             return error_response(400, str(exc))
         return await self.change_rate_view(request)
 
-    async def malformed_view(self, _request: web.Request) -> web.Response:
-        view = {name: [{"key": key, "reason": reason, "record": msgspec.Raw(data)}
+    async def malformed_view(self, request: web.Request) -> web.Response:
+        """?records=0 leaves the records out (a too_deep one is more than most JSON parsers take)."""
+        with_records = request.query.get("records") not in ("0", "false")
+        view = {name: [{"key": key, "reason": reason, **({"record": msgspec.Raw(data)} if with_records else {})}
                        for key, reason, data in collection.malformed()]
                 for name, collection in self.collections.items()}
         return json_response(view)
 
+    async def requests_view(self, _request: web.Request) -> web.Response:
+        """Every request received, with its headers and body, when started with --record-requests."""
+        return json_response(self.hostile.view())
+
     # -- credentials --------------------------------------------------------------------------------
 
     async def oauth_token(self, request: web.Request) -> web.Response:
+        redirect = self.hostile.token_redirect()
+        if redirect is not None:
+            return redirect
         form = await request.post()
         fields = {name: value for name, value in form.items() if isinstance(value, str)}
         answer = self.auth.issue(fields, request.headers.get("Authorization", ""))

@@ -3,6 +3,10 @@
 Built in the fetcher process after fork, one per source (``UpstreamClient``). Secrets are read
 there (``daemon.secrets``), never logged, and read again when SIGHUP replaces the fetchers with a
 new generation, so a rotated token file takes effect on reload.
+
+The client secret goes only to ``token_url`` itself: a redirect of the token request is never
+followed (aiohttp would re-send the form, secret included, to wherever it points); it fails the
+request, naming where it pointed, so the operator can correct token_url.
 """
 
 from __future__ import annotations
@@ -14,14 +18,18 @@ import ssl
 import time
 
 import aiohttp
+import msgspec
+from yarl import URL
 
 from conflux.config import AuthConfig
 from conflux.errors import UpstreamError
 from conflux.secrets import read_secret
+from conflux.workers.bodies import origin_of, read_capped, shown
 
 logger = logging.getLogger(__name__)
 
 REFRESH_BEFORE_EXPIRY_S = 30.0
+MAX_TOKEN_ANSWER_BYTES = 1 << 20
 
 
 class TokenUnavailable(UpstreamError):
@@ -83,9 +91,15 @@ class OAuth2ClientCredentials(NoAuth):
         if self._auth.scope:
             form["scope"] = self._auth.scope
         try:
-            async with session.post(self._auth.token_url, data=form, ssl=self._ssl, timeout=self._timeout) as response:
-                body = await response.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            async with session.post(self._auth.token_url, data=form, ssl=self._ssl, timeout=self._timeout,
+                                    allow_redirects=False) as response:
+                if 300 <= response.status < 400:
+                    raise UpstreamError(f"{self._where}: token endpoint answered {response.status}, a redirect to "
+                                        f"{_where_to(response)}; not followed: the client secret is sent only to "
+                                        "token_url itself (set token_url to the final address)")
+                raw = await read_capped(response, MAX_TOKEN_ANSWER_BYTES, what=f"{self._where}: the token answer")
+            body = msgspec.json.decode(raw) if raw.strip() else None
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, RecursionError) as exc:
             raise TokenUnavailable(f"{self._where}: token request failed: {type(exc).__name__}") from None
         if response.status >= 500 or response.status == 429:
             raise TokenUnavailable(f"{self._where}: token endpoint answered {response.status}")
@@ -97,6 +111,15 @@ class OAuth2ClientCredentials(NoAuth):
         # Renew REFRESH_BEFORE_EXPIRY_S early, or half-way through a lifetime shorter than that.
         self._refresh_at = time.monotonic() + max(ttl_s / 2, ttl_s - REFRESH_BEFORE_EXPIRY_S)
         logger.info("%s: obtained an access token valid for %.0f s", self._where, ttl_s)
+
+
+def _where_to(response: aiohttp.ClientResponse) -> str:
+    location = response.headers.get("Location", "")
+    try:
+        target = response.url.join(URL(location))
+        return f"{shown(target)} (origin {origin_of(target)})"
+    except ValueError:
+        return repr(location[:200])
 
 
 def _oauth_error(body: object) -> str:

@@ -4,6 +4,12 @@ Runs in fetcher processes for every page and in the control process for every we
 decoded twice by msgspec in C: once into raw record bytes, once into just the key and updated
 fields. Everything else about a record stays bytes. Per record, Python only checks the two fields,
 hashes the bytes with xxh3 and picks a partition.
+
+A record msgspec cannot decode (nested past its recursion limit) must not fail its page: only then
+is the body cut into records by ``jsonscan`` (iterative, any depth), each decoded alone, and the
+deep one becomes a dead letter with its reason. A record stamped more than the source's
+``max_clock_skew_s`` in the future is a dead letter too: accepted, it would become the watermark and
+win every later comparison against real updates.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from conflux.config import SourceConfig
 from conflux.errors import PageFormatError
 from conflux.ipc.messages import Batch, DeadLetter, cut, take
 from conflux.log.base import partitions_for
+from conflux.workers import jsonscan
 
 _message_counter = count()
 _stamps_encoder = msgspec.json.Encoder()
 _aware_stamps_decoder = msgspec.json.Decoder(list[Annotated[datetime, msgspec.Meta(tz=True)]])
 # msgspec raises RecursionError, not DecodeError, for JSON nested past its depth limit.
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+TOO_DEEP = "record is nested too deeply to decode (past the decoder's recursion limit)"
 
 
 def new_message_id() -> str:
@@ -63,6 +71,15 @@ class PageMeta(NamedTuple):
     next_cursor: Any = None
 
 
+class Undecodable(msgspec.Struct, gc=False):
+    """In place of a record's key fields when msgspec cannot decode the record: the fields when they
+    could be read on their own (for the dead letter), and why the record is refused."""
+
+    key: Any = None
+    updated: Any = None
+    reason: str = ""
+
+
 class Columns(msgspec.Struct, gc=False):
     """The valid records of a page in the record columns (``ipc.messages.RECORD_COLUMNS``), plus what
     was wrong with the others."""
@@ -93,7 +110,8 @@ class RecordSchema:
         self.source = source.name
         self.key_field = source.key
         self.updated_field = source.updated
-        fields = msgspec.defstruct(
+        self.max_clock_skew_s = source.max_clock_skew_s
+        self._fields_type = fields = msgspec.defstruct(
             "KeyFields", [("key", Any, None), ("updated", Any, None)],
             rename={"key": source.key, "updated": source.updated},
         )
@@ -102,8 +120,8 @@ class RecordSchema:
         self._raw_list_decoder = msgspec.json.Decoder(list[Raw])
         options = source.pagination_options
         self._path = [part for part in options.records_path.split(".") if part]
-        meta_names = {"has_more": options.has_more_field, "total": options.total_field,
-                      "next_cursor": options.next_cursor_field}
+        self._meta_names = meta_names = {"has_more": options.has_more_field, "total": options.total_field,
+                                          "next_cursor": options.next_cursor_field}
         self._page_decoder = msgspec.json.Decoder(_nested(self._path, list[Raw], meta_names))
         self._page_fields_decoder = msgspec.json.Decoder(_nested(self._path, list[fields]))
 
@@ -111,11 +129,16 @@ class RecordSchema:
 
     def page_records(self, body: bytes) -> tuple[list[Raw], list[Any], PageMeta]:
         """Records, their key fields and the page's paging fields; PageFormatError if the shape is wrong."""
+        return self.page_records_fast(body) or self.split_page(body)
+
+    def page_records_fast(self, body: bytes) -> tuple[list[Raw], list[Any], PageMeta] | None:
+        """``page_records`` all in msgspec; None when a record is too deep for it (then ``split_page``)."""
         try:
             envelope = self._page_decoder.decode(body)
+        except RecursionError:
+            return None
         except _DECODE_ERRORS as exc:
-            where = ".".join(self._path) or "the body"
-            raise PageFormatError(f"page is not JSON with a list of records at {where!r}: {exc}") from None
+            raise PageFormatError(f"page is not JSON with a list of records at {self._where()!r}: {exc}") from None
         records = _dig(envelope, self._path)
         meta = PageMeta(*(getattr(envelope, name, None) for name in PageMeta._fields)) if self._path else PageMeta()
         fields = self._fields_for(records, lambda: _dig(self._page_fields_decoder.decode(body), self._path))
@@ -131,11 +154,16 @@ class RecordSchema:
                 records = self._raw_list_decoder.decode(body)
             else:
                 records = self._raw_list_decoder.decode(b"[" + body + b"]")
+        except RecursionError:
+            return self._split_body(body, first)
         except _DECODE_ERRORS as exc:
             raise PageFormatError(f"body is not JSON: {exc}") from None
         if first == b"{" and len(records) != 1:  # `{...}, {...}` is valid JSON only once wrapped in [ ]
             raise PageFormatError("body must be a JSON object or a list of objects")
         return records, self._fields_for(records, lambda: self._fields_decoder.decode(body))
+
+    def _where(self) -> str:
+        return ".".join(self._path) or "the body"
 
     def _fields_for(self, records: list[Raw], decode_all) -> list[Any]:
         try:
@@ -147,8 +175,53 @@ class RecordSchema:
     def _fields_or_none(self, record: Raw) -> Any:
         try:
             return self._one_fields_decoder.decode(record)
+        except RecursionError:
+            return Undecodable(reason=TOO_DEEP)
         except _DECODE_ERRORS:
             return None
+
+    # -- the slow path: a record too deep for msgspec ---------------------------------------------
+
+    def split_page(self, body: bytes) -> tuple[list[Raw], list[Any], PageMeta]:
+        """``page_records`` for a page with a record too deep for msgspec: the page is cut into records
+        by jsonscan (pure Python, about 10 MB/s on usual records), then each is decoded alone."""
+        root = _scan(body, len(self._path) + 1, f"page is not JSON with a list of records at {self._where()!r}")
+        node = root
+        for name in self._path:
+            node = node.member(name) if node.kind == b"{" else None
+            if node is None:
+                break
+        if node is None or node.kind != b"[":
+            raise PageFormatError(f"page has no list of records at {self._where()!r}")
+        records, fields = self._split_records(body, [child for _name, child in node.children])
+        meta = PageMeta(*(self._meta_value(body, root, self._meta_names[name]) for name in PageMeta._fields)) \
+            if self._path else PageMeta()
+        return records, fields, meta
+
+    def _split_body(self, body: bytes, first: bytes) -> tuple[list[Raw], list[Any]]:
+        root = _scan(body, 1 if first == b"[" else 0, "body is not JSON")
+        nodes = [child for _name, child in root.children] if root.kind == b"[" else [root]
+        return self._split_records(body, nodes)
+
+    def _split_records(self, body: bytes, nodes: list[jsonscan.Node]) -> tuple[list[Raw], list[Any]]:
+        records = [Raw(body[node.start:node.end]) for node in nodes]
+        fields = [self._fields_or_none(record) for record in records]
+        for index, field in enumerate(fields):
+            if type(field) is Undecodable:  # its own key fields, for the dead letter, if they can be read
+                record = bytes(records[index])
+                node = jsonscan.parse(record, 1)
+                fields[index] = Undecodable(_member_value(record, node, self.key_field),
+                                            _member_value(record, node, self.updated_field), field.reason)
+        return records, fields
+
+    def _meta_value(self, body: bytes, root: jsonscan.Node, name: str) -> Any:
+        node = root.member(name) if root.kind == b"{" else None
+        if node is None:
+            return None
+        try:
+            return msgspec.json.decode(body[node.start:node.end])
+        except _DECODE_ERRORS:
+            raise PageFormatError(f"the page's {name!r} field cannot be decoded (nested too deeply)") from None
 
     # -- columns --------------------------------------------------------------------------------
 
@@ -159,12 +232,13 @@ class RecordSchema:
         Python only parses each distinct timestamp once. A page with a bad record takes the slow
         path, which sorts the records one by one.
         """
-        keys = [field.key for field in fields] if None not in fields else None
+        plain = set(map(type, fields)) <= {self._fields_type}  # no None (not an object), no Undecodable
+        keys = [field.key for field in fields] if plain else None
         stamps = [field.updated for field in fields] if keys is not None else None
         if keys is None or not _plain_keys(keys) or set(map(type, stamps)) != {str}:
             return self._columns_one_by_one(records, fields)
         parsed = _parse_stamps(stamps)
-        if parsed is None:
+        if parsed is None or (parsed and max(parsed.values()) > self._latest_us()):
             return self._columns_one_by_one(records, fields)
         if type(keys[0]) is not str:
             keys = list(map(str, keys))
@@ -175,17 +249,14 @@ class RecordSchema:
     def _columns_one_by_one(self, records: Sequence[Raw], fields: Sequence[Any]) -> Columns:
         out = Columns([], [], [], [], [], [], [])
         stamp_cache: dict[str, int] = {}
+        latest_us = self._latest_us()
         for record, field in zip(records, fields, strict=True):
             problem = self._problem(field)
             if problem is None:
-                try:
-                    instant = stamp_cache.get(field.updated) or parse_timestamp_us(field.updated)
-                except (ValueError, OverflowError):
-                    problem = f"{self.updated_field!r} is not an ISO 8601 timestamp: {field.updated!r}"
+                instant, problem = self._instant(field.updated, stamp_cache, latest_us)
             if problem is not None:
                 out.dead.append((record, _key_text(field), problem))
                 continue
-            stamp_cache[field.updated] = instant
             out.keys.append(field.key if type(field.key) is str else str(field.key))
             out.updated.append(field.updated)
             out.updated_us.append(instant)
@@ -194,9 +265,27 @@ class RecordSchema:
         out.key_hashes = _key_hashes(out.keys)
         return out
 
+    def _latest_us(self) -> int:
+        """The newest updated_at accepted now: the clock plus the allowed skew."""
+        return time.time_ns() // 1000 + round(self.max_clock_skew_s * 1_000_000)
+
+    def _instant(self, stamp: str, cache: dict[str, int], latest_us: int) -> tuple[int, str | None]:
+        """(microseconds, None) for a usable timestamp, else (0, why not)."""
+        try:
+            instant = cache.get(stamp) or parse_timestamp_us(stamp)
+        except (ValueError, OverflowError):
+            return 0, f"{self.updated_field!r} is not an ISO 8601 timestamp: {stamp!r}"
+        cache[stamp] = instant
+        if instant > latest_us:
+            return 0, (f"{self.updated_field!r} is {stamp!r}, more than max_clock_skew_s = "
+                       f"{self.max_clock_skew_s:g} s in the future")
+        return instant, None
+
     def _problem(self, field: Any) -> str | None:
         if field is None:
             return "record is not a JSON object"
+        if type(field) is Undecodable:
+            return field.reason
         key = field.key
         if key is None:
             return f"missing key field {self.key_field!r}"
@@ -206,6 +295,24 @@ class RecordSchema:
             return f"missing updated field {self.updated_field!r}"
         if type(field.updated) is not str:
             return f"{self.updated_field!r} must be an ISO 8601 string, got {field.updated!r}"
+        return None
+
+
+def _scan(body: bytes, keep_depth: int, problem: str) -> jsonscan.Node:
+    try:
+        return jsonscan.parse(body, keep_depth)
+    except ValueError as exc:
+        raise PageFormatError(f"{problem}: {exc}") from None
+
+
+def _member_value(body: bytes, node: jsonscan.Node, name: str) -> Any:
+    """A top-level member of a record that is too deep as a whole, decoded alone; None if it cannot be."""
+    member = node.member(name) if node.kind == b"{" else None
+    if member is None:
+        return None
+    try:
+        return msgspec.json.decode(body[member.start:member.end])
+    except _DECODE_ERRORS:
         return None
 
 

@@ -9,6 +9,12 @@ and is retried on timeouts, connection errors, 408, 429 and 5xx with exponential
 jitter. A Retry-After pauses the source's whole bucket. A 401 renews the credentials once (OAuth2)
 before the request counts as failed. A circuit breaker per source stops hammering an upstream that
 keeps failing; while it is open, only this source waits; the others go on.
+
+Credentials and static headers go only to the source's own origin (scheme, host, port of its
+``url``). Redirects are followed here, not by aiohttp (which keeps API-key headers and cookies across
+origins), at most MAX_REDIRECTS deep; a redirect or next link to another origin is refused with
+OriginRefused unless ``allowed_origins`` names it, and then it is requested without them. Bodies are
+read in chunks up to ``max_page_bytes`` after decompression.
 """
 
 from __future__ import annotations
@@ -21,17 +27,22 @@ from typing import NamedTuple
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from conflux import metrics
 from conflux.config import RetryConfig, SourceConfig
 from conflux.errors import ConfigError, UpstreamError
 from conflux.workers.auth import TokenUnavailable, make_auth
+from conflux.workers.bodies import OriginRefused, origin_of, read_capped, shown
 from conflux.workers.ratelimit import TokenBucket
 from conflux.workers.resilience import MAX_RETRY_AFTER_S, Backoff, CircuitBreaker, parse_retry_after
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({408, 429})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+ERROR_BODY_BYTES = 64 << 10  # of a non-2xx answer: enough to show what the upstream said
 
 
 class Response(NamedTuple):
@@ -47,7 +58,7 @@ class Attempt(NamedTuple):
     response: Response | None
     problem: str
     reason: str
-    credentials: dict[str, str]
+    credentials: dict[str, str]        # the credentials this try sent ({} to an allowed foreign origin)
 
 
 class UpstreamClient:
@@ -62,6 +73,8 @@ class UpstreamClient:
         self.slots = asyncio.Semaphore(source.max_concurrency)
         self.breaker = CircuitBreaker.from_config(retry, on_change=self._on_breaker_change)
         self.requests = 0
+        self.origin = origin_of(URL(source.url))
+        self.allowed_origins = frozenset(origin_of(URL(text)) for text in source.allowed_origins)
         metrics.circuit_state.labels(f"upstream:{source.name}").set(0)
 
     async def get(self, url: str, params: dict[str, str] | None = None) -> Response:
@@ -73,7 +86,7 @@ class UpstreamClient:
             while not self.breaker.allow():
                 await asyncio.sleep(max(self.breaker.wait_s(), backoff.floor_s))
             attempt = await self._attempt(url, params)
-            if _status(attempt) == 401 and not refreshed_auth:
+            if _status(attempt) == 401 and attempt.credentials and not refreshed_auth:
                 refreshed_auth = True
                 if await self.auth.refresh(self.session, attempt.credentials):
                     self.breaker.record_success()  # the server answered; the credentials were stale
@@ -113,26 +126,63 @@ class UpstreamClient:
         await asyncio.sleep(delay_s)
 
     async def _attempt(self, url: str, params: dict[str, str] | None) -> Attempt:
+        """One try, following redirects itself so each hop gets only what its origin may see."""
         async with self.slots:
             try:
                 credentials = await self.auth.headers(self.session)
             except TokenUnavailable as exc:
                 return Attempt(None, str(exc), "token", {})
-            await self.limiter.acquire()
-            started = time.perf_counter()
-            self.requests += 1
-            try:
-                async with self.session.get(url, params=params, headers={**self.source.headers, **credentials},
-                                            timeout=self.timeout, ssl=self.ssl) as raw:
-                    response = Response(raw.status, raw.headers, await raw.read(), str(raw.url))
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                reason = _reason(exc)
-                metrics.upstream_request_duration.labels(self.source.name, reason).observe(
-                    time.perf_counter() - started)
-                return Attempt(None, self._describe(exc, reason), reason, credentials)
+            target = self._checked(url, "a request to")
+            for _hop in range(MAX_REDIRECTS + 1):
+                own = origin_of(target) == self.origin
+                headers = {**self.source.headers, **credentials} if own else {}
+                attempt = await self._exchange(target, params, headers, credentials if own else {})
+                location = _redirect_location(attempt)
+                if location is None:
+                    return attempt
+                target, params = self._checked(location, "a redirect to", base=target), None
+        raise UpstreamError(f"{self.source.name}: more than {MAX_REDIRECTS} redirects from {shown(URL(url))}")
+
+    def _checked(self, location: str, what: str, *, base: URL | None = None) -> URL:
+        """``location`` (relative to ``base``) as the URL to request next; OriginRefused when it leaves
+        the source's origin for one that ``allowed_origins`` does not name."""
+        try:
+            target = base.join(URL(location)) if base is not None else URL(location)
+            origin = origin_of(target)
+        except ValueError as exc:
+            raise OriginRefused(f"{self.source.name}: {what} {location[:200]!r} refused: {exc}") from None
+        if origin != self.origin and origin not in self.allowed_origins:
+            raise OriginRefused(
+                f"{self.source.name}: {what} {shown(target)} refused: origin {origin} is neither the source's own "
+                f"({self.origin}) nor in allowed_origins (the source's credentials go only to its own origin)")
+        return target
+
+    async def _exchange(self, target: URL, params: dict[str, str] | None, headers: dict[str, str],
+                        sent: dict[str, str]) -> Attempt:
+        """One HTTP request (one hop of a redirect chain), after a token of the rate limit."""
+        await self.limiter.acquire()
+        started = time.perf_counter()
+        self.requests += 1
+        try:
+            async with self.session.get(target, params=params, headers=headers, timeout=self.timeout, ssl=self.ssl,
+                                        allow_redirects=False) as raw:
+                response = Response(raw.status, raw.headers, await self._read(raw, target), str(raw.url))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            reason = _reason(exc)
+            metrics.upstream_request_duration.labels(self.source.name, reason).observe(
+                time.perf_counter() - started)
+            return Attempt(None, self._describe(exc, reason), reason, sent)
         metrics.upstream_request_duration.labels(self.source.name, str(response.status)).observe(
             time.perf_counter() - started)
-        return Attempt(response, f"status {response.status}", f"http_{response.status}", credentials)
+        return Attempt(response, f"status {response.status}", f"http_{response.status}", sent)
+
+    async def _read(self, raw: aiohttp.ClientResponse, target: URL) -> bytes:
+        if raw.status in REDIRECTS:
+            return b""
+        if 200 <= raw.status < 300:
+            return await read_capped(raw, self.source.max_page_bytes,
+                                     what=f"{self.source.name}: the response of {shown(target)}")
+        return await read_capped(raw, ERROR_BODY_BYTES, what="an error answer", truncate=True)
 
     def _describe(self, exc: BaseException, reason: str) -> str:
         if reason == "timeout":  # aiohttp's timeout errors often have an empty message
@@ -146,6 +196,14 @@ class UpstreamClient:
 
 def _status(attempt: Attempt) -> int | None:
     return attempt.response.status if attempt.response is not None else None
+
+
+def _redirect_location(attempt: Attempt) -> str | None:
+    """Where a redirect points; None for any other answer (a 3xx without Location fails as itself)."""
+    response = attempt.response
+    if response is None or response.status not in REDIRECTS:
+        return None
+    return response.headers.get("Location")
 
 
 def _retryable(status: int) -> bool:

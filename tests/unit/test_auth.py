@@ -26,10 +26,20 @@ OAUTH2 = AuthConfig(type="oauth2", token_url="http://idp/oauth/token", client_id
                     client_secret_env="SECRET", scope="read")
 
 
+class FakeContent:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def iter_chunked(self, size: int):
+        for start in range(0, len(self._body), size):
+            yield self._body[start:start + size]
+
+
 class FakeResponse:
     def __init__(self, status: int, body: object = None, headers: dict[str, str] | None = None) -> None:
         self.status = status
         self._body = json.dumps(body if body is not None else {"data": []}).encode()
+        self.content = FakeContent(self._body)
         self.headers = CIMultiDictProxy(CIMultiDict(headers or {}))
         self.url = "http://upstream/api/customers"
 

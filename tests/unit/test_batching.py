@@ -3,7 +3,9 @@ with hypothesis fuzzing of the page parser: nothing crashes it, and every reject
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -15,6 +17,7 @@ from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
 from conflux.config import PaginationConfig, SourceConfig
 from conflux.errors import PageFormatError
 from conflux.workers.batching import (
+    TOO_DEEP,
     PageMeta,
     RecordSchema,
     dead_letter_id,
@@ -78,15 +81,78 @@ def test_a_page_of_the_wrong_shape_is_a_page_format_error_naming_the_path(body: 
         schema().page_records(body)
 
 
-def test_a_deeply_nested_page_is_a_page_format_error_not_a_recursion_error() -> None:
-    """Regression: msgspec raises RecursionError past its depth limit, which escaped the parser and
-    killed the source's sync task (the fetcher only handles PageFormatError)."""
-    deep = b"[" * 5000 + b"]" * 5000
-    for body in (b'{"data": [%s]}' % deep, b'{"data": [{"id": 1, "updated_at": %s}]}' % deep, deep):
-        with pytest.raises(PageFormatError):
-            parse(schema(), body)
+def deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+def test_a_record_too_deep_to_decode_is_a_dead_letter_and_the_rest_of_its_page_is_delivered() -> None:
+    """Regression: one record nested about 1,000 levels deep (msgspec's recursion limit) failed the
+    decode of its whole page, so the sync failed every time and the watermark never moved."""
+    body = b'{"total": 3, "data": [{"id": 1, "updated_at": "%s"}, {"id": 2, "updated_at": "%s", "x": %s},' \
+           b' {"id": 3, "updated_at": "%s"}, %s], "has_more": true, "next_cursor": "c2"}' % (
+               T0.encode(), T0.encode(), deep(3000), T0.encode(), deep(1000))
+    columns, meta = parse(schema(), body)
+    assert columns.keys == ["1", "3"] and meta == PageMeta(has_more=True, total=3, next_cursor="c2")
+    assert [(key, reason) for _record, key, reason in columns.dead] == [
+        ("2", TOO_DEEP), ("", "record is not a JSON object")]
+    assert bytes(columns.dead[0][0]) == b'{"id": 2, "updated_at": "%s", "x": %s}' % (T0.encode(), deep(3000))
+    [entry] = dead_letters(msgspec.structs.replace(columns, dead=columns.dead[:1]), "crm", "fetch", "page 1")
+    assert entry.reason == TOO_DEEP and entry.key == "2" and bytes(entry.record).endswith(b"]]]}")
+
+
+def test_a_deep_record_under_a_nested_records_path_keeps_the_page_fields() -> None:
+    s = schema(records_path="result.items", has_more_field="more", key="sku")
+    body = b'{"more": false, "result": {"items": [{"sku": "A", "updated_at": "%s", "deep": %s},' \
+           b' {"sku": "B", "updated_at": "%s"}]}}' % (T0.encode(), deep(2000), T0.encode())
+    columns, meta = parse(s, body)
+    assert columns.keys == ["B"] and [key for _r, key, _why in columns.dead] == ["A"]
+    assert meta.has_more is False
+
+
+@pytest.mark.parametrize("body", [
+    deep(5000),                                                   # no records path at all
+    b'{"data": {"x": %s}}' % deep(3000),                          # not a list at the path
+    b'{"data": [%s, 1 2]}' % deep(3000),                          # not JSON
+    b'{"data": [%s]' % deep(3000),                                # cut short
+    b'{"data": [%s], "has_more": %s}' % (deep(3000), deep(3000)),  # a paging field nobody can read
+])
+def test_a_deep_page_that_is_not_a_list_of_records_still_fails_as_a_page(body: bytes) -> None:
     with pytest.raises(PageFormatError):
-        schema().body_records(deep)
+        parse(schema(), body)
+
+
+def test_webhook_bodies_with_a_record_too_deep_keep_the_others() -> None:
+    s = schema()
+    good = b'{"id": 5, "updated_at": "%s"}' % T0.encode()
+    bad = b'{"id": 6, "updated_at": "%s", "x": %s}' % (T0.encode(), deep(3000))
+    records, fields = s.body_records(b"[%s, %s]" % (bad, good))
+    columns = s.columns(records, fields)
+    assert columns.keys == ["5"] and [(bytes(r), k, why) for r, k, why in columns.dead] == [(bad, "6", TOO_DEEP)]
+    records, fields = s.body_records(b"  " + bad + b"\n")
+    columns = s.columns(records, fields)
+    assert len(columns) == 0 and [k for _r, k, _why in columns.dead] == ["6"]
+    for wrong in (bad + b", " + good, b"[%s" % bad):
+        with pytest.raises(PageFormatError):
+            s.body_records(wrong)
+
+
+def test_a_record_stamped_beyond_the_allowed_clock_skew_is_a_dead_letter() -> None:
+    """Regression: an updated_at in 2999 became the watermark, so every later incremental sync asked
+    for updated_since=2999 and real updates were refused as older."""
+    now = time.time()
+    soon = datetime.fromtimestamp(now + 200, UTC).isoformat()
+    later = datetime.fromtimestamp(now + 400, UTC).isoformat()
+    records = [{"id": 1, "updated_at": T0}, {"id": 2, "updated_at": "2999-01-01T00:00:00Z"},
+               {"id": 3, "updated_at": soon}, {"id": 4, "updated_at": later}]
+    columns, _meta = parse(schema(), page(records))
+    assert columns.keys == ["1", "3"]
+    assert [(key, reason) for _r, key, reason in columns.dead] == [
+        ("2", "'updated_at' is '2999-01-01T00:00:00Z', more than max_clock_skew_s = 300 s in the future"),
+        ("4", f"'updated_at' is {later!r}, more than max_clock_skew_s = 300 s in the future")]
+    assert columns.max_updated()[1] == soon
+    strict = RecordSchema(SourceConfig(name="crm", url="http://upstream/api", max_clock_skew_s=0))
+    columns = strict.columns(*strict.body_records(msgspec.json.encode(records)))
+    assert columns.keys == ["1"]
 
 
 # -- columns and dead letters -------------------------------------------------------------------

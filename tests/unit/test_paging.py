@@ -65,7 +65,7 @@ class FakeUpstream:
             self.after_request.pop(number)()
         return response
 
-    def handle(self, response: Response) -> PageInfo:
+    async def handle(self, response: Response) -> PageInfo:
         records, fields, meta = self.schema.page_records(response.body)
         columns = self.schema.columns(records, fields)
         self.handled += columns.keys
