@@ -49,7 +49,7 @@ class Hostile:
             return
         body = await request.read() if request.can_read_body else b""
         self.requests.append({"at": time.time(), "method": request.method, "path_qs": request.path_qs,
-                              "headers": [[name, value] for name, value in request.headers.items()],
+                              "headers": [[str(name), value] for name, value in request.headers.items()],
                               "body": body[:MAX_RECORDED_BODY].decode("utf-8", "replace")})
 
     def answered(self, response: web.StreamResponse) -> None:

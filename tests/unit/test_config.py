@@ -112,10 +112,29 @@ def test_wrong_keys_and_types_name_the_field(text: str, field: str) -> None:
     (SOURCE + SOURCE, "sources", "duplicate source names ['crm']"),
     ('[daemon]\nstate_dir = "a\\u0000b"', "daemon", "state_dir"),
     ('[log]\npath = "a\\u0000b"', "log", "path"),
+    (SOURCE + 'allowed_origins = ["https://cdn.example/files"]', "sources[0]",
+     "allowed_origins[0]: 'https://cdn.example/files' must be only scheme://host[:port]"),
+    (SOURCE + 'allowed_origins = ["http://ok:81", "ftp://cdn"]', "sources[0]", "allowed_origins[1]: 'ftp://cdn'"),
+    (SOURCE + 'allowed_origins = ["https://user@cdn.example"]', "sources[0]", "allowed_origins[0]"),
+    (SOURCE + 'allowed_origins = ["https://cdn.example:99999"]', "sources[0]", "allowed_origins[0]"),
+    (SOURCE + "max_page_bytes = 10", "sources[0]", "max_page_bytes must be >= 1024"),
+    (SOURCE + "max_pages_per_sync = 0", "sources[0]", "max_pages_per_sync must be >= 1"),
+    (SOURCE + "max_clock_skew_s = -1", "sources[0]", "max_clock_skew_s must be a finite number >= 0"),
+    (SOURCE + "max_clock_skew_s = inf", "sources[0]", "max_clock_skew_s must be a finite number >= 0"),
 ])
 def test_bad_values_name_the_section_and_the_field(text: str, section: str, words: str) -> None:
     message = error(text)
     assert message.startswith(f"{section}: ") and words in message
+
+
+def test_the_hostile_upstream_limits_have_defaults_and_take_values() -> None:
+    [source] = load(SOURCE).sources
+    assert (source.allowed_origins, source.max_page_bytes, source.max_pages_per_sync, source.max_clock_skew_s) == (
+        [], 64 << 20, 100_000, 300.0)
+    [source] = load(SOURCE + 'allowed_origins = ["https://cdn.example:8443", "http://127.0.0.1:9/"]\n'
+                             "max_page_bytes = 2048\nmax_pages_per_sync = 3\nmax_clock_skew_s = 0").sources
+    assert source.allowed_origins == ["https://cdn.example:8443", "http://127.0.0.1:9/"]
+    assert (source.max_page_bytes, source.max_pages_per_sync, source.max_clock_skew_s) == (2048, 3, 0.0)
 
 
 # -- [sources.pagination] --------------------------------------------------------------------------

@@ -111,9 +111,10 @@ class FakeUpstream:
         return Response(200, CIMultiDictProxy(headers), msgspec.json.encode(body), url)
 
 
-def source(style: str, *, page_size: int = 7, max_concurrency: int = 3, **options: Any) -> SourceConfig:
+def source(style: str, *, page_size: int = 7, max_concurrency: int = 3, max_pages_per_sync: int = 100_000,
+           **options: Any) -> SourceConfig:
     return SourceConfig(name="crm", url=URL, pagination=style, page_size=page_size, max_concurrency=max_concurrency,
-                        pagination_options=PaginationConfig(**options))
+                        max_pages_per_sync=max_pages_per_sync, pagination_options=PaginationConfig(**options))
 
 
 def walk(upstream: FakeUpstream, since: str | None = None) -> int:
@@ -257,3 +258,71 @@ def test_a_total_too_small_for_the_page_does_not_fetch_the_first_page_twice(styl
     upstream.serve = total_zero
     assert walk(upstream) == 3
     assert upstream.handled == [r["id"] for r in upstream.records]
+
+
+# -- a hostile or buggy upstream cannot make a sync endless ------------------------------------------
+
+
+def test_a_cursor_that_comes_back_fails_the_sync_instead_of_looping() -> None:
+    """Regression: an upstream whose next_cursor repeated made the sync fetch the same pages forever."""
+    upstream = FakeUpstream(source("cursor"), dataset(70))
+    serve = upstream.serve
+
+    def looping(url: str, query: dict[str, str]) -> Response:
+        response = serve(url, query)
+        body = msgspec.json.decode(response.body)
+        if body["next_cursor"] == "28":  # after page 4, back to page 2
+            body["next_cursor"] = "7"
+        return response._replace(body=msgspec.json.encode(body))
+
+    upstream.serve = looping
+    with pytest.raises(PageFormatError, match="pagination loops: the upstream sent the 'next_cursor' '7' again"):
+        walk(upstream)
+    assert len(upstream.requests) == 4
+
+
+def test_a_next_link_that_comes_back_fails_the_sync_whatever_the_parameter_order() -> None:
+    upstream = FakeUpstream(source("link"), dataset(70))
+    serve = upstream.serve
+
+    def looping(url: str, query: dict[str, str]) -> Response:
+        response = serve(url, query)
+        if query["page"] == "3":
+            headers = CIMultiDict({"Link": f'<{URL}?size=7&page=1>; rel="next"'})
+            return response._replace(headers=CIMultiDictProxy(headers), url=f"{URL}?page=3&size=7")
+        return response._replace(url=f"{URL}?page={query['page']}&size=7")
+
+    upstream.serve = looping
+    with pytest.raises(PageFormatError, match="pagination loops: the upstream sent the next link"):
+        walk(upstream)
+    assert [q["page"] for q in upstream.requests] == ["1", "2", "3"]
+
+
+def test_a_keyset_position_that_does_not_move_fails_the_sync() -> None:
+    """An upstream that ignores after_key serves the same full page again and again."""
+    upstream = FakeUpstream(source("watermark"), dataset(30, same_second=30))
+    upstream.visible = lambda query: sorted(upstream.records, key=lambda r: r["id"])
+    with pytest.raises(PageFormatError, match="pagination loops: the upstream sent the keyset position"):
+        walk(upstream)
+    assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("style", ALL_STYLES)
+def test_max_pages_per_sync_caps_every_style(style: str) -> None:
+    upstream = FakeUpstream(source(style, max_pages_per_sync=3), dataset(70))
+    with pytest.raises(PageFormatError, match=r"more than 3 pages \(max_pages_per_sync\)"):
+        walk(upstream)
+    assert len(upstream.requests) <= 3
+    assert walk(FakeUpstream(source(style, max_pages_per_sync=10), dataset(70))) <= 10
+
+
+@pytest.mark.parametrize("style", ["page", "offset"])
+def test_a_huge_total_fails_before_any_page_list_is_built(style: str) -> None:
+    """A total of 10**15 made the numbered styles build a list of every page's parameters first."""
+    upstream = FakeUpstream(source(style), dataset(20))
+    serve = upstream.serve
+    upstream.serve = lambda url, query: (lambda response: response._replace(body=msgspec.json.encode(
+        {**msgspec.json.decode(response.body), "total": 10**15})))(serve(url, query))
+    with pytest.raises(PageFormatError, match="max_pages_per_sync"):
+        walk(upstream)
+    assert len(upstream.requests) == 1
