@@ -7,12 +7,15 @@ request that reached it, headers and bodies.
   a cookie); a token request is never redirected anywhere.
 - One record too deep to decode goes to the DLQ; the rest of its page arrives; the watermark moves.
 - A record stamped in 2999 goes to the DLQ and never becomes the watermark.
+- The same two in a webhook body: the other records of the body are accepted.
 - A looping cursor or next link, a page count past max_pages_per_sync, a page (or gzip bomb) past
   max_page_bytes: each fails the sync with a clear error in /status and the log, and the daemon runs on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import sqlite3
 import subprocess
@@ -245,3 +248,26 @@ def test_a_page_past_max_page_bytes_fails_the_sync_without_filling_memory(upstre
     wait_until(lambda: _report(daemon)["syncs_failed"] >= 2, timeout_s=30, message="a second failed sync")
     assert _peak_rss_mib(daemon.worker_pid("fetcher")) < 200
     assert daemon.service.proc.poll() is None
+
+
+def test_a_webhook_body_keeps_its_good_records_when_one_is_too_deep_and_one_from_the_future(
+        upstream_factory, analytics, daemon_factory):
+    secret = "whsec-hostile-1"
+    upstream = upstream_factory(customers=300, products=0)
+    daemon = daemon_factory(sources=[source("customers", upstream.url, webhook_secret=secret, poll_interval_s=3600)],
+                            sink_url=analytics.url)
+    wait_converged(upstream.url, analytics.url, CUSTOMERS, timeout_s=60)
+    changed = requests.put(f"{upstream.url}/api/customers/7", json={"name": "by webhook"}, timeout=10).content
+    now = datetime.now().astimezone().isoformat()
+    too_deep = b'{"id": 8, "updated_at": "%s", "x": %s}' % (now.encode(), b"[" * 3000 + b"]" * 3000)
+    future = b'{"id": 9, "updated_at": "2999-01-01T00:00:00Z"}'
+    body = b"[" + b", ".join([changed, too_deep, future]) + b"]"
+    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    answer = requests.post(f"{daemon.url}/webhook/customers", data=body, timeout=30,
+                           headers={"Content-Type": "application/json", "X-Conflux-Signature": signature})
+    assert answer.status_code == 202 and answer.json() == {"accepted": 1, "dead_lettered": 2}, answer.text
+    # Polling is an hour away: only the webhook can have carried the change.
+    wait_converged(upstream.url, analytics.url, CUSTOMERS, timeout_s=30)
+    entries = {entry["key"]: entry["reason"] for entry in _dead_letters(daemon)}
+    assert entries.keys() == {"8", "9"} and entries["8"].startswith("record is nested too deeply")
+    assert "max_clock_skew_s" in entries["9"]
