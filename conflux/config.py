@@ -16,7 +16,13 @@ from typing import Any, Literal
 import msgspec
 
 from conflux.errors import ConfigError
-from conflux.ipc.codec import ROW_OVERHEAD_BYTES, batch_header_bytes, batch_room_bytes, merge_frame_overhead_bytes
+from conflux.ipc.codec import (
+    MAX_LOG_BATCH_BYTES,
+    ROW_OVERHEAD_BYTES,
+    batch_header_bytes,
+    batch_room_bytes,
+    merge_frame_overhead_bytes,
+)
 from conflux.redact import MASK, kafka_secret_key, redact_headers, redact_url
 
 PaginationStyle = Literal["page", "offset", "cursor", "link", "watermark"]
@@ -285,8 +291,14 @@ def _check_webhook_sizes(config: Config) -> None:
         topic = config.topic_of(source)
         overhead = batch_header_bytes(source.name, "webhook") + ROW_OVERHEAD_BYTES
         need, room = 3 * source.webhook_max_bytes + overhead, batch_room_bytes(ring_bytes, topic)
-        if need <= room:
+        if need <= min(room, MAX_LOG_BATCH_BYTES):
             continue
+        if need > MAX_LOG_BATCH_BYTES:
+            raise ValueError(
+                f"sources[{index}].webhook_max_bytes: {source.webhook_max_bytes} is too large: a webhook record may "
+                f"be that large, and its log batch takes up to 3 x webhook_max_bytes + {overhead} = {need} bytes, "
+                f"more than the largest log message ({MAX_LOG_BATCH_BYTES}); lower webhook_max_bytes to at most "
+                f"{(MAX_LOG_BATCH_BYTES - overhead) // 3}")
         ring_needed = -(-2 * (need + merge_frame_overhead_bytes(topic) + 8) // 1024) * 1024
         raise ValueError(
             f"sources[{index}].webhook_max_bytes: {source.webhook_max_bytes} does not fit a ring frame: a webhook "

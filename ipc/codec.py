@@ -62,6 +62,11 @@ def encode_dead_letter(entry: DeadLetter) -> bytes:
 ROW_OVERHEAD_BYTES = 2 + 2 + 20 + 20 + 18 + 6
 
 
+# The largest batch Conflux publishes, whatever the ring: Kafka topics are made to take 16 MiB messages
+# (log/kafka/settings.py MAX_MESSAGE_BYTES), key and headers included.
+MAX_LOG_BATCH_BYTES = 8 << 20
+
+
 def row_bytes_bound(record_bytes: int) -> int:
     """The most bytes a record of ``record_bytes`` adds to an encoded Batch, all its columns included."""
     return 3 * record_bytes + ROW_OVERHEAD_BYTES

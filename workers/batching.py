@@ -23,7 +23,7 @@ from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
 
 from conflux.config import MAX_TOPIC_CHARS, MIN_RING_BYTES, SourceConfig
 from conflux.errors import PageFormatError
-from conflux.ipc.codec import ROW_OVERHEAD_BYTES, batch_header_bytes, batch_room_bytes
+from conflux.ipc.codec import MAX_LOG_BATCH_BYTES, ROW_OVERHEAD_BYTES, batch_header_bytes, batch_room_bytes
 from conflux.ipc.messages import RECORD_COLUMNS, Batch, DeadLetter, cut, take
 from conflux.log.base import partitions_for
 from conflux.redact import redact_text
@@ -34,9 +34,6 @@ _aware_stamps_decoder = msgspec.json.Decoder(list[Annotated[datetime, msgspec.Me
 # What a frame of the smallest ring carries for the longest topic name (each character escaped): the
 # batch limit of callers that do not pass the ring's own, so their batches fit any ring.
 SAFE_BATCH_BYTES = batch_room_bytes(MIN_RING_BYTES, "\0" * MAX_TOPIC_CHARS)
-# The largest batch the fetcher publishes whatever the ring: Kafka topics are made to take 16 MiB
-# messages (log/kafka/settings.py MAX_MESSAGE_BYTES), key and headers included.
-MAX_LOG_BATCH_BYTES = 8 << 20
 # msgspec raises RecursionError, not DecodeError, for JSON nested past its depth limit.
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 

@@ -459,6 +459,13 @@ def test_a_webhook_limit_that_cannot_fit_a_ring_frame_is_refused_with_the_rule()
     assert load(HOOKED + f"[workers]\nring_bytes = {higher}\n")
 
 
+def test_a_webhook_limit_beyond_the_largest_log_message_is_refused_whatever_the_ring() -> None:
+    message = error(HOOKED + "webhook_max_bytes = 3000000\n[workers]\nring_bytes = 67108864\n")
+    assert message.startswith("sources[0].webhook_max_bytes: 3000000 is too large")
+    most = int(re.search(r"lower webhook_max_bytes to at most (\d+)", message).group(1))
+    assert load(HOOKED + f"webhook_max_bytes = {most}\n[workers]\nring_bytes = 67108864\n")
+
+
 def test_the_webhook_rule_applies_only_to_sources_that_take_webhooks() -> None:
     assert load(SOURCE + "[workers]\nring_bytes = 65536\n").workers.ring_bytes == 65536
     assert load(HOOKED).sources[0].webhook_max_bytes == 1 << 20  # the defaults fit each other
