@@ -32,9 +32,10 @@ _KAFKA_SECRET = re.compile(r"ssl\..*\.pem|ssl\.key\..*|sasl\.password|sasl\.oaut
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`\\]+")
 # `Authorization: Bearer abc`, `'Cookie': 'a=b; c=d'`, `"X-Api-Key"="v"`: a secret name, then its value.
 _QUOTED_PAIR = re.compile(r"""(?P<q>['"])(?P<name>[\w.-]+)(?P=q)(?P<sep>\s*[:=]\s*)(?P<vq>['"])(?P<value>.*?)(?P=vq)""")
-# A header line: a hyphenated name (X-Api-Key) or one of the standard ones, at a line's or a word's start.
-_HEADER_LINE = re.compile(r"(?im)(?:^|(?<=[\s{,(]))(?P<name>authorization|cookie|[a-z0-9]+(?:-[a-z0-9]+)+)"
-                          r"(?P<sep>:[ \t]*)(?P<value>[^\r\n]*)")
+# A header line, `Name: value` at a line's or a word's start; _masked_header keeps only hyphenated
+# names (X-Api-Key) and the two standard single-word ones, so "token_env: ..." in an error stays.
+_HEADER_LINE = re.compile(r"(?<![^\s{,(])(?P<name>[A-Za-z0-9-]+)(?P<sep>:[ \t]*)(?P<value>[^\r\n]*)")
+_HEADER_WORDS = frozenset({"authorization", "cookie"})
 _ASSIGNMENT = re.compile(r"(?<![\w.-])(?P<name>[A-Za-z_][\w.-]*)(?P<sep>=)(?P<value>[^\s&;,'\"#]+)")
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(-----END [A-Z0-9 ]*PRIVATE KEY-----|$)", re.DOTALL)
 _AUTH_SCHEME = re.compile(r"(?i)^(bearer|basic|digest|token|negotiate|hmac[\w-]*)\s+")
@@ -133,8 +134,10 @@ def _masked_pair(match: re.Match) -> str:
 
 def _masked_header(match: re.Match) -> str:
     """``Authorization: Bearer x`` keeps its scheme (useful, and not secret) and loses the rest."""
-    value = match["value"].strip()
-    if not value or value.startswith(MASK) or value[0] in "'\"" or not secret_name(match["name"]):
+    name, value = match["name"], match["value"].strip()
+    if "-" not in name and name.lower() not in _HEADER_WORDS:
+        return match.group(0)
+    if not value or value.startswith(MASK) or value[0] in "'\"" or not secret_name(name):
         return match.group(0)
     scheme = _AUTH_SCHEME.match(value)
     return f"{match['name']}{match['sep']}{scheme.group(0) if scheme else ''}{MASK}"
