@@ -59,12 +59,13 @@ class JsonFormatter(logging.Formatter):
             "role": getattr(record, "role", "?"),
             "pid": getattr(record, "pid", os.getpid()),
             "logger": record.name,
-            "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and k not in entry})
+        said = {"msg": record.getMessage()}  # what the caller wrote: the only part that may quote a secret
+        said.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and k not in entry})
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return _json.encode(_redact_values(entry, self._secrets)).decode()
+            said["exc"] = self.formatException(record.exc_info)
+        entry.update(_redact_values(said, self._secrets))
+        return _json.encode(entry).decode()
 
 
 def _redact(line: str, secrets: list[str]) -> str:
