@@ -17,6 +17,7 @@ from conflux.config import Config
 from conflux.daemon.pool import Slot, SlotState
 from conflux.ipc.messages import PartitionLag, SourceReport
 from conflux.log.base import TopicPartition
+from conflux.redact import redact_text
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def _sources(facts: DaemonFacts) -> dict:
         data["fetcher"] = next((slot.name for slot in facts.slots
                                 if slot.role == "fetcher" and source.name in slot.sources), None)
         data.pop("source", None)
-        out[source.name] = data
+        # Sync errors quote upstream URLs (a next link's ?api_key=, user:pass@): redacted like the logs.
+        out[source.name] = {key: redact_text(value) if isinstance(value, str) else value for key, value in data.items()}
     return out
 
 

@@ -24,6 +24,7 @@ from conflux import metrics
 from conflux.errors import LogError
 from conflux.ipc.codec import ack_frame_decoder, decode_batch, decode_batch_head, encode_batch, encode_ring_frame
 from conflux.ipc.messages import (
+    Batch,
     DeadLetter,
     FlushNow,
     LagReport,
@@ -35,7 +36,7 @@ from conflux.ipc.shm import FrameTooLarge, RingFull, RingReader, RingWriter
 from conflux.log import open_log
 from conflux.log.base import LogConsumer, LogMessage, TopicPartition
 from conflux.workers.base import Worker
-from conflux.workers.batching import dead_letter_id
+from conflux.workers.batching import dead_letter_id, fit_batch
 from conflux.workers.checkpoint import InFlight, OffsetTracker
 from conflux.workers.dedup import Deduplicator
 
@@ -182,18 +183,40 @@ class ConsumerWorker(Worker):
         merger = merger_for(message.partition, len(self.to_mergers))
         if fresh is None:  # the usual case: the payload goes to the merger as it is
             key_hashes, hashes, routed = head.key_hashes, head.hashes, head.count
-            frame = MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(message.payload))
+            payload = message.payload
         else:
             metrics.dedup_skipped.labels("content_hash").inc(head.count - len(fresh))
             batch = decode_batch(message.payload).subset(fresh)
             key_hashes, hashes, routed = batch.key_hashes, batch.hashes, batch.count
-            frame = MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(encode_batch(batch)))
-        entry = InFlight(message.offset, (1 << merger) if routed else 0, head.message_id, key_hashes, hashes,
-                         routed, head.source)
+            payload = encode_batch(batch)
+        frames, too_large = self._frames(merger, position, payload, message) if routed else ([], 0)
+        routed -= too_large
+        entry = InFlight(message.offset, (1 << merger) if frames else 0, head.message_id, key_hashes, hashes,
+                         routed, head.source, pieces=len(frames) or 1)
         self._finish(self.tracker.add(tp, entry))
-        if routed:
-            self._send(merger, encode_ring_frame(frame))
+        for frame in frames:
+            if not self._send(merger, frame):
+                break
         return head.message_id, head.count, routed
+
+    def _frames(self, merger: int, position: Position, payload: bytes, message: LogMessage) -> tuple[list[bytes], int]:
+        """The ring frames that carry ``payload`` (an encoded Batch) to ``merger``, and how many of its records
+        were dead-lettered instead. One frame, unless the batch is larger than the ring takes (a message
+        written by an older version or another producer): then several, each a ``Batch.subset``; a record
+        too large for any frame goes to the DLQ with its reason. No size of message stops the consumer."""
+        frame = encode_ring_frame(MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(payload)))
+        max_frame_bytes = self.to_mergers[merger].max_frame_bytes
+        if len(frame) <= max_frame_bytes:
+            return [frame], 0
+        batch = decode_batch(payload)
+        pieces, too_large = fit_batch(batch, max_frame_bytes - (len(frame) - len(payload)))
+        if too_large:
+            self._dead_letter_records(message, batch, too_large)
+        logger.warning("message %s at %s/%d@%d is %d bytes, more than a ring frame carries (%d): sent as %d frames, "
+                       "%d records too large for any frame dead-lettered", batch.message_id, message.topic,
+                       message.partition, message.offset, len(frame), max_frame_bytes, len(pieces), len(too_large))
+        return [encode_ring_frame(MergeBatch(self.spec.index, self.generation, position,
+                                             msgspec.Raw(encode_batch(piece)))) for piece in pieces], len(too_large)
 
     def _send(self, merger: int, payload: bytes) -> bool:
         """Write one frame, waiting for room while still serving acks, signals and heartbeats.
@@ -206,8 +229,8 @@ class ConsumerWorker(Worker):
                 return True
             except RingFull:
                 pass
-            except FrameTooLarge as exc:
-                raise LogError(f"a batch is larger than a ring can carry ({exc}); raise [workers] ring_bytes") from exc
+            except FrameTooLarge as exc:  # _frames sizes every frame to fit, so this is a bug, not bad input
+                raise LogError(f"a frame is larger than the ring takes ({exc})") from exc
             self._service()
             if self.quit or self.generation != generation:
                 return False
@@ -327,6 +350,17 @@ class ConsumerWorker(Worker):
             metrics.consumer_lag.labels(lag.topic, str(lag.partition)).set(lag.lag)
         metrics.queue_depth.labels(f"consumer-{self.spec.index}-in-flight").set(self.tracker.in_flight)
         self.channel.send(LagReport(lags=lags))
+
+    def _dead_letter_records(self, message: LogMessage, batch: Batch, reasons: dict[int, str]) -> None:
+        """Before any part of the message goes to a merger: the commit that follows its acks covers these."""
+        now = time.time()
+        origin = f"{message.topic}/{message.partition}/{message.offset}"
+        self.dead_letters.add([
+            DeadLetter(id=dead_letter_id(batch.source, "consume", batch.records[index]), source=batch.source,
+                       reason=reason, stage="consume", record=batch.records[index], key=batch.keys[index],
+                       origin=origin, first_seen=now, last_seen=now)
+            for index, reason in reasons.items()])
+        metrics.dlq_records.labels(batch.source, "oversized").inc(len(reasons))
 
     def _dead_letter_message(self, message: LogMessage, reason: str) -> None:
         now = time.time()
