@@ -268,20 +268,25 @@ class Supervisor:
             logger.warning("reload ignored: already draining")
             return
         try:
-            # Bound before anything is drained: a port that is taken must leave the old generation serving.
-            listener = self._listener_for(config)
-        except ConfigError as exc:
+            listener = self._prepare_reload(config)
+        except (ConfigError, LogError) as exc:
             self._refuse_reload(str(exc))
             return
         logger.info("reload: config is valid; replacing workers with a new generation")
         self.pending_config, self.pending_listener = config, listener
         self.begin_drain(exit_after=False)
 
-    def _listener_for(self, config: Config) -> socket.socket | None:
-        """A new listening socket if the reload changes control.listen, else None (the old one stays)."""
-        if config.control.listen == self.config.control.listen:
-            return None
-        return bind_listener(config.control.listen)
+    def _prepare_reload(self, config: Config) -> socket.socket | None:
+        """What a reload needs that can fail, done before anything drains, so a failure leaves the old
+        generation serving: bind a changed control.listen (the new socket, else None), create the topics."""
+        listener = None if config.control.listen == self.config.control.listen else bind_listener(config.control.listen)
+        try:
+            open_log(config).prepare(source_topics(config))
+        except LogError as exc:
+            if listener is not None:
+                listener.close()
+            raise LogError(f"cannot prepare the log: {exc}") from exc
+        return listener
 
     def _refuse_reload(self, reason: str) -> None:
         logger.error("reload refused, keeping the running config: %s", reason)

@@ -409,3 +409,13 @@ def test_a_reload_binds_its_new_port_before_draining_and_serves_there_after(supe
     finish(sup, "merger")
     assert sup.generation == 2 and sup.listener.getsockname()[1] == port
     assert old_listener.fileno() == -1
+
+
+def test_a_reload_whose_log_cannot_be_prepared_is_refused_before_anything_drains(supervisor, config_file) -> None:
+    sup = supervisor
+    blocker = config_file.parent / "not-a-directory"
+    blocker.write_text("")
+    write_config(config_file, log={"path": str(blocker / "conflux.db")})
+    signal_supervisor(sup, "hup")
+    assert sup.draining is None and sup.host.signals == [] and sup.generation == 1
+    assert sup.facts().reloads["last_refusal"].startswith("cannot prepare the log: cannot open embedded log")
