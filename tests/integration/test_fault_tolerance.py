@@ -193,7 +193,7 @@ def test_a_reload_during_a_sink_outage_kills_the_old_generation_at_its_deadline_
     upstream = upstream_factory(customers=2000, products=2000)
     sink = analytics_factory()
     _outage(sink, 600)  # a drain cannot deliver anything: the reload's deadline must pass
-    daemon = daemon_factory(sources=both_sources(upstream.url), sink_url=sink.url, daemon={"shutdown_timeout_s": 4.0})
+    daemon = daemon_factory(sources=both_sources(upstream.url), sink_url=sink.url, daemon={"shutdown_timeout_s": 6.0})
     daemon.wait_running()
     wait_until(lambda: all(daemon.sync_ok(s) for s in BOTH), timeout_s=60, message="the full sync in the log")
     wait_until(lambda: daemon.metric("conflux_sink_retries_total"), timeout_s=60, message="deliveries failing")
