@@ -34,10 +34,13 @@ class DaemonFacts:
     slots: Sequence[Slot]
     sources: Mapping[str, SourceReport]
     lags: Mapping[TopicPartition, tuple[str, PartitionLag]]   # partition -> (reporting slot, lag)
+    monotonic_now: float | None = None   # the supervisor's clock, for heartbeat ages (None: time.monotonic())
+    reloads: Mapping[str, object] | None = None   # applied, refused, last_refusal, last_drain
 
 
 def build_status(facts: DaemonFacts) -> dict:
-    now_wall, now = time.time(), time.monotonic()
+    now_wall = time.time()
+    now = time.monotonic() if facts.monotonic_now is None else facts.monotonic_now
     workers = [_worker(slot, now) for slot in facts.slots]
     return {
         "daemon": {
@@ -48,6 +51,7 @@ def build_status(facts: DaemonFacts) -> dict:
             "backend": facts.backend,
             "state": facts.state,
             "config": facts.config_path,
+            "reloads": dict(facts.reloads or {}),
         },
         "ready": _readiness(facts, workers),
         "sources": _sources(facts),

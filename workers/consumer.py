@@ -7,6 +7,11 @@ committed only once the merger has acknowledged that the sink took everything up
 If a merger restarts (its ring's reader epoch changes), what it held is gone: the consumer
 forgets everything in flight and re-reads from the last commit. The sink sees at most a repeat of an
 idempotent batch, and nothing is lost.
+
+On TERM the consumer drains: it routes nothing more, asks the mergers to flush, waits for their acks
+and commits. The supervisor's ``Drain`` message (sent just before the TERM) says how much of its own
+deadline is left; the consumer stops waiting early enough to make its final commit before the
+supervisor would kill it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from conflux.ipc.codec import ack_frame_decoder, decode_batch, decode_batch_head
 from conflux.ipc.messages import (
     Batch,
     DeadLetter,
+    Drain,
     FlushNow,
     LagReport,
     MergeBatch,
@@ -48,6 +54,8 @@ COMMIT_INTERVAL_S = 1.0
 LAG_REPORT_INTERVAL_S = 2.0
 IDLE_POLL_S = 0.02
 ACK_WAIT_S = 0.005
+# Kept out of a drain's budget for the final commit and the log's close (at most a quarter of the budget).
+COMMIT_RESERVE_S = 2.0
 
 
 class ConsumerWorker(Worker):
@@ -56,6 +64,7 @@ class ConsumerWorker(Worker):
     def __init__(self, spec) -> None:
         super().__init__(spec)
         self.draining = False
+        self.drain_deadline: float | None = None   # monotonic; set when the drain begins
         self.quit = False
         self.generation = 0
         self.tracker = OffsetTracker()
@@ -98,14 +107,10 @@ class ConsumerWorker(Worker):
         self.quit = True
 
     def _loop(self) -> None:
-        drain_deadline = None
         while not self.quit:
             self._service()
             if self.draining:
-                if drain_deadline is None:
-                    drain_deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
-                    self._ask_mergers_to_flush()
-                if self.tracker.in_flight == 0 or time.monotonic() >= drain_deadline:
+                if self._drain_expired() or self.tracker.in_flight == 0:
                     return
                 self._wait_for_acks(0.05)
                 continue
@@ -122,6 +127,19 @@ class ConsumerWorker(Worker):
             else:
                 messages = self.log_consumer.poll(POLL_BATCH, IDLE_POLL_S)
             self._consume(messages)
+
+    def _drain_expired(self) -> bool:
+        """While draining: has our drain deadline passed? The first call starts the drain."""
+        if not self.draining:
+            return False
+        if self.drain_deadline is None:
+            messages, _closed = self.channel.receive()
+            budgets = [message.timeout_s for message in messages if isinstance(message, Drain)]
+            # No Drain message: the TERM came from elsewhere (the kernel when the supervisor died, an operator).
+            budget_s = budgets[-1] if budgets else self.config.daemon.shutdown_timeout_s
+            self.drain_deadline = drain_deadline(time.monotonic(), budget_s)
+            self._ask_mergers_to_flush()
+        return time.monotonic() >= self.drain_deadline
 
     def _shutdown(self) -> None:
         if not self.quit:
@@ -148,8 +166,8 @@ class ConsumerWorker(Worker):
         log_each = logger.isEnabledFor(logging.INFO)
         per_topic: dict[str, int] = {}
         for message in messages:
-            if self.generation != generation or self.quit:
-                break  # a rewind re-reads the rest from the last commit
+            if self.generation != generation or self.quit or self.draining:
+                break  # a rewind re-reads the rest from the last commit; a drain leaves it for the next start
             if (message.topic, message.partition) not in self.tracker.partitions:
                 continue
             began = time.perf_counter()
@@ -220,7 +238,7 @@ class ConsumerWorker(Worker):
 
     def _send(self, merger: int, payload: bytes) -> bool:
         """Write one frame, waiting for room while still serving acks, signals and heartbeats.
-        False if a rewind made the frame pointless while we waited."""
+        False if a rewind made the frame pointless while we waited, or the drain ran out of time."""
         ring = self.to_mergers[merger]
         generation = self.generation
         while True:
@@ -232,7 +250,7 @@ class ConsumerWorker(Worker):
             except FrameTooLarge as exc:  # _frames sizes every frame to fit, so this is a bug, not bad input
                 raise LogError(f"a frame is larger than the ring takes ({exc})") from exc
             self._service()
-            if self.quit or self.generation != generation:
+            if self.quit or self.generation != generation or self._drain_expired():
                 return False
             select.select([ring.wait_fd, *self._ack_fds()], [], [], 0.1)
 
@@ -381,6 +399,11 @@ def _log_processed(message: LogMessage, message_id: str, records: int, routed: i
                 message.partition, message.offset, records, routed, elapsed_ms,
                 extra={"message_id": message_id, "records": records, "routed": routed, "elapsed_ms": elapsed_ms,
                        "topic": message.topic, "partition": message.partition, "offset": message.offset})
+
+
+def drain_deadline(now: float, budget_s: float) -> float:
+    """When a drain with ``budget_s`` left stops waiting for acks: early enough for the final commit."""
+    return now + budget_s - min(COMMIT_RESERVE_S, budget_s / 4)
 
 
 def merger_for(partition: int, mergers: int) -> int:
