@@ -128,6 +128,15 @@ def test_bad_values_name_the_section_and_the_field(text: str, section: str, word
     assert message.startswith(f"{section}: ") and words in message
 
 
+def test_the_readme_shows_the_hostile_upstream_limits_with_their_defaults() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Where credentials go", 1)[1]
+    [source] = load(section.split("```toml\n", 1)[1].split("```", 1)[0]).sources
+    [default] = load(SOURCE).sources
+    assert (source.allowed_origins, source.max_page_bytes, source.max_pages_per_sync, source.max_clock_skew_s) == (
+        default.allowed_origins, default.max_page_bytes, default.max_pages_per_sync, default.max_clock_skew_s)
+
+
 def test_the_hostile_upstream_limits_have_defaults_and_take_values() -> None:
     [source] = load(SOURCE).sources
     assert (source.allowed_origins, source.max_page_bytes, source.max_pages_per_sync, source.max_clock_skew_s) == (
