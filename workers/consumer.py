@@ -7,6 +7,11 @@ committed only once the merger has acknowledged that the sink took everything up
 If a merger restarts (its ring's reader epoch changes), what it held is gone: the consumer
 forgets everything in flight and re-reads from the last commit. The sink sees at most a repeat of an
 idempotent batch, and nothing is lost.
+
+A message waiting longer than ``[sink] ack_timeout_s`` for its acknowledgement is reported (log,
+``conflux_ack_timeouts_total``, ``conflux_oldest_unacked_seconds``, heartbeat stats) and stays in flight:
+its merger still holds it and keeps retrying the sink, and a merger that cannot go on exits, which
+rewinds. Re-reading on a timer would only send the same records again to a sink that is not answering.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ POLL_BATCH = 64
 MAX_IN_FLIGHT_MESSAGES = 512
 COMMIT_INTERVAL_S = 1.0
 LAG_REPORT_INTERVAL_S = 2.0
+ACK_CHECK_INTERVAL_S = 1.0
 IDLE_POLL_S = 0.02
 ACK_WAIT_S = 0.005
 
@@ -64,7 +70,9 @@ class ConsumerWorker(Worker):
         self.from_mergers: list[RingReader] = []
         self.merger_epochs: list[int] = []
         self.paused = False
-        self._last_commit = self._last_lag_report = 0.0
+        self._last_commit = self._last_lag_report = self._last_ack_check = 0.0
+        self.oldest_unacked_s = 0.0
+        self.overdue_acks = 0
         self._owned: list[TopicPartition] = []
         self._sources_by_topic = {self.config.topic_of(source): source.name for source in self.config.sources}
 
@@ -137,7 +145,9 @@ class ConsumerWorker(Worker):
         self._read_acks()
         self._commit()
         self._report()
-        self.heartbeat(in_flight=self.tracker.in_flight, keys_known=self.dedup.keys_known)
+        self._check_ack_timeouts()
+        self.heartbeat(in_flight=self.tracker.in_flight, keys_known=self.dedup.keys_known,
+                       oldest_unacked_s=round(self.oldest_unacked_s, 3), overdue_acks=self.overdue_acks)
 
     def _consume(self, messages: list[LogMessage]) -> None:
         if not messages:
@@ -189,7 +199,7 @@ class ConsumerWorker(Worker):
             key_hashes, hashes, routed = batch.key_hashes, batch.hashes, batch.count
             frame = MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(encode_batch(batch)))
         entry = InFlight(message.offset, (1 << merger) if routed else 0, head.message_id, key_hashes, hashes,
-                         routed, head.source)
+                         routed, head.source, time.monotonic())
         self._finish(self.tracker.add(tp, entry))
         if routed:
             self._send(merger, encode_ring_frame(frame))
@@ -327,6 +337,24 @@ class ConsumerWorker(Worker):
             metrics.consumer_lag.labels(lag.topic, str(lag.partition)).set(lag.lag)
         metrics.queue_depth.labels(f"consumer-{self.spec.index}-in-flight").set(self.tracker.in_flight)
         self.channel.send(LagReport(lags=lags))
+
+    def _check_ack_timeouts(self) -> None:
+        now = time.monotonic()
+        if now - self._last_ack_check < ACK_CHECK_INTERVAL_S:
+            return
+        self._last_ack_check = now
+        timeout_s = self.config.sink.ack_timeout_s
+        self.oldest_unacked_s, self.overdue_acks, crossed = self.tracker.overdue(now, timeout_s)
+        metrics.oldest_unacked.labels(str(self.spec.index)).set(self.oldest_unacked_s)
+        if not crossed:
+            return
+        for tp, _entry in crossed:
+            metrics.ack_timeouts.labels(tp[0]).inc()
+        (topic, partition), first = crossed[0]
+        logger.warning("%d log messages (first %s/%d@%d) have waited more than [sink] ack_timeout_s = %g s for the "
+                       "sink's acknowledgement; they stay in flight and are committed once the sink takes them "
+                       "(the sink breaker and the mergers' sink_last_status in /status say why)",
+                       len(crossed), topic, partition, first.offset, timeout_s)
 
     def _dead_letter_message(self, message: LogMessage, reason: str) -> None:
         now = time.time()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conflux.ipc.messages import Batch, Position
-from conflux.workers.merge import HASH, UPDATED_US, MergeState, Token, make_chunk
+from conflux.workers.merge import HASH, UPDATED_US, MergeState, Token, make_chunk, split_chunk
 
 FUZZ = settings(max_examples=100, derandomize=True, deadline=None)
 _offsets = count()
@@ -199,3 +199,16 @@ def test_a_frame_of_only_stale_records_is_acknowledged_without_a_delivery():
     assert state.tokens == [] and unit.records == 1
     state.add(*frame("crm", [("j", 300, "x")]))
     assert state.take_idle_tokens() == []  # something pending: its tokens go with the delivery
+
+
+def test_split_chunk_halves_a_request_into_two_with_their_own_ids() -> None:
+    state = MergeState()
+    state.add(*frame("s", [(f"k{i}", i, "x") for i in range(5)]))
+    whole = state.take(10).chunks[0]
+    first, second = split_chunk(whole)
+    assert (first.keys, second.keys) == (["k0", "k1"], ["k2", "k3", "k4"])
+    assert first.values + second.values == whole.values and first.source == second.source == "s"
+    assert len({whole.batch_id, first.batch_id, second.batch_id}) == 3
+    assert first == make_chunk("s", whole.keys[:2], whole.values[:2])  # a retry rebuilds the same halves
+    one, rest = split_chunk(second)
+    assert (one.keys, rest.keys) == (["k2"], ["k3", "k4"])
