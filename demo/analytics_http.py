@@ -32,6 +32,7 @@ class RecordView(msgspec.Struct):
     source: str
     key: str
     updated_at: str
+    seq: int
     data: msgspec.Raw
 
 
@@ -210,11 +211,11 @@ class Sink:
         stored = await self.store.record(source, key)
         if stored is None:
             return json_response({"error": f"no record {key!r} in source {source!r}"}, status=404)
-        updated_at, data = stored
+        updated_at, seq, data = stored
         if data is None:
             return json_response({"error": f"record {key!r} in source {source!r} was deleted",
                                   "deleted_at": updated_at}, status=404)
-        return json_response(RecordView(source, key, updated_at, msgspec.Raw(data)))
+        return json_response(RecordView(source, key, updated_at, seq, msgspec.Raw(data)))
 
     async def health(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})

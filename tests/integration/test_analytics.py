@@ -88,6 +88,20 @@ def test_older_upserts_are_ignored_and_equal_instants_apply(analytics):
     assert stats(url)["records_ignored_stale"] == 1
 
 
+def test_equal_instants_are_ordered_by_seq(analytics):
+    url = analytics.url
+    post_batch(url, "b-1", [sink_record("k", b'{"v":8}', seq=8)])
+    # The same instant seen earlier in the log (a lower seq), arriving late: stale.
+    assert post_batch(url, "b-2", [sink_record("k", b'{"v":3}', seq=3)]).json()["ignored_stale"] == 1
+    assert post_batch(url, "b-3", [sink_record("k", b'{"v":0}')]).json()["ignored_stale"] == 1  # absent: 0
+    assert post_batch(url, "b-4", [sink_record("k", b'{"v":9}', seq=9)]).json()["applied"] == 1
+    stored = requests.get(f"{url}/records/{SOURCE}/k", timeout=10).json()
+    assert (stored["seq"], stored["data"]) == (9, {"v": 9})
+    assert source_stats(url) == expected_checksum({"k": b'{"v":9}'})
+    refused = post_batch(url, "b-5", [sink_record("k", seq=-1)])
+    assert refused.status_code == 400 and "seq" in refused.json()["error"]
+
+
 def test_within_a_batch_records_apply_in_order(analytics):
     records = [sink_record("k", b'{"v":1}', updated_at="2024-01-01T00:00:02Z"),
                sink_record("k", b'{"v":2}', updated_at="2024-01-01T00:00:01Z"),
