@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import aiohttp
 import msgspec
+import yarl
 
 from conflux import metrics
 from conflux.config import RetryConfig, SinkConfig
@@ -180,13 +181,23 @@ def interpret(status: int, text: bytes, count: int, batch_id: str, *, location: 
         reason = f"sink refused the batch with {status}: {_excerpt(text)}"
         return Delivery(dict.fromkeys(range(count), reason), status)
     if 300 <= status < 400:
-        where = location.split("?", 1)[0][:200] or "nowhere"  # the query may carry a token
-        return Retry("redirect", f"sink answered {status} redirecting to {where}; redirects are never followed "
-                                 "(check [sink] url)")
+        return Retry("redirect", f"sink answered {status} redirecting to {_redirect_target(location)}; "
+                                 "redirects are never followed (check [sink] url)")
     return Retry(str(status), f"sink answered {status}{_HINTS.get(status, '')}: {_excerpt(text)}")
 
 
 _HINTS = {401: " (check [sink] token)", 403: " (check [sink] token)", 404: " (check [sink] url)"}
+
+
+def _redirect_target(location: str) -> str:
+    """The Location for the log, without what may carry a secret: user info, query, fragment."""
+    try:
+        url = yarl.URL(location)
+        if url.is_absolute():
+            url = url.with_user(None)
+        return str(url.with_query(None).with_fragment(None))[:200] or "nowhere"
+    except (TypeError, ValueError):
+        return "an unparseable Location"
 
 
 def _acknowledgement(text: bytes, batch_id: str) -> Acknowledgement | str:

@@ -46,10 +46,13 @@ def test_a_2xx_without_the_acknowledgement_is_retried(case, status):
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
-def test_redirects_are_retried_and_the_target_is_logged_without_its_query(status):
-    outcome = interpret(status, b"", 3, BATCH, location="https://sso.example/login?token=secret")
+def test_redirects_are_retried_and_the_target_is_logged_without_its_secrets(status):
+    outcome = interpret(status, b"", 3, BATCH, location="https://me:pw@sso.example/login?token=secret#x")
     assert isinstance(outcome, Retry) and outcome.reason == "redirect"
-    assert "https://sso.example/login" in outcome.message and "secret" not in outcome.message
+    assert "https://sso.example/login" in outcome.message
+    assert not any(secret in outcome.message for secret in ("me:", "pw", "secret", "#x"))
+    assert "to /login;" in interpret(status, b"", 3, BATCH, location="/login?next=%2Fingest").message
+    assert "to nowhere;" in interpret(status, b"", 3, BATCH).message
 
 
 @pytest.mark.parametrize("status", [401, 403, 404, 405, 408, 409, 429, 500, 502, 503, 504])
