@@ -152,6 +152,8 @@ class SinkConfig(_Section):
     max_pending_records: int = 50_000
     token: str = ""
     token_env: str = ""
+    # A log message unacknowledged this long is reported (status, metrics, log); it stays in flight.
+    ack_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
@@ -160,6 +162,7 @@ class SinkConfig(_Section):
                  f"flush_interval_s must be >= {MIN_FLUSH_INTERVAL_S} s (got {self.flush_interval_s})")
         _require(self.max_in_flight >= 1, "max_in_flight must be >= 1")
         _require(self.max_pending_records >= self.batch_size, "max_pending_records must be >= batch_size")
+        _require(self.ack_timeout_s > 0, "ack_timeout_s must be > 0")
 
 
 class RetryConfig(_Section):
