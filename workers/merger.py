@@ -37,7 +37,11 @@ from conflux.workers.sinks import Delivery, HttpSink
 logger = logging.getLogger(__name__)
 
 LINGER_S = 0.02
-ACKS_PER_FRAME = 1000  # keeps every ack frame far below the ack ring's frame limit
+ACKS_PER_FRAME = 1000
+# msgpack of one Position (array header, topic string header, two 64-bit ints) beyond the topic's bytes,
+# and of an Acks frame beyond its positions.
+POSITION_OVERHEAD_BYTES = 24
+ACKS_OVERHEAD_BYTES = 32
 FRAMES_PER_READ = 64
 
 
@@ -266,9 +270,10 @@ class MergerWorker(AsyncWorker):
         for token in tokens:
             grouped[(token.consumer, token.generation)].append(token.position)
         for (consumer, generation), positions in grouped.items():
-            for start in range(0, len(positions), ACKS_PER_FRAME):
+            per_frame = acks_per_frame(positions, self.ack_writers[consumer].max_frame_bytes)
+            for start in range(0, len(positions), per_frame):
                 self.ack_backlog[consumer].append(
-                    Acks(generation=generation, positions=positions[start:start + ACKS_PER_FRAME]))
+                    Acks(generation=generation, positions=positions[start:start + per_frame]))
         self._send_acks()
 
     def _send_acks(self) -> None:
@@ -298,3 +303,11 @@ def _reasons(outcome: Delivery) -> dict[int, str]:
     if outcome.too_large:
         return {index: f"too large even alone: {reason}" for index, reason in outcome.rejected.items()}
     return outcome.rejected
+
+
+def acks_per_frame(positions: list, max_frame_bytes: int) -> int:
+    """How many positions one ack frame may carry so that it fits the ack ring (a small ring and long
+    topic names make 1000 too many)."""
+    longest = max(len(position.topic.encode()) for position in positions)
+    fitting = (max_frame_bytes - ACKS_OVERHEAD_BYTES) // (longest + POSITION_OVERHEAD_BYTES)
+    return max(1, min(ACKS_PER_FRAME, fitting))

@@ -243,3 +243,16 @@ def test_split_chunk_halves_a_request_into_two_with_their_own_ids() -> None:
     assert first == make_chunk("s", whole.keys[:2], whole.values[:2])  # a retry rebuilds the same halves
     one, rest = split_chunk(second)
     assert (one.keys, rest.keys) == (["k2"], ["k3", "k4"])
+
+
+def test_ack_frames_fit_the_ack_ring_whatever_the_topic_names():
+    from conflux.ipc.codec import encode_ack_frame
+    from conflux.ipc.messages import Acks
+    from conflux.workers.merger import acks_per_frame
+
+    for topic in ("t", "a-rather-long-topic-name.with.a.prefix" * 3):
+        positions = [Position(topic, 2**31 - 1, 2**63 - 1)] * 5000
+        for max_frame_bytes in (2_000, 4_088, 1 << 20):
+            per = acks_per_frame(positions, max_frame_bytes)
+            assert len(encode_ack_frame(Acks(generation=2**62, positions=positions[:per]))) <= max_frame_bytes
+            assert 1 <= per <= 1000
