@@ -30,9 +30,11 @@ class LogConfig(_Section):
     backend: Literal["embedded", "kafka"] = "embedded"
     path: str = "var/conflux.db"
     partitions: int = 4
-    # "normal" survives a crash of any Conflux process; "full" also survives power loss (fsync per commit).
+    # "normal" survives a crash of any Conflux process; on power loss the newest commits may be lost (pulled
+    # records are fetched again, README "Durability"); "full" fsyncs every commit. Webhooks always fsync.
     synchronous: Literal["normal", "full"] = "normal"
     retention_s: float = 3600.0
+    max_bytes: int = 0  # embedded: cap on the file; past it writes fail as on a full disk (0 = no cap)
     bootstrap_servers: str = ""
     group: str = "conflux"
     topic_prefix: str = ""
@@ -43,6 +45,7 @@ class LogConfig(_Section):
         _require(self.partitions >= 1, "partitions must be >= 1")
         _require(self.retention_s >= 0, "retention_s must be >= 0")
         _require(self.replication_factor >= 0, "replication_factor must be >= 0")
+        _require(self.max_bytes == 0 or self.max_bytes >= 1 << 20, "max_bytes must be 0 (no cap) or >= 1048576")
         if self.backend == "kafka":
             _require(bool(self.bootstrap_servers), "bootstrap_servers is required when backend = \"kafka\"")
 

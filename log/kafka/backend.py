@@ -75,7 +75,9 @@ class KafkaLog(KafkaSettings):
 
     # -- the interface's handles --------------------------------------------------------------------
 
-    def producer(self) -> KafkaProducer:
+    def producer(self, *, durable: bool = False) -> KafkaProducer:
+        """Every producer is durable already: acks=all waits for min.insync.replicas, which is how Kafka
+        survives losing a machine (a broker's own fsync is left to its flush settings)."""
         return KafkaProducer(self.settings("producer", PRODUCER_DEFAULTS, PRODUCER_REQUIRED))
 
     def consumer(self, member: int, assignment: list[TopicPartition]) -> KafkaConsumer:
