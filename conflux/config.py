@@ -18,6 +18,7 @@ import msgspec
 from conflux.errors import ConfigError
 
 PaginationStyle = Literal["page", "offset", "cursor", "link", "watermark"]
+SecretCheck = Literal["all", "log", "none"]
 SECRET_FIELD = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|authorization)$", re.IGNORECASE)
 ENV_PREFIX = "CONFLUX_"
 
@@ -243,8 +244,13 @@ def _require(condition: bool, message: str) -> None:
 # Loading
 
 
-def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | None = None) -> Config:
-    """Read ``path`` (TOML; None = defaults), apply CONFLUX_* overrides, validate, resolve paths."""
+def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | None = None,
+                secrets: SecretCheck = "all") -> Config:
+    """Read ``path`` (TOML; None = defaults), apply CONFLUX_* overrides, validate, resolve paths.
+
+    ``secrets`` says which secret sources must exist now: "all" (run, reload, config check), "log" (only
+    those the log's clients read: commands that open the log but call no upstream or sink, such as
+    `conflux dlq`), or "none" (commands that read their one secret themselves, such as `conflux status`)."""
     environ = dict(os.environ) if environ is None else environ
     raw = _read_toml(Path(path)) if path is not None else {}
     raw = _rename_pagination_tables(raw)
@@ -256,7 +262,10 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
         raise ConfigError(_mention_env_source(_describe_validation_error(str(exc)), environ)) from None
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     config = _resolve_paths(config, base_dir)
-    _check_secret_sources(config, environ)
+    if secrets == "all":
+        _check_secret_sources(config, environ)
+    elif secrets == "log" and config.log.backend == "kafka":
+        _check_kafka_secrets(config.kafka, environ)
     return config
 
 
