@@ -399,6 +399,8 @@ def _check_kafka_secrets(kafka: KafkaConfig, environ: dict[str, str]) -> None:
         for key, value in getattr(kafka, role).items():
             if key.endswith("_env"):
                 _require_env(environ, str(value), f"kafka.{role}.{key}")
+            elif key.endswith("_file") and (problem := _secret_file_problem(str(value))):
+                raise ConfigError(f"kafka.{role}.{key}: {problem}")
 
 
 def _check_auth(auth: AuthConfig, environ: dict[str, str], where: str) -> None:

@@ -94,6 +94,11 @@ def test_dlq_on_kafka_still_needs_kafka_secrets(tmp_path):
     assert out.returncode == ExitCode.CONFIG_ERROR
     assert "kafka.consumer.sasl.password_env: environment variable DLQ_TEST_KAFKA_PASSWORD is not set" in out.stderr
     assert "SINK" not in out.stderr
+    # A secret file is checked as early, not met as a traceback when the first client is made.
+    settings["kafka"] = {"admin": {"ssl.key.password_file": str(tmp_path / "missing")}}
+    out = cli("dlq", "list", "-c", str(write_config(tmp_path, settings)))
+    assert out.returncode == ExitCode.CONFIG_ERROR and "Traceback" not in out.stderr
+    assert f"kafka.admin.ssl.key.password_file: file '{tmp_path / 'missing'}' does not exist" in out.stderr
 
 
 def test_dlq_replay_skips_what_it_cannot_replay_and_replays_the_rest(upstream_factory, analytics, daemon_factory):
