@@ -109,7 +109,8 @@ def test_merge_and_encode_for_sink(benchmark):
 
 
 def test_encode_for_sink(benchmark):
-    values = list(zip(COLUMNS.updated_us, COLUMNS.hashes, COLUMNS.records, COLUMNS.updated, repeat(None)))
+    values = list(zip(COLUMNS.updated_us, COLUMNS.hashes, COLUMNS.records, COLUMNS.updated,
+                      repeat(Position("customers", 0, 0))))
     assert benchmark(make_chunk, "customers", COLUMNS.keys, values).batch_id
 
 

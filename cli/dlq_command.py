@@ -3,7 +3,8 @@
 Works on the log the config names (embedded file or Kafka DLQ topics), whether or not the daemon is
 running. ``replay`` publishes the entries' records back into their source topics (sync type
 "replay"), waits until the consumers have committed past them (the sink took them), and then removes
-the entries that did not fail again meanwhile.
+the entries that did not fail again meanwhile. An entry that cannot be replayed at all (its record is
+not an object, its source is gone) is skipped, named on stderr and counted in the report.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from conflux.errors import ExitCode, LogError
     from conflux.log import open_log
 
-    config = load_config_or_report(args.config)
+    # No dlq action calls an upstream or the sink: only the log's own secrets (Kafka's) must be there.
+    config = load_config_or_report(args.config, secrets="log")
     if config is None:
         return ExitCode.CONFIG_ERROR
     backend = open_log(config)
@@ -54,11 +56,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _as_json(entry) -> dict:
-    """The entry as plain data; the record as the JSON it was received as (or text, if it was not JSON)."""
+    """The entry as plain data; the record as the JSON it was received as, or as text if it is not JSON
+    or nested too deeply to decode (such records are why some entries are here)."""
     data = msgspec.structs.asdict(entry)
     try:
         data["record"] = msgspec.json.decode(bytes(entry.record))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         data["record"] = bytes(entry.record).decode("utf-8", "replace")
     return data
 
@@ -100,6 +103,8 @@ def _replay(args, config, backend, store) -> int:
         return 0
     started = time.time()
     report = replay(config, backend, store, entries, timeout_s=args.timeout, started=started)
+    for entry_id, reason in report.pop("skipped_reasons").items():
+        print(f"conflux: skipped dead letter {entry_id}: {reason}", file=sys.stderr)
     print(msgspec.json.encode(report).decode())
     return 0 if report["pending"] == 0 else 1
 

@@ -48,13 +48,14 @@ def _configure(module_name: str, parser: argparse.ArgumentParser) -> None:
     module.configure_parser(parser)
 
 
-def load_config_or_report(path: str | None):
-    """For commands: the validated config, or None after printing the error (exit with CONFIG_ERROR)."""
+def load_config_or_report(path: str | None, *, secrets: str = "all"):
+    """For commands: the validated config, or None after printing the error (exit with CONFIG_ERROR).
+    ``secrets``: which secret sources must exist (``conflux.config.load_config``)."""
     from conflux.config import load_config
     from conflux.errors import ConfigError
 
     try:
-        return load_config(path)
+        return load_config(path, secrets=secrets)
     except ConfigError as exc:
         print(f"conflux: config error: {exc}", file=sys.stderr)
         return None

@@ -69,7 +69,7 @@ def metrics_url(args: argparse.Namespace) -> str:
         from conflux.errors import ConfigError
 
         try:
-            url = control_url(load_config(args.config).control.listen)
+            url = control_url(load_config(args.config, secrets="none").control.listen)
         except (ConfigError, StatusError) as exc:
             raise ValueError(str(exc)) from None
     else:

@@ -11,58 +11,76 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
+
+import msgspec
 
 from conflux.config import Config
-from conflux.errors import ConfigError
+from conflux.errors import ConfigError, PageFormatError
 from conflux.ipc.codec import encode_batch
 from conflux.ipc.messages import DeadLetter, Position
 from conflux.log.base import DeadLetterStore, LogBackend, OutgoingMessage
-from conflux.workers.batching import RecordSchema, split_by_partition
+from conflux.workers.batching import Columns, RecordSchema, split_by_partition
 
 POLL_S = 0.2
 
 
 def replay(config: Config, backend: LogBackend, store: DeadLetterStore, entries: list[DeadLetter], *,
-           timeout_s: float, started: float) -> dict[str, int]:
-    published, still_invalid = asyncio.run(_publish(config, backend, store, entries))
+           timeout_s: float, started: float) -> dict:
+    """Replay ``entries``; the report counts each outcome. ``skipped_reasons`` (entry id -> why) names the
+    entries that could not be replayed at all; they stay in the DLQ, and the others still go."""
+    outcome = asyncio.run(_publish(config, backend, store, entries))
+    published = outcome.published
     pending = _wait_for_commits(backend, published, timeout_s)
     delivered_ids = [entry_id for entry_id, positions in published.items() if not positions & pending]
     removed = store.remove(delivered_ids, unless_seen_after=started)
-    return {"entries": len(entries), "replayed": len(published), "still_invalid": still_invalid,
+    return {"entries": len(entries), "replayed": len(published), "still_invalid": outcome.still_invalid,
+            "skipped": len(outcome.skipped), "skipped_ids": sorted(outcome.skipped),
             "delivered": removed, "failed_again": len(delivered_ids) - removed,
-            "pending": len([1 for positions in published.values() if positions & pending])}
+            "pending": len([1 for positions in published.values() if positions & pending]),
+            "skipped_reasons": outcome.skipped}
 
 
-async def _publish(config: Config, backend: LogBackend, store: DeadLetterStore,
-                   entries: list[DeadLetter]) -> tuple[dict[str, set[Position]], int]:
+@dataclass
+class _Outcome:
+    published: dict[str, set[Position]] = field(default_factory=dict)
+    still_invalid: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+async def _publish(config: Config, backend: LogBackend, store: DeadLetterStore, entries: list[DeadLetter]) -> _Outcome:
     producer = backend.producer()
-    published: dict[str, set[Position]] = {}
-    still_invalid = 0
+    outcome = _Outcome()
     try:
         for entry in entries:
             try:
-                source = config.source(entry.source)
-            except KeyError:
-                raise ConfigError(f"dead letter {entry.id} belongs to source {entry.source!r}, "
-                                  "which the config no longer has") from None
-            schema = RecordSchema(source)
-            records, fields = schema.body_records(bytes(entry.record))
-            columns = schema.columns(records, fields)
-            if columns.dead:
-                still_invalid += 1
-                now = time.time()
-                store.add([DeadLetter(id=entry.id, source=entry.source, reason=columns.dead[0][2], stage=entry.stage,
-                                      record=entry.record, key=entry.key, origin=entry.origin,
-                                      first_seen=entry.first_seen, last_seen=now)])
+                topic, columns = _recheck(config, entry)
+            except (ConfigError, PageFormatError) as exc:
+                outcome.skipped[entry.id] = str(exc)
                 continue
-            topic = config.topic_of(source)
-            batches = split_by_partition(columns, source.name, "replay", producer.partitions_for(topic))
+            if columns.dead:
+                outcome.still_invalid += 1
+                store.add([msgspec.structs.replace(entry, reason=columns.dead[0][2], last_seen=time.time(),
+                                                   attempts=1)])
+                continue
+            batches = split_by_partition(columns, entry.source, "replay", producer.partitions_for(topic))
             positions = await producer.publish([OutgoingMessage(topic, partition, batch.keys[0].encode(),
                                                                 encode_batch(batch)) for partition, batch in batches])
-            published[entry.id] = set(positions)
+            outcome.published[entry.id] = set(positions)
     finally:
         await producer.close()
-    return published, still_invalid
+    return outcome
+
+
+def _recheck(config: Config, entry: DeadLetter) -> tuple[str, Columns]:
+    """The entry's topic and its record checked again with the source's current settings."""
+    try:
+        source = config.source(entry.source)
+    except KeyError:
+        raise ConfigError(f"its source {entry.source!r} is no longer in the config") from None
+    schema = RecordSchema(source)
+    records, fields = schema.body_records(bytes(entry.record))
+    return config.topic_of(source), schema.columns(records, fields)
 
 
 def _wait_for_commits(backend: LogBackend, published: dict[str, set[Position]], timeout_s: float) -> set[Position]:

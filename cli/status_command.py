@@ -65,7 +65,7 @@ class StatusClient:
         from conflux.secrets import read_secret
 
         try:
-            config = load_config(args.config)
+            config = load_config(args.config, secrets="none")  # only the control token, read below
             token = read_secret(env=config.control.token_env, literal=config.control.token, what="control.token")
         except ConfigError as exc:
             raise StatusError(f"config error: {exc}") from None

@@ -28,6 +28,7 @@ from conflux.ipc.codec import (
 from conflux.redact import MASK, kafka_secret_key, redact_headers, redact_url
 
 PaginationStyle = Literal["page", "offset", "cursor", "link", "watermark"]
+SecretCheck = Literal["all", "log", "none"]
 MIN_RING_BYTES = 1 << 16
 MAX_TOPIC_CHARS = 249  # Kafka's limit; the embedded log keeps it too, so a config moves between them
 # Floors for intervals where a tiny value makes the daemon hammer itself or an upstream (seconds).
@@ -47,9 +48,11 @@ class LogConfig(_Section):
     backend: Literal["embedded", "kafka"] = "embedded"
     path: str = "var/conflux.db"
     partitions: int = 4
-    # "normal" survives a crash of any Conflux process; "full" also survives power loss (fsync per commit).
+    # "normal" survives a crash of any Conflux process; on power loss the newest commits may be lost (pulled
+    # records are fetched again, README "Durability"); "full" fsyncs every commit. Webhooks always fsync.
     synchronous: Literal["normal", "full"] = "normal"
     retention_s: float = 3600.0
+    max_bytes: int = 0  # embedded: cap on the file; past it writes fail as on a full disk (0 = no cap)
     bootstrap_servers: str = ""
     group: str = "conflux"
     topic_prefix: str = ""
@@ -60,6 +63,7 @@ class LogConfig(_Section):
         _require(self.partitions >= 1, "partitions must be >= 1")
         _require(self.retention_s >= 0, "retention_s must be >= 0")
         _require(self.replication_factor >= 0, "replication_factor must be >= 0")
+        _require(self.max_bytes == 0 or self.max_bytes >= 1 << 20, "max_bytes must be 0 (no cap) or >= 1048576")
         if self.backend == "kafka":
             _require(bool(self.bootstrap_servers), "bootstrap_servers is required when backend = \"kafka\"")
 
@@ -166,6 +170,8 @@ class SinkConfig(_Section):
     max_pending_records: int = 50_000
     token: str = ""
     token_env: str = ""
+    # A log message unacknowledged this long is reported (status, metrics, log); it stays in flight.
+    ack_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
@@ -174,6 +180,7 @@ class SinkConfig(_Section):
                  f"flush_interval_s must be >= {MIN_FLUSH_INTERVAL_S} s (got {self.flush_interval_s})")
         _require(self.max_in_flight >= 1, "max_in_flight must be >= 1")
         _require(self.max_pending_records >= self.batch_size, "max_pending_records must be >= batch_size")
+        _require(self.ack_timeout_s > 0, "ack_timeout_s must be > 0")
 
 
 class RetryConfig(_Section):
@@ -339,8 +346,13 @@ def _check_webhook_sizes(config: Config) -> None:
 # Loading
 
 
-def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | None = None) -> Config:
-    """Read ``path`` (TOML; None = defaults), apply CONFLUX_* overrides, validate, resolve paths."""
+def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | None = None,
+                secrets: SecretCheck = "all") -> Config:
+    """Read ``path`` (TOML; None = defaults), apply CONFLUX_* overrides, validate, resolve paths.
+
+    ``secrets`` says which secret sources must exist now: "all" (run, reload, config check), "log" (only
+    those the log's clients read: commands that open the log but call no upstream or sink, such as
+    `conflux dlq`), or "none" (commands that read their one secret themselves, such as `conflux status`)."""
     environ = dict(os.environ) if environ is None else environ
     raw = _read_toml(Path(path)) if path is not None else {}
     raw = _rename_pagination_tables(raw)
@@ -352,7 +364,10 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
         raise ConfigError(_mention_env_source(_describe_validation_error(str(exc)), environ)) from None
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     config = _resolve_paths(config, base_dir)
-    _check_secret_sources(config, environ)
+    if secrets == "all":
+        _check_secret_sources(config, environ)
+    elif secrets == "log" and config.log.backend == "kafka":
+        _check_kafka_secrets(config.kafka, environ)
     return config
 
 
@@ -486,6 +501,8 @@ def _check_kafka_secrets(kafka: KafkaConfig, environ: dict[str, str]) -> None:
         for key, value in getattr(kafka, role).items():
             if key.endswith("_env"):
                 _require_env(environ, str(value), f"kafka.{role}.{key}")
+            elif key.endswith("_file") and (problem := _secret_file_problem(str(value))):
+                raise ConfigError(f"kafka.{role}.{key}: {problem}")
 
 
 def _check_auth(auth: AuthConfig, environ: dict[str, str], where: str) -> None:

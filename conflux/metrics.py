@@ -49,6 +49,14 @@ queue_depth = Gauge("conflux_queue_depth", "Items waiting in internal queues", [
                     multiprocess_mode="livesum")
 upstream_retries = Counter("conflux_upstream_retries_total", "Upstream requests retried", ["source", "reason"])
 sink_retries = Counter("conflux_sink_retries_total", "Sink deliveries retried", ["reason"])
+dlq_write_failures = Counter("conflux_dlq_write_failures_total",
+                             "Failed writes of dead letters (retried with backoff, then the worker exits)", ["source"])
+oldest_unacked = Gauge("conflux_oldest_unacked_seconds",
+                       "Age of the oldest log message a consumer has waiting for the sink's acknowledgement",
+                       ["consumer"], multiprocess_mode="livemax")
+ack_timeouts = Counter("conflux_ack_timeouts_total",
+                       "Log messages that waited longer than [sink] ack_timeout_s for the sink's acknowledgement",
+                       ["topic"])
 webhook_requests = Counter("conflux_webhook_requests_total", "Webhook requests by outcome", ["source", "status"])
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -81,9 +89,11 @@ def declare(*, roles: Iterable[str], sources: Iterable[str], topics: Iterable[st
         records_delivered.labels(source)
         for reason in ("malformed", "sink_rejected"):
             dlq_records.labels(source, reason)
+        dlq_write_failures.labels(source)
     for topic in topics:
         messages_processed.labels(topic)
         messages_failed.labels(topic)
+        ack_timeouts.labels(topic)
         dlq_records.labels(topic, "undecodable")  # the consumer only knows the topic of a broken message
     for reason in DEDUP_REASONS:
         dedup_skipped.labels(reason)

@@ -42,19 +42,21 @@ FOLD_ON_STOP_S = 5.0
 
 FAULTS_HELP = """\
 fault injection (also adjustable at run time: GET/POST /admin/faults with a JSON object of
-error_rate, latency_ms, apply_then_fail_rate, reject_rate; POST /admin/outage {"seconds": N} starts an
-outage now, {"seconds": 0} ends it). During an outage every route but /admin/* answers 503 with
-Retry-After: 1, /health included, so it looks like a real outage. Random choices use --seed."""
+error_rate, latency_ms, apply_then_fail_rate, reject_rate, redirect_to, html_200, fail_status;
+POST /admin/outage {"seconds": N} starts an outage now, {"seconds": 0} ends it). During an outage
+every route but /admin/* answers 503 with Retry-After: 1, /health included, so it looks like a real
+outage. Random choices use --seed."""
 
 ENDPOINTS_HELP = """\
 endpoints:
   POST /ingest                {"batch_id", "records": [{"source", "key", "op": "upsert"|"delete",
                               "updated_at", "hash", "data"}]} with Idempotency-Key: <batch_id>;
                               200 applied | duplicate, 207 partial, 422 all rejected, 400 malformed,
-                              413 too large
+                              413 too large; 200/207/422 answer a JSON object with the batch_id
   GET  /stats, /stats/SOURCE  per-source count and checksum (demo/checksum.py), counters, fault counts
   GET  /records/SOURCE/KEY    the stored record (data byte for byte), 404 if absent or deleted
   GET  /health                {"status": "ok"}
+  GET  /login                 an HTML sign-in page (where --redirect-to /login sends ingests)
   GET  /freshness             percentiles of (apply time - updated_at) since POST /admin/freshness
                               {"enabled": true}: the delay from an upstream change to the sink
   GET|POST /admin/faults, POST /admin/outage   see "faults" above
@@ -86,6 +88,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--reject-rate", type=float, default=0.0, metavar="F",
                         help="also reject this fraction of records, chosen by xxh3 of (source, key) "
                              "(see demo.analytics_wire.rejected_by_rate)")
+    faults.add_argument("--redirect-to", default="", metavar="URL",
+                        help="answer every ingest 302 to URL without applying it, like an ingress sending "
+                             "clients to its login page (e.g. /login)")
+    faults.add_argument("--html-200", action="store_true",
+                        help="answer every ingest 200 with an HTML page without applying it")
+    faults.add_argument("--fail-status", type=int, default=0, metavar="N",
+                        help="answer every ingest with HTTP status N (200-599) without applying it, "
+                             "e.g. 401, 403, 404 (default 0: off)")
     faults.add_argument("--seed", type=int, default=0, help="seed of the fault RNG (default %(default)s)")
 
 
@@ -93,7 +103,8 @@ def build_faults(args: argparse.Namespace) -> Faults:
     """The Faults the flags ask for; raises FaultSpecError naming the bad flag."""
     settings = settings_from_flags(error_rate=args.error_rate, latency_ms=args.latency_ms,
                                    apply_then_fail_rate=args.apply_then_fail_rate,
-                                   reject_rate=args.reject_rate)
+                                   reject_rate=args.reject_rate, redirect_to=args.redirect_to,
+                                   html_200=args.html_200, fail_status=args.fail_status)
     return Faults(settings=settings, windows=parse_outage_spec(args.outage_s), seed=args.seed)
 
 

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS records (
     updated_us INTEGER NOT NULL,  -- its instant, microseconds since the epoch (UTC)
     digest     INTEGER,           -- demo.checksum.record_digest as signed 64-bit; NULL for a tombstone
     data       BLOB,              -- the exact `data` bytes received; NULL for a tombstone
+    seq        INTEGER NOT NULL DEFAULT 0,  -- orders versions with the same instant
     PRIMARY KEY (source, key)
 );
 CREATE VIEW IF NOT EXISTS tombstones AS
@@ -47,13 +48,13 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 """
 
-# Last writer wins by instant, equal instants included: the same rule Store applies in memory.
+# Last writer wins by (instant, seq), equal versions included: the same rule Store applies in memory.
 _FOLD_ROW = """
-INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO records (source, key, updated_at, updated_us, digest, data, seq) VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (source, key) DO UPDATE SET
     updated_at = excluded.updated_at, updated_us = excluded.updated_us,
-    digest = excluded.digest, data = excluded.data
-WHERE excluded.updated_us >= records.updated_us
+    digest = excluded.digest, data = excluded.data, seq = excluded.seq
+WHERE (excluded.updated_us, excluded.seq) >= (records.updated_us, records.seq)
 """
 
 # Under steady writes a passive checkpoint rarely catches up fully, so the WAL can grow during a long
@@ -66,8 +67,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _rejections_decoder = msgspec.json.Decoder(list[Rejection])
 
-# (source, key, updated_at, updated_us, signed digest or None, data or None)
-Row = tuple[str, str, str, int, int | None, bytes | None]
+# (source, key, updated_at, updated_us, signed digest or None, data or None, seq)
+Row = tuple[str, str, str, int, int | None, bytes | None, int]
 
 
 def to_signed(digest: int) -> int:
@@ -93,9 +94,9 @@ def journal_rows(body: bytes, rejected: list[Rejection]) -> list[Row]:
         if record.op == "upsert":
             digest = to_signed(record_digest(record.key, record.data))
             rows.append((record.source, record.key, record.updated_at, updated_us, digest,
-                         bytes(record.data)))
+                         bytes(record.data), record.seq))
         else:
-            rows.append((record.source, record.key, record.updated_at, updated_us, None, None))
+            rows.append((record.source, record.key, record.updated_at, updated_us, None, None, record.seq))
     return rows
 
 
@@ -117,6 +118,13 @@ class Database:
             self._checkpointer.start()
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
+        self._add_seq_column()
+
+    def _add_seq_column(self) -> None:
+        """A db file written before records carried a seq: every stored version gets seq 0."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(records)")}
+        if "seq" not in columns:
+            self._conn.execute("ALTER TABLE records ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
 
     def journal_batch(self, *, batch_id: str, body: bytes, applied: int, ignored_stale: int,
                       rejected_json: bytes | None) -> None:
@@ -150,11 +158,11 @@ class Database:
         conn.execute("COMMIT")
         return folded_bytes
 
-    def load_states(self) -> Iterator[tuple[str, str, str, int | None]]:
-        """Every folded key's (source, key, updated_at, digest or None for a tombstone)."""
-        for source, key, updated_at, digest in self._conn.execute(
-                "SELECT source, key, updated_at, digest FROM records"):
-            yield source, key, updated_at, None if digest is None else to_unsigned(digest)
+    def load_states(self) -> Iterator[tuple[str, str, str, int, int | None]]:
+        """Every folded key's (source, key, updated_at, seq, digest or None for a tombstone)."""
+        for source, key, updated_at, seq, digest in self._conn.execute(
+                "SELECT source, key, updated_at, seq, digest FROM records"):
+            yield source, key, updated_at, seq, None if digest is None else to_unsigned(digest)
 
     def load_batch_ids(self) -> set[str]:
         return {batch_id for (batch_id,) in self._conn.execute("SELECT batch_id FROM batches")}
@@ -169,10 +177,10 @@ class Database:
         applied, ignored_stale, rejected_json = found
         return applied, ignored_stale, _rejections_decoder.decode(rejected_json) if rejected_json else []
 
-    def record(self, source: str, key: str) -> tuple[str, bytes | None] | None:
-        """(updated_at, data or None for a tombstone) of one folded key, or None if never seen."""
+    def record(self, source: str, key: str) -> tuple[str, int, bytes | None] | None:
+        """(updated_at, seq, data or None for a tombstone) of one folded key, or None if never seen."""
         return self._conn.execute(
-            "SELECT updated_at, data FROM records WHERE source = ? AND key = ?", (source, key)
+            "SELECT updated_at, seq, data FROM records WHERE source = ? AND key = ?", (source, key)
         ).fetchone()
 
     def close(self) -> None:

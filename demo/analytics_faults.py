@@ -1,4 +1,5 @@
-"""Fault injection for the analytics sink: error rate, latency, outages, apply-then-fail, reject rate.
+"""Fault injection for the analytics sink: error rate, latency, outages, apply-then-fail, reject rate,
+and answers that are not acknowledgements (a redirect, an HTML page, any status).
 
 Set from the command line at start and changed at run time through ``POST /admin/faults`` and
 ``POST /admin/outage``; the sink's request handlers consult one ``Faults`` object on the event loop.
@@ -22,12 +23,24 @@ OutageSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=86_400.0)]
 
 
 class FaultSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The adjustable faults; ``POST /admin/faults`` accepts any subset of these fields."""
+    """The adjustable faults; ``POST /admin/faults`` accepts any subset of these fields.
+
+    The last three stand for what sits between a client and a real sink: an ingress that redirects to
+    its login page, a proxy that answers 200 with an HTML page, an expired token (401) or a wrong path
+    (404). Each answers every ingest without applying it.
+    """
 
     error_rate: Fraction = 0.0
     latency_ms: LatencyMs = 0.0
     apply_then_fail_rate: Fraction = 0.0
     reject_rate: Fraction = 0.0
+    redirect_to: str = ""        # answer 302 with this Location ("" = off)
+    html_200: bool = False       # answer 200 with an HTML page
+    fail_status: int = 0         # answer with this status, 200..599 (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.fail_status != 0 and not 200 <= self.fail_status <= 599:
+            raise ValueError("fail_status must be 0 (off) or an HTTP status between 200 and 599")
 
 
 class OutageRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -66,12 +79,13 @@ def parse_outage_spec(spec: str) -> list[OutageWindow]:
     return windows
 
 
-def settings_from_flags(**values: float) -> FaultSettings:
+def settings_from_flags(**values: object) -> FaultSettings:
     """FaultSettings from command-line values; the error names the flag (``error_rate`` -> --error-rate)."""
     try:
         return msgspec.convert(values, FaultSettings)
     except msgspec.ValidationError as exc:
-        field = str(exc).rpartition("$.")[2].rstrip("`")
+        text = str(exc)  # "... - at `$.field`", or a __post_init__ message that starts with the field
+        field = text.rpartition("$.")[2].rstrip("`") if "$." in text else text.split(" ", 1)[0]
         raise FaultSpecError(f"--{field.replace('_', '-')}: {exc}") from None
 
 
@@ -101,7 +115,8 @@ class Faults:
         self._rng = random.Random(seed)
         self._started = time.monotonic()
         self._admin_outage_until = 0.0
-        self.counts = {"error_rate": 0, "latency": 0, "outage": 0, "apply_then_fail": 0, "reject_rate": 0}
+        self.counts = {"error_rate": 0, "latency": 0, "outage": 0, "apply_then_fail": 0, "reject_rate": 0,
+                       "redirect": 0, "html_200": 0, "fail_status": 0}
 
     def start_outage(self, seconds: float) -> None:
         """Be down from now for ``seconds``; 0 ends an outage started here (not --outage-s windows)."""
@@ -124,6 +139,17 @@ class Faults:
     def draw_apply_then_fail(self) -> bool:
         """Whether this ingest is applied and then answered 500 (--apply-then-fail-rate)."""
         return self._draw(self.settings.apply_then_fail_rate, "apply_then_fail")
+
+    def forced_answer(self) -> str | None:
+        """Which non-acknowledgement answers this ingest, if one is set: "redirect", "html_200" or
+        "fail_status" (in that order of precedence); counted here."""
+        settings = self.settings
+        for name, on in (("redirect", bool(settings.redirect_to)), ("html_200", settings.html_200),
+                         ("fail_status", settings.fail_status != 0)):
+            if on:
+                self.counts[name] += 1
+                return name
+        return None
 
     def _draw(self, rate: float, name: str) -> bool:
         # Draw only when the fault is on, so enabling one fault does not shift another's choices.

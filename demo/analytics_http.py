@@ -1,7 +1,8 @@
 """The analytics sink's HTTP API (aiohttp.web), served on the sink process's uvloop event loop.
 
 Routes: ``POST /ingest``, ``GET /stats``, ``GET /stats/{source}``, ``GET /records/{source}/{key}``,
-``GET /health`` and the fault controls ``GET|POST /admin/faults`` and ``POST /admin/outage``. During an
+``GET /health``, ``GET /login`` (the HTML page a redirect fault points at, as an ingress would) and the
+fault controls ``GET|POST /admin/faults`` and ``POST /admin/outage``. During an
 injected outage every route except ``/admin/*`` answers 503 with ``Retry-After: 1``, /health included,
 so the sink looks like a real outage to probes as well; the admin routes keep working so tests can steer.
 """
@@ -22,6 +23,7 @@ from conflux.demo.analytics_wire import REASON_REJECT_RATE, MalformedBody, check
 log = logging.getLogger("conflux.analytics")
 
 _encoder = msgspec.json.Encoder()
+LOGIN_PAGE = "<!doctype html><html><head><title>Sign in</title></head><body><form>Sign in</form></body></html>\n"
 
 
 class RecordView(msgspec.Struct):
@@ -30,16 +32,18 @@ class RecordView(msgspec.Struct):
     source: str
     key: str
     updated_at: str
+    seq: int
     data: msgspec.Raw
 
 
 class Counters:
     """Per-process counters for /stats; they restart at zero with the process, unlike /stats' "batches",
     which counts the applied batch ids kept in the db. ``requests`` counts every HTTP request, those
-    refused by an injected outage included; ``ingest_requests`` only POST /ingest."""
+    refused by an injected outage included; ``ingest_requests`` only POST /ingest; ``login_requests``
+    GET /login (a client that follows a redirect fault lands there)."""
 
-    __slots__ = ("duplicate_batches", "ingest_requests", "records_applied", "records_ignored_stale",
-                 "records_rejected", "requests")
+    __slots__ = ("duplicate_batches", "ingest_requests", "login_requests", "records_applied",
+                 "records_ignored_stale", "records_rejected", "requests")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -73,6 +77,7 @@ class Sink:
         app.router.add_get("/stats/{source}", self.source_stats)
         app.router.add_get("/records/{source}/{key:.+}", self.record)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/login", self.login)
         app.router.add_get("/admin/faults", self.get_faults)
         app.router.add_post("/admin/faults", self.set_faults)
         app.router.add_post("/admin/outage", self.start_outage)
@@ -120,6 +125,9 @@ class Sink:
         body = await self._read_body(request)
         if isinstance(body, web.Response):
             return body
+        forced = self._forced_answer()
+        if forced is not None:
+            return forced
         try:
             batch = decode_batch(body)
         except MalformedBody as exc:
@@ -143,7 +151,20 @@ class Sink:
         self._count(outcome)
         if self.faults.draw_apply_then_fail():
             return json_response({"error": "injected by --apply-then-fail-rate after applying"}, status=500)
-        return _outcome_response(outcome)
+        return _outcome_response(batch.batch_id, outcome)
+
+    def _forced_answer(self) -> web.Response | None:
+        """A fault that answers without applying anything, and without the acknowledgement."""
+        kind = self.faults.forced_answer()
+        settings = self.faults.settings
+        if kind == "redirect":
+            return web.Response(status=302, headers={"Location": settings.redirect_to}, text="Found")
+        if kind == "html_200":
+            return web.Response(text=LOGIN_PAGE, content_type="text/html")
+        if kind == "fail_status":
+            return json_response({"error": f"injected by fail_status {settings.fail_status}"},
+                                 status=settings.fail_status)
+        return None
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         if (request.content_length or 0) <= self.max_body_bytes:
@@ -190,14 +211,18 @@ class Sink:
         stored = await self.store.record(source, key)
         if stored is None:
             return json_response({"error": f"no record {key!r} in source {source!r}"}, status=404)
-        updated_at, data = stored
+        updated_at, seq, data = stored
         if data is None:
             return json_response({"error": f"record {key!r} in source {source!r} was deleted",
                                   "deleted_at": updated_at}, status=404)
-        return json_response(RecordView(source, key, updated_at, msgspec.Raw(data)))
+        return json_response(RecordView(source, key, updated_at, seq, msgspec.Raw(data)))
 
     async def health(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
+
+    async def login(self, request: web.Request) -> web.Response:
+        self.counters.login_requests += 1
+        return web.Response(text=LOGIN_PAGE, content_type="text/html")
 
     async def get_faults(self, request: web.Request) -> web.Response:
         return json_response({**self.faults.as_dict(), "counts": self.faults.counts})
@@ -218,12 +243,13 @@ class Sink:
         return await self.get_faults(request)
 
 
-def _outcome_response(outcome: BatchOutcome) -> web.Response:
+def _outcome_response(batch_id: str, outcome: BatchOutcome) -> web.Response:
+    """The acknowledgement: Conflux counts a batch as delivered only if the answer names its batch_id."""
     if not outcome.rejected:
-        return json_response({"status": "applied", "applied": outcome.applied,
+        return json_response({"status": "applied", "batch_id": batch_id, "applied": outcome.applied,
                               "ignored_stale": outcome.ignored_stale})
-    body = {"status": "partial", "applied": outcome.applied, "ignored_stale": outcome.ignored_stale,
-            "rejected": outcome.rejected}
+    body = {"status": "partial", "batch_id": batch_id, "applied": outcome.applied,
+            "ignored_stale": outcome.ignored_stale, "rejected": outcome.rejected}
     if outcome.applied == 0 and outcome.ignored_stale == 0:
         # Every record was refused: the batch as a whole is unprocessable.
         return json_response({**body, "status": "rejected"}, status=422)

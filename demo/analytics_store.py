@@ -18,8 +18,10 @@ from conflux.demo.analytics_db import Database
 from conflux.demo.analytics_wire import Change, Rejection, parse_instant
 from conflux.demo.checksum import Checksum
 
-# key -> (updated instant, digest); digest None marks a tombstone, kept so a late older upsert stays dead.
-Entry = tuple[datetime, int | None]
+# key -> (updated instant, seq, digest); digest None marks a tombstone, kept so a late older upsert stays
+# dead. Versions are ordered by (instant, seq): seq breaks ties between versions of the same instant.
+Entry = tuple[datetime, int, int | None]
+INSTANT, SEQ, DIGEST = range(3)
 
 # Folding costs more CPU than ingest itself, so it waits for a pause in the traffic (benchmarks share
 # two cores with the pipeline), unless the backlog grows so large that a restart would replay for long.
@@ -79,8 +81,29 @@ class BatchOutcome(msgspec.Struct, gc=False):
     rejected: list[Rejection]
 
 
+def _older(change: Change, entry: Entry) -> bool:
+    """Whether ``change`` is older than the stored version: by instant, then by seq. An equal version
+    applies (the same record again, or a later arrival the producer could not tell apart)."""
+    updated = change.updated
+    return updated < entry[INSTANT] or (updated == entry[INSTANT] and change.record.seq < entry[SEQ])
+
+
+def _replace(entries: dict[str, Entry], checksum: Checksum, change: Change, old_digest: int | None) -> None:
+    record = change.record
+    if record.op == "upsert":
+        entries[record.key] = (change.updated, record.seq, change.digest)
+        if old_digest is None:
+            checksum.add(change.digest)
+        else:
+            checksum.replace(old_digest, change.digest)
+    else:
+        entries[record.key] = (change.updated, record.seq, None)
+        if old_digest is not None:
+            checksum.remove(old_digest)
+
+
 class Store:
-    """Applies checked changes last-writer-wins by updated_at and keeps checksums incrementally."""
+    """Applies checked changes last-writer-wins by (updated_at, seq) and keeps checksums incrementally."""
 
     def __init__(self, *, db: Database) -> None:
         self._db = db
@@ -90,9 +113,9 @@ class Store:
         while db.fold(max_batches=FOLD_STEP_BATCHES):
             pass  # batches journaled before a crash, or before a stop whose fold ran out of time
         self.batch_ids: set[str] = db.load_batch_ids()
-        for source, key, updated_at, digest in db.load_states():
+        for source, key, updated_at, seq, digest in db.load_states():
             state = self._source(source)
-            state.entries[key] = (parse_instant(updated_at), digest)
+            state.entries[key] = (parse_instant(updated_at), seq, digest)
             if digest is not None:
                 state.checksum.add(digest)
         # Cumulative byte counts of journaled and folded bodies; the difference is the backlog.
@@ -110,28 +133,17 @@ class Store:
         applied = ignored_stale = 0
         source = None
         for change in changes:
-            record, updated = change.record, change.updated
+            record = change.record
             if record.source != source:  # batches rarely mix sources: look the source up once per run
                 source = record.source
                 state = self._source(source)
                 entries, checksum = state.entries, state.checksum
             entry = entries.get(record.key)
-            # Equal instants apply: a later arrival with the same timestamp wins.
-            if entry is not None and updated < entry[0]:
+            if entry is not None and _older(change, entry):
                 ignored_stale += 1
                 continue
             applied += 1
-            old_digest = None if entry is None else entry[1]
-            if record.op == "upsert":
-                entries[record.key] = (updated, change.digest)
-                if old_digest is None:
-                    checksum.add(change.digest)
-                else:
-                    checksum.replace(old_digest, change.digest)
-            else:
-                entries[record.key] = (updated, None)
-                if old_digest is not None:
-                    checksum.remove(old_digest)
+            _replace(entries, checksum, change, None if entry is None else entry[DIGEST])
         outcome = BatchOutcome(applied, ignored_stale, rejected)
         self._journal(batch_id, body, outcome)
         if self.freshness.enabled:
@@ -154,8 +166,8 @@ class Store:
         summary = self._db.batch_summary(batch_id)
         return None if summary is None else BatchOutcome(*summary)
 
-    async def record(self, source: str, key: str) -> tuple[str, bytes | None] | None:
-        """(updated_at, data or None if deleted) of one key, or None if never seen."""
+    async def record(self, source: str, key: str) -> tuple[str, int, bytes | None] | None:
+        """(updated_at, seq, data or None if deleted) of one key, or None if never seen."""
         await self.fold_all()
         return self._db.record(source, key)
 

@@ -29,7 +29,8 @@ REASON_REJECT_RATE = "rejected by --reject-rate"
 
 
 class WireRecord(msgspec.Struct, gc=False):
-    """One record of an ingest body; ``data`` keeps the exact bytes the producer sent."""
+    """One record of an ingest body; ``data`` keeps the exact bytes the producer sent. ``seq`` (optional,
+    0 when absent) orders versions with the same updated_at: the greater one is the later observation."""
 
     source: str
     key: str
@@ -37,6 +38,7 @@ class WireRecord(msgspec.Struct, gc=False):
     updated_at: str
     hash: str
     data: msgspec.Raw
+    seq: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class WireBatch(msgspec.Struct, gc=False):

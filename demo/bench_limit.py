@@ -16,10 +16,14 @@ from itertools import repeat
 import aiohttp
 
 from conflux.config import SourceConfig
+from conflux.ipc.messages import Position
 from conflux.workers.batching import RecordSchema
 from conflux.workers.merge import make_chunk
 
 SINK_BATCH = 1000
+
+
+_NOWHERE = Position("bench", 0, 0)  # make_chunk reads each record's log offset (its seq)
 
 
 class _Merger:
@@ -29,7 +33,7 @@ class _Merger:
 
     def add(self, source: str, columns) -> None:
         self.pending.update(zip(columns.keys, zip(columns.updated_us, columns.hashes, columns.records,
-                                                  columns.updated, repeat(None))))
+                                                  columns.updated, repeat(_NOWHERE))))
         if len(self.pending) >= SINK_BATCH:
             self.flush(source)
 

@@ -8,9 +8,14 @@ their own. Nothing above this interface knows which backend it runs on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
+import msgspec
+
+from conflux.errors import LogError
+from conflux.ipc.codec import dead_letter_decoder
 from conflux.ipc.messages import DeadLetter, PartitionLag, Position
 
 TopicPartition = tuple[str, int]
@@ -106,7 +111,10 @@ class LogBackend(Protocol):
         """Create missing topics (name -> wanted partitions); return each topic's actual partition count."""
         ...
 
-    def producer(self) -> LogProducer: ...
+    def producer(self, *, durable: bool = False) -> LogProducer:
+        """``durable``: each publish must survive power loss before it returns (webhooks, whose sender
+        will not send again), whatever the backend's cheaper default is."""
+        ...
 
     def consumer(self, member: int, assignment: list[TopicPartition]) -> LogConsumer: ...
 
@@ -131,3 +139,73 @@ def partitions_for(key_hashes: list[int], partitions: int) -> list[int]:
 
 def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"
+
+
+def decode_dead_letter(body: bytes) -> DeadLetter:
+    """A stored dead letter. msgspec recurses into a record even to skip it, so a record nested deeper
+    than that (the reason it was dead-lettered, perhaps) is cut out of the body and kept as its bytes."""
+    try:
+        return dead_letter_decoder.decode(body)
+    except RecursionError:
+        try:
+            start, end = _member_span(body, b"record")
+            entry = dead_letter_decoder.decode(body[:start] + b"null" + body[end:])
+        except (ValueError, IndexError, RecursionError, msgspec.DecodeError) as exc:
+            raise LogError(f"a stored dead letter cannot be decoded: {exc}") from None
+        return msgspec.structs.replace(entry, record=msgspec.Raw(body[start:end]))
+
+
+_WHITESPACE = b" \t\r\n"
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_SCALAR_END = re.compile(rb"[,\]}\s]|$")
+_QUOTE_OR_BRACKET = re.compile(rb'["\[\]{}]')
+
+
+def _member_span(body: bytes, name: bytes) -> tuple[int, int]:
+    """(start, end) of the value of member ``name`` of the JSON object ``body``, found without recursion."""
+    i = _skip_space(body, 0)
+    _expect(body, i, b"{")
+    while True:
+        key_start = _skip_space(body, i + 1)
+        key_end = _value_end(body, key_start)
+        i = _skip_space(body, key_end)
+        _expect(body, i, b":")
+        start = _skip_space(body, i + 1)
+        end = _value_end(body, start)
+        if body[key_start:key_end] == b'"' + name + b'"':
+            return start, end
+        i = _skip_space(body, end)
+        _expect(body, i, b",")
+
+
+def _value_end(body: bytes, i: int) -> int:
+    """The index just past the JSON value that starts at ``i``: strings skipped whole, brackets counted."""
+    if body[i:i + 1] not in (b"[", b"{", b'"'):
+        return _SCALAR_END.search(body, i + 1).start()
+    depth = 0
+    while True:
+        found = _QUOTE_OR_BRACKET.search(body, i)
+        if found is None:
+            raise ValueError("unexpected end of JSON")
+        i = found.start()
+        if body[i:i + 1] == b'"':
+            string = _STRING.match(body, i)
+            if string is None:
+                raise ValueError(f"unterminated string at byte {i}")
+            i = string.end()
+        else:
+            depth += 1 if body[i:i + 1] in (b"[", b"{") else -1
+            i += 1
+        if depth == 0:
+            return i
+
+
+def _skip_space(body: bytes, i: int) -> int:
+    while body[i:i + 1] and body[i:i + 1] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _expect(body: bytes, i: int, char: bytes) -> None:
+    if body[i:i + 1] != char:
+        raise ValueError(f"expected {char.decode()!r} at byte {i}")

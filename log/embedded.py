@@ -7,13 +7,22 @@ and dead letters live in the same file, so a backup of the file is a backup of t
 Appends are group-committed: a producer's writer thread takes every request queued since its last
 transaction and commits them together, so a fetcher publishing many pages pays one commit for all.
 A commit is acknowledged only after SQLite returned from COMMIT, so anything acknowledged survives
-a crash of any Conflux process (``synchronous = "full"`` also survives power loss).
+a crash of any Conflux process. What survives power loss depends on ``synchronous``: "full" fsyncs
+every commit; "normal" (the default) fsyncs only at WAL checkpoints, so the newest commits may be
+lost, always as a suffix (the WAL's checksums stop recovery at the first missing frame). A durable
+producer (``producer(durable=True)``, the webhook path) always commits with "full".
+
+sqlite3 errors become ``LogError`` naming what failed and SQLite's own reason (``database or disk is
+full``), so callers that retry on a log error do so instead of crashing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -25,7 +34,7 @@ import msgspec
 
 from conflux.config import Config
 from conflux.errors import LogError
-from conflux.ipc.codec import dead_letter_decoder, encode_dead_letter
+from conflux.ipc.codec import encode_dead_letter
 from conflux.ipc.messages import DeadLetter, PartitionLag, Position
 from conflux.log.base import (
     AssignCallback,
@@ -33,6 +42,7 @@ from conflux.log.base import (
     LogMessage,
     OutgoingMessage,
     TopicPartition,
+    decode_dead_letter,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,14 +62,26 @@ CREATE TABLE IF NOT EXISTS checkpoints (source TEXT PRIMARY KEY, body BLOB NOT N
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, source TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
     attempts INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS probe (body BLOB);
 """
+# The supervisor's ping writes this much in a transaction it rolls back: a log that cannot take it is full.
+PROBE_BYTES = 64 << 10
+# Less free space than this on the log's filesystem counts as full: the WAL needs room to grow.
+MIN_FREE_BYTES = 1 << 20
+# The integrity check at start: its row checks stop after this long, and the start goes on with a warning.
+INTEGRITY_CHECK_BUDGET_S = 10.0
+# The ping waits at most this long for a busy writer; one still busy then is a working log.
+PING_LOCK_WAIT_S = 0.25
+# Files this process has checked: a reload reopens the log without reading every page again.
+_checked_paths: set[str] = set()
 
 _checkpoint_encoder = msgspec.json.Encoder()
 _checkpoint_decoder = msgspec.json.Decoder(tuple[str, str, int, float, float])
 
 
-def connect(path: str, *, synchronous: str = "normal") -> sqlite3.Connection:
-    """A connection for this thread, in WAL mode, waiting (not failing) when another writer holds the lock."""
+def connect(path: str, *, synchronous: str = "normal", max_bytes: int = 0) -> sqlite3.Connection:
+    """A connection for this thread, in WAL mode, waiting (not failing) when another writer holds the lock.
+    ``max_bytes`` caps the file (0: no cap); past it writes fail as on a full disk."""
     try:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -68,10 +90,75 @@ def connect(path: str, *, synchronous: str = "normal") -> sqlite3.Connection:
         conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         conn.execute("PRAGMA busy_timeout=60000")
         conn.executescript(SCHEMA)
+        cap(conn, max_bytes)
     except (sqlite3.Error, OSError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _reason(exc)
         raise LogError(f"cannot open embedded log {path}: {reason}") from exc
     return conn
+
+
+def cap(conn: sqlite3.Connection, max_bytes: int) -> None:
+    """Past ``max_bytes`` (0: no cap) this connection's writes fail with SQLITE_FULL, as on a full disk.
+    A cap below the file's size holds it at its size: nothing is lost, it just cannot grow."""
+    if max_bytes:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // page_size)}")
+
+
+def _reason(exc: BaseException) -> str:
+    """SQLite's message and code name: 'database or disk is full (SQLITE_FULL)'."""
+    name = getattr(exc, "sqlite_errorname", "")
+    return f"{exc} ({name})" if name else str(exc)
+
+
+def translated(doing: str):
+    """Turn the sqlite3 errors of a method into LogError('embedded log <doing> failed: <SQLite's reason>')."""
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except sqlite3.Error as exc:
+                raise LogError(f"embedded log {doing} failed: {_reason(exc)}") from exc
+        return wrapper
+    return decorate
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT. SQLite rolls back by itself after SQLITE_FULL or an I/O error: a
+    ROLLBACK then would fail with 'cannot rollback' and hide the real error, so only what is open is."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+def integrity_problem(conn: sqlite3.Connection, budget_s: float) -> str | None:
+    """SQLite's own report if ``PRAGMA quick_check`` finds the file damaged, else None. Row checks still
+    running after ``budget_s`` are stopped (a large file on a slow disk must not stall the start)."""
+    # The b-tree walk (every page read once, ~1 s per GB from the page cache) is one VDBE opcode that
+    # nothing interrupts; the row-by-row checks after it are many, and stop at the budget.
+    deadline = time.monotonic() + budget_s
+    conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+    try:
+        rows = conn.execute("PRAGMA quick_check(10)").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "interrupted" not in str(exc):
+            return _reason(exc)
+        logger.warning("integrity check of the embedded log: pages sound, row checks stopped after %.0f s", budget_s)
+        return None
+    except sqlite3.DatabaseError as exc:  # damaged where the check itself has to read
+        return _reason(exc)
+    finally:
+        conn.set_progress_handler(None, 0)
+    found = [row[0] for row in rows]
+    return None if found == ["ok"] else "; ".join(found).replace("\n", "; ")[:500]
 
 
 class EmbeddedLog:
@@ -82,31 +169,50 @@ class EmbeddedLog:
     def __init__(self, config: Config) -> None:
         self.path = config.log.path
         self.synchronous = config.log.synchronous
+        self.max_bytes = config.log.max_bytes
         self.group = config.log.group
         self.retention_s = config.log.retention_s
+        self._ping_problem: str | None = None
 
-    def _connect(self) -> sqlite3.Connection:
-        return connect(self.path, synchronous=self.synchronous)
+    def _connect(self, synchronous: str | None = None) -> sqlite3.Connection:
+        return connect(self.path, synchronous=synchronous or self.synchronous, max_bytes=self.max_bytes)
 
+    @translated("prepare")
     def prepare(self, topics: dict[str, int]) -> dict[str, int]:
+        """Supervisor, at each generation: check the file once per process, then create missing topics."""
         conn = self._connect()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for topic, wanted in topics.items():
-                conn.execute("INSERT OR IGNORE INTO topics (name, partitions) VALUES (?, ?)", (topic, wanted))
-                actual = conn.execute("SELECT partitions FROM topics WHERE name = ?", (topic,)).fetchone()[0]
-                if actual < wanted:
-                    logger.warning("topic %s has %d partitions, fewer than the %d configured; using it as it is",
-                                   topic, actual, wanted)
-                conn.executemany("INSERT OR IGNORE INTO channels (topic, partition) VALUES (?, ?)",
-                                 [(topic, p) for p in range(actual)])
-            conn.execute("COMMIT")
+            self._check_integrity(conn)
+            with write_transaction(conn):
+                for topic, wanted in topics.items():
+                    self._create_topic(conn, topic, wanted)
             return dict(conn.execute("SELECT name, partitions FROM topics").fetchall())
         finally:
             conn.close()
 
-    def producer(self) -> EmbeddedProducer:
-        return EmbeddedProducer(self)
+    def _check_integrity(self, conn: sqlite3.Connection) -> None:
+        if self.path in _checked_paths or self.path == ":memory:":
+            return
+        problem = integrity_problem(conn, INTEGRITY_CHECK_BUDGET_S)
+        if problem is not None:
+            raise LogError(f"the embedded log {self.path} is damaged (PRAGMA quick_check: {problem}); restore it "
+                           "from a backup, or move it aside to start empty (docs/OPERATIONS.md)")
+        _checked_paths.add(self.path)
+
+    @staticmethod
+    def _create_topic(conn: sqlite3.Connection, topic: str, wanted: int) -> None:
+        conn.execute("INSERT OR IGNORE INTO topics (name, partitions) VALUES (?, ?)", (topic, wanted))
+        actual = conn.execute("SELECT partitions FROM topics WHERE name = ?", (topic,)).fetchone()[0]
+        if actual < wanted:
+            logger.warning("topic %s has %d partitions, fewer than the %d configured; using it as it is",
+                           topic, actual, wanted)
+        conn.executemany("INSERT OR IGNORE INTO channels (topic, partition) VALUES (?, ?)",
+                         [(topic, p) for p in range(actual)])
+
+    def producer(self, *, durable: bool = False) -> EmbeddedProducer:
+        """``durable``: every publish is fsynced before it returns, whatever ``synchronous`` says (webhooks:
+        their sender was told 202 and will not send again, so power loss must not take them)."""
+        return EmbeddedProducer(self, synchronous="full" if durable else self.synchronous)
 
     def consumer(self, member: int, assignment: list[TopicPartition]) -> EmbeddedConsumer:
         return EmbeddedConsumer(self, assignment)
@@ -117,6 +223,7 @@ class EmbeddedLog:
     def dead_letters(self) -> SqliteDeadLetterStore:
         return SqliteDeadLetterStore(self._connect())
 
+    @translated("read of committed offsets")
     def committed_offsets(self) -> dict[TopicPartition, int]:
         conn = self._connect()
         try:
@@ -127,6 +234,7 @@ class EmbeddedLog:
         finally:
             conn.close()
 
+    @translated("read of end offsets")
     def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
         conn = self._connect()
         try:
@@ -137,14 +245,42 @@ class EmbeddedLog:
             conn.close()
 
     def ping(self, timeout_s: float) -> bool:
-        try:
-            conn = sqlite3.connect(self.path, timeout=timeout_s)
-            conn.execute("SELECT count(*) FROM channels").fetchone()
-            conn.close()
-            return True
-        except sqlite3.Error:
-            return False
+        """Supervisor, every few seconds (/ready): can the log take a write? A log that can be read but
+        not written (disk full, the max_bytes cap, a read-only file) is not ready."""
+        problem = self._write_problem(timeout_s)
+        if problem != self._ping_problem:
+            if problem:
+                logger.error("the embedded log cannot be written: %s", problem)
+            else:
+                logger.info("the embedded log can be written again")
+            self._ping_problem = problem
+        return problem is None
 
+    def _write_problem(self, timeout_s: float) -> str | None:
+        """Why a write would fail now, or None. The probe is rolled back (no disk write): the cap shows in
+        it, a full disk in the free space."""
+        try:
+            free_bytes = _free_bytes(self.path)
+            if free_bytes < MIN_FREE_BYTES:
+                return f"{free_bytes} bytes free on the disk holding {self.path}"
+            conn = sqlite3.connect(self.path, timeout=min(timeout_s, PING_LOCK_WAIT_S), isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            return exc.strerror if isinstance(exc, OSError) and exc.strerror else _reason(exc)
+        try:
+            cap(conn, self.max_bytes)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO probe (body) VALUES (zeroblob(?))", (PROBE_BYTES,))
+            return None
+        except sqlite3.Error as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            return None if busy else _reason(exc)  # busy: a writer is at work, so the log is writable
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            conn.close()
+
+    @translated("trim")
     def trim(self) -> int:
         """Delete messages the group has committed past once they are older than retention_s."""
         conn = self._connect()
@@ -157,6 +293,13 @@ class EmbeddedLog:
             return cursor.rowcount
         finally:
             conn.close()
+
+
+def _free_bytes(path: str) -> int:
+    if path == ":memory:":
+        return MIN_FREE_BYTES
+    stats = os.statvfs(Path(path).parent)
+    return stats.f_bavail * stats.f_frsize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,12 +318,14 @@ class _AppendRequest:
 class EmbeddedProducer:
     """Publishes from an asyncio loop through one writer thread that group-commits to SQLite."""
 
-    def __init__(self, log: EmbeddedLog) -> None:
+    def __init__(self, log: EmbeddedLog, *, synchronous: str) -> None:
         self._log = log
         self._requests: queue.SimpleQueue[_AppendRequest | None] = queue.SimpleQueue()
+        self._writer = _Writer(log, synchronous)
         self._thread: threading.Thread | None = None
         self._partitions: dict[str, int] = {}
 
+    @translated("read of topics")
     def partitions_for(self, topic: str) -> int:
         if not self._partitions:
             conn = self._log._connect()
@@ -210,41 +355,65 @@ class EmbeddedProducer:
             self._thread = None
 
     def _write_loop(self) -> None:
-        conn = self._log._connect()
-        channels = dict(((t, p), c) for c, t, p in conn.execute("SELECT id, topic, partition FROM channels"))
+        writer = self._writer
         try:
             while True:
                 batch = [self._requests.get()]
                 while not self._requests.empty() and len(batch) < 256:
                     batch.append(self._requests.get_nowait())
-                stop = None in batch
                 requests = [request for request in batch if request is not None]
                 if requests:
-                    self._commit(conn, channels, requests)
-                if stop:
+                    writer.commit(requests)
+                if None in batch:
                     return
         finally:
-            conn.close()
+            writer.close()
 
-    def _commit(self, conn: sqlite3.Connection, channels: dict[TopicPartition, int],
-                requests: list[_AppendRequest]) -> None:
+
+class _Writer:
+    """The writer thread's connection, opened on first use and again after a failed open, so a log that
+    cannot be opened fails each publish with the reason instead of leaving it waiting forever."""
+
+    def __init__(self, log: EmbeddedLog, synchronous: str) -> None:
+        self._log = log
+        self._synchronous = synchronous
+        self.conn: sqlite3.Connection | None = None  # the writer thread's; opened on its first commit
+        self._channels: dict[TopicPartition, int] = {}
+
+    def commit(self, requests: list[_AppendRequest]) -> None:
         try:
-            results = _append(conn, channels, [request.messages for request in requests])
-        except (sqlite3.Error, LogError) as exc:
-            error = exc if isinstance(exc, LogError) else LogError(f"embedded log append failed: {exc}")
+            if self.conn is None:
+                self._open()
+            results = _append(self.conn, self._channels, [request.messages for request in requests])
+        except Exception as exc:  # whatever it is, every waiting publish hears of it; none waits forever
+            error = exc if isinstance(exc, LogError) else LogError(f"embedded log append failed: {_reason(exc)}")
             for request in requests:
                 request.loop.call_soon_threadsafe(_fail, request.future, error)
             return
         for request, positions in zip(requests, results, strict=True):
             request.loop.call_soon_threadsafe(_resolve, request.future, positions)
 
+    def _open(self) -> None:
+        conn = self._log._connect(self._synchronous)
+        try:
+            rows = conn.execute("SELECT id, topic, partition FROM channels").fetchall()
+        except sqlite3.Error:
+            conn.close()
+            raise
+        self._channels = {(topic, partition): channel for channel, topic, partition in rows}
+        self.conn = conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
 
 def _append(conn: sqlite3.Connection, channels: dict[TopicPartition, int],
             groups: list[list[OutgoingMessage]]) -> list[list[Position]]:
     """One transaction for all groups; offsets are taken inside it, so concurrent writers interleave safely."""
     now = time.time()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         next_offsets: dict[int, int] = {}
         rows, results = [], []
         for messages in groups:
@@ -264,10 +433,6 @@ def _append(conn: sqlite3.Connection, channels: dict[TopicPartition, int],
         conn.executemany("INSERT INTO messages (channel, offset, appended_at, payload) VALUES (?, ?, ?, ?)", rows)
         conn.executemany("UPDATE channels SET next_offset = ? WHERE id = ?",
                          [(offset, channel) for channel, offset in next_offsets.items()])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return results
 
 
@@ -300,6 +465,7 @@ class EmbeddedConsumer:
         self._next_start = 0
         self._idle_version: int | None = None  # data_version when a read last found nothing new
 
+    @translated("consumer start")
     def start(self, on_assign: AssignCallback, on_revoke: AssignCallback) -> None:
         self._conn = self._log._connect()
         rows = self._conn.execute("SELECT id, topic, partition FROM channels").fetchall()
@@ -311,6 +477,7 @@ class EmbeddedConsumer:
         self._positions = self.committed(self._assignment)
         on_assign(list(self._assignment))
 
+    @translated("read")
     def poll(self, max_messages: int, timeout_s: float) -> list[LogMessage]:
         deadline = time.monotonic() + timeout_s
         wait_s = 0.001
@@ -351,6 +518,7 @@ class EmbeddedConsumer:
         self._positions[partition] = offset
         self._idle_version = None
 
+    @translated("commit")
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
         if not offsets:
             return
@@ -362,6 +530,7 @@ class EmbeddedConsumer:
             "ON CONFLICT (grp, channel) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset), "
             "committed_at = excluded.committed_at", rows)
 
+    @translated("read of committed offsets")
     def committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         out = {}
         for tp in partitions:
@@ -381,6 +550,7 @@ class EmbeddedConsumer:
         self._paused.difference_update(partitions)
         self._idle_version = None
 
+    @translated("read of lags")
     def lags(self) -> list[PartitionLag]:
         committed = self.committed(self._assignment)
         rows = self._conn.execute("SELECT topic, partition, next_offset FROM channels")
@@ -410,15 +580,19 @@ class _Locked:
 
 
 def _locked(method):
+    """One caller at a time on the store's connection; sqlite3 errors become LogError."""
+    @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
-            return method(self, *args, **kwargs)
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                raise LogError(f"embedded log {self.what} {method.__name__} failed: {_reason(exc)}") from exc
     return wrapper
 
 
 class SqliteCheckpointStore(_Locked):
+    what = "checkpoint store"
 
     @_locked
     def load(self, source: str) -> Checkpoint | None:
@@ -439,6 +613,7 @@ class SqliteCheckpointStore(_Locked):
 
 
 class SqliteDeadLetterStore(_Locked):
+    what = "dead-letter store"
 
     @_locked
     def add(self, entries: list[DeadLetter]) -> None:
@@ -482,5 +657,5 @@ class SqliteDeadLetterStore(_Locked):
 
 
 def _entry(first_seen: float, last_seen: float, attempts: int, body: bytes) -> DeadLetter:
-    entry = dead_letter_decoder.decode(body)
+    entry = decode_dead_letter(body)
     return msgspec.structs.replace(entry, first_seen=first_seen, last_seen=last_seen, attempts=attempts)

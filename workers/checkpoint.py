@@ -27,6 +27,8 @@ class InFlight:
     # Frames the message went in: more than one when it was too large for a ring frame. They all go to one
     # merger, which acknowledges each; the message is done with the last.
     pieces: int = 1
+    sent_at: float = 0.0            # time.monotonic() when it went to the mergers
+    overdue: bool = False           # already reported as waiting longer than the ack timeout
 
     @property
     def done(self) -> bool:
@@ -119,6 +121,27 @@ class OffsetTracker:
             track.committed = max(track.committed, offset)
             for old in [o for o in track.pending if o < track.committed]:
                 del track.pending[old]
+
+    def overdue(self, now: float, timeout_s: float) -> tuple[float, int, list[tuple[TopicPartition, InFlight]]]:
+        """(age of the oldest unacknowledged message, how many are older than ``timeout_s``, and those that
+        crossed it since the last call). Within a partition messages go out in offset order, so the
+        walk stops at the first one younger than the timeout."""
+        oldest_s, count, crossed = 0.0, 0, []
+        for tp, track in self.partitions.items():
+            first = True
+            for entry in track.pending.values():
+                if entry.done:
+                    continue
+                age_s = now - entry.sent_at
+                if first:
+                    oldest_s, first = max(oldest_s, age_s), False
+                if age_s < timeout_s:
+                    break
+                count += 1
+                if not entry.overdue:
+                    entry.overdue = True
+                    crossed.append((tp, entry))
+        return oldest_s, count, crossed
 
     def positions(self) -> dict[TopicPartition, int]:
         return {tp: track.committed for tp, track in self.partitions.items()}

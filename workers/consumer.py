@@ -12,6 +12,11 @@ On TERM the consumer drains: it routes nothing more, asks the mergers to flush, 
 and commits. The supervisor's ``Drain`` message (sent just before the TERM) says how much of its own
 deadline is left; the consumer stops waiting early enough to make its final commit before the
 supervisor would kill it.
+
+A message waiting longer than ``[sink] ack_timeout_s`` for its acknowledgement is reported (log,
+``conflux_ack_timeouts_total``, ``conflux_oldest_unacked_seconds``, heartbeat stats) and stays in flight:
+its merger still holds it and keeps retrying the sink, and a merger that cannot go on exits, which
+rewinds. Re-reading on a timer would only send the same records again to a sink that is not answering.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ POLL_BATCH = 64
 MAX_IN_FLIGHT_MESSAGES = 512
 COMMIT_INTERVAL_S = 1.0
 LAG_REPORT_INTERVAL_S = 2.0
+ACK_CHECK_INTERVAL_S = 1.0
 IDLE_POLL_S = 0.02
 ACK_WAIT_S = 0.005
 # Kept out of a drain's budget for the final commit and the log's close (at most a quarter of the budget).
@@ -74,7 +80,9 @@ class ConsumerWorker(Worker):
         self.from_mergers: list[RingReader] = []
         self.merger_epochs: list[int] = []
         self.paused = False
-        self._last_commit = self._last_lag_report = 0.0
+        self._last_commit = self._last_lag_report = self._last_ack_check = 0.0
+        self.oldest_unacked_s = 0.0
+        self.overdue_acks = 0
         self._owned: list[TopicPartition] = []
         self._sources_by_topic = {self.config.topic_of(source): source.name for source in self.config.sources}
 
@@ -156,7 +164,9 @@ class ConsumerWorker(Worker):
         self._read_acks()
         self._commit()
         self._report()
-        self.heartbeat(in_flight=self.tracker.in_flight, keys_known=self.dedup.keys_known)
+        self._check_ack_timeouts()
+        self.heartbeat(in_flight=self.tracker.in_flight, keys_known=self.dedup.keys_known,
+                       oldest_unacked_s=round(self.oldest_unacked_s, 3), overdue_acks=self.overdue_acks)
 
     def _consume(self, messages: list[LogMessage]) -> None:
         if not messages:
@@ -210,7 +220,7 @@ class ConsumerWorker(Worker):
         frames, too_large = self._frames(merger, position, payload, message) if routed else ([], 0)
         routed -= too_large
         entry = InFlight(message.offset, (1 << merger) if frames else 0, head.message_id, key_hashes, hashes,
-                         routed, head.source, pieces=len(frames) or 1)
+                         routed, head.source, pieces=len(frames) or 1, sent_at=time.monotonic())
         self._finish(self.tracker.add(tp, entry))
         for frame in frames:
             if not self._send(merger, frame):
@@ -379,6 +389,24 @@ class ConsumerWorker(Worker):
                        origin=origin, first_seen=now, last_seen=now)
             for index, reason in reasons.items()])
         metrics.dlq_records.labels(batch.source, "oversized").inc(len(reasons))
+
+    def _check_ack_timeouts(self) -> None:
+        now = time.monotonic()
+        if now - self._last_ack_check < ACK_CHECK_INTERVAL_S:
+            return
+        self._last_ack_check = now
+        timeout_s = self.config.sink.ack_timeout_s
+        self.oldest_unacked_s, self.overdue_acks, crossed = self.tracker.overdue(now, timeout_s)
+        metrics.oldest_unacked.labels(str(self.spec.index)).set(self.oldest_unacked_s)
+        if not crossed:
+            return
+        for tp, _entry in crossed:
+            metrics.ack_timeouts.labels(tp[0]).inc()
+        (topic, partition), first = crossed[0]
+        logger.warning("%d log messages (first %s/%d@%d) have waited more than [sink] ack_timeout_s = %g s for the "
+                       "sink's acknowledgement; they stay in flight and are committed once the sink takes them "
+                       "(the sink breaker and the mergers' sink_last_status in /status say why)",
+                       len(crossed), topic, partition, first.offset, timeout_s)
 
     def _dead_letter_message(self, message: LogMessage, reason: str) -> None:
         now = time.time()

@@ -50,7 +50,7 @@ class ControlWorker(AsyncWorker):
 
     async def main_async(self) -> int:
         backend = open_log(self.config)
-        self.producer = backend.producer()
+        self.producer = backend.producer(durable=True)  # a webhook answered 202 must survive power loss
         self.dead_letters = backend.dead_letters()
         self.schemas = {source.name: RecordSchema(source) for source in self.config.sources}
         self.secrets = {source.name: read_secret(env=source.webhook_secret_env, literal=source.webhook_secret,

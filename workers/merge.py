@@ -1,9 +1,14 @@
 """The merge state of one merger: the latest version of every key, and what is waiting for the sink.
 
-Pure data structure, driven by the merger process. A record replaces the pending one for its key
-only if its updated value is not older (equal wins: the later arrival of the same instant is the
-newer read of the upstream). A record older than the version already handed to the sink for its
-key is dropped, so a late, old version never overwrites a newer one.
+Pure data structure, driven by the merger process. Versions of a key are ordered by (updated_at, log
+offset): of two versions with the same instant (second-precision timestamps make that common), the
+one at the greater offset is the later observation and wins, whatever order they arrive in (a key
+always lives in one partition, so its offsets are comparable). A record replaces the pending one for
+its key unless it is older in that order; a record older than the version already handed to the
+sink is dropped, so a late, old version never overwrites a newer one. A copy at the *same* position
+is not older: it is a re-read of the same message (after a consumer restart, say) whose delivery may
+still be owed, and it is delivered again. The offset goes to the sink as each record's ``seq``, so the
+sink breaks ties the same way.
 
 Hot path: a frame whose keys are all new (the usual case during a sync) is merged with two C-level
 set checks and one ``dict.update``; only frames that touch known keys go record by record.
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import time
 from itertools import repeat
-from operator import itemgetter
+from operator import add, attrgetter, itemgetter, mul
 from typing import NamedTuple
 
 import msgspec
@@ -24,7 +29,11 @@ from conflux.ipc.messages import Batch, Position
 
 # A pending record is a plain tuple (fast to build): (updated_us, hash, record, updated text, position).
 UPDATED_US, HASH, RECORD, UPDATED, POSITION = range(5)
+# A version's place in the order as one int: updated_us, then the log offset (< 2**63, Kafka's int64).
+OFFSET_SPAN = 1 << 63
 _updated_us_of = itemgetter(UPDATED_US)
+_offset_of = attrgetter("offset")
+_position_of = itemgetter(POSITION)
 
 
 class Token(NamedTuple):
@@ -42,6 +51,7 @@ class SinkRecord(msgspec.Struct, array_like=False, gc=False):
     updated_at: str
     hash: str
     data: Raw
+    seq: int  # the log offset: breaks ties between versions with the same updated_at
 
 
 _sink_encoder = msgspec.json.Encoder()
@@ -65,7 +75,7 @@ class FlushUnit(NamedTuple):
 
 class MergeState:
     def __init__(self) -> None:
-        self.latest: dict[str, dict[str, int]] = {}   # source -> key -> newest instant handed to the sink
+        self.latest: dict[str, dict[str, int]] = {}   # source -> key -> order() of the newest version handed over
         self.pending: dict[str, dict[str, tuple]] = {}
         self.pending_count = 0
         self.tokens: list[Token] = []
@@ -92,16 +102,18 @@ class MergeState:
     def _add_one_by_one(self, frame: Batch, latest: dict[str, int], pending: dict[str, tuple],
                         position: Position) -> int:
         stale = added = 0
+        offset = position.offset
         for key, updated_us, content_hash, record, updated in zip(
                 frame.keys, frame.updated_us, frame.hashes, frame.records, frame.updated, strict=True):
+            rank = updated_us * OFFSET_SPAN + offset
             handed = latest.get(key)  # not a -1 default: instants before 1970 are negative
-            if handed is not None and updated_us < handed:
+            if handed is not None and rank < handed:
                 stale += 1
                 continue
             current = pending.get(key)
             if current is None:
                 added += 1
-            elif updated_us < current[UPDATED_US]:
+            elif rank < order(current):  # equal: the same message, a later record of it wins
                 stale += 1
                 continue
             pending[key] = (updated_us, content_hash, record, updated, position)
@@ -131,7 +143,10 @@ class MergeState:
             if not records:
                 continue
             keys, values = list(records), list(records.values())
-            self.latest[source].update(zip(keys, map(_updated_us_of, values)))
+            # order() of every value, without a Python call per record
+            ranks = map(add, map(mul, map(_updated_us_of, values), repeat(OFFSET_SPAN)),
+                        map(_offset_of, map(_position_of, values)))
+            self.latest[source].update(zip(keys, ranks))
             for start in range(0, len(keys), batch_size):
                 chunks.append(make_chunk(source, keys[start:start + batch_size], values[start:start + batch_size]))
         unit = FlushUnit(chunks, self.tokens, self.pending_count)
@@ -146,11 +161,23 @@ class MergeState:
         return sum(len(keys) for keys in self.latest.values())
 
 
+def order(value: tuple) -> int:
+    """A pending value's place among the versions of its key: (updated_us, log offset) as one int."""
+    return value[UPDATED_US] * OFFSET_SPAN + value[POSITION].offset
+
+
 def make_chunk(source: str, keys: list[str], values: list[tuple]) -> Chunk:
-    """The batch_id is derived from the content, so a retry, or a replay after a crash that rebuilds
-    the same batch, carries the same id and the sink can recognise it."""
+    """The batch_id is derived from the content (records and their log offsets), so a retry, or a
+    re-read after a crash that rebuilds the same batch, carries the same id and the sink recognises it."""
     records = _sink_encoder.encode([
-        SinkRecord(source, key, "upsert", value[UPDATED], value[HASH], value[RECORD])
+        SinkRecord(source, key, "upsert", value[UPDATED], value[HASH], value[RECORD], value[POSITION].offset)
         for key, value in zip(keys, values)])
     batch_id = xxh3_128_hexdigest(records)
     return Chunk(batch_id, b'{"batch_id":"%s","records":%s}' % (batch_id.encode(), records), source, keys, values)
+
+
+def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk]:
+    """The two halves of a request the sink found too large (413), each with its own content-derived id."""
+    half = len(chunk.keys) // 2
+    return (make_chunk(chunk.source, chunk.keys[:half], chunk.values[:half]),
+            make_chunk(chunk.source, chunk.keys[half:], chunk.values[half:]))

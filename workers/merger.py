@@ -8,6 +8,11 @@ positions to the consumers so they can commit.
 
 Backpressure: when ``max_pending_records`` are waiting (the sink is slow or down), the merger stops
 reading its rings; the rings fill, the consumers stop reading the log, and the backlog stays on disk.
+
+Failures: a batch the sink finds too large (413) is split in halves until it fits. Writing dead letters
+is retried with backoff ([retry], up to ``max_attempts``). Anything that still escapes a delivery (or
+the ring reader) crashes the merger with exit code 1: the supervisor restarts it and the consumers,
+seeing the ring's reader change, re-read everything it held. A delivery is never dropped silently.
 """
 
 from __future__ import annotations
@@ -18,19 +23,25 @@ import time
 from collections import defaultdict
 
 from conflux import metrics
+from conflux.errors import ExitCode
 from conflux.ipc.codec import decode_batch, encode_ack_frame, ring_frame_decoder
 from conflux.ipc.messages import Acks, DeadLetter, FlushNow, MergeBatch
 from conflux.ipc.shm import RingFull, RingReader, RingWriter
 from conflux.log import open_log
 from conflux.workers.base import AsyncWorker
 from conflux.workers.batching import dead_letter_id
-from conflux.workers.merge import POSITION, RECORD, Chunk, FlushUnit, MergeState, Token
-from conflux.workers.sinks import HttpSink
+from conflux.workers.merge import POSITION, RECORD, Chunk, FlushUnit, MergeState, Token, split_chunk
+from conflux.workers.resilience import Backoff
+from conflux.workers.sinks import Delivery, HttpSink
 
 logger = logging.getLogger(__name__)
 
 LINGER_S = 0.02
-ACKS_PER_FRAME = 1000  # keeps every ack frame far below the ack ring's frame limit
+ACKS_PER_FRAME = 1000
+# msgpack of one Position (array header, topic string header, two 64-bit ints) beyond the topic's bytes,
+# and of an Acks frame beyond its positions.
+POSITION_OVERHEAD_BYTES = 24
+ACKS_OVERHEAD_BYTES = 32
 FRAMES_PER_READ = 64
 
 
@@ -47,6 +58,7 @@ class MergerWorker(AsyncWorker):
         self.reading = True
         self.flush_now = False
         self.delivered_records = 0
+        self.exit_code = ExitCode.OK
 
     async def main_async(self) -> int:
         sink_config = self.config.sink
@@ -58,7 +70,8 @@ class MergerWorker(AsyncWorker):
         self.readers = [RingReader(spec) for spec in self.spec.inbound]
         self.ack_writers = [RingWriter(spec) for spec in self.spec.outbound]
         self._start_reading()
-        deliveries: set[asyncio.Task] = set()
+        self.deliveries: set[asyncio.Task] = set()
+        deliveries = self.deliveries
         try:
             await self._flush_loop(deliveries)
         finally:
@@ -69,11 +82,18 @@ class MergerWorker(AsyncWorker):
                 task.cancel()
             await self.sink.close()
             self.dead_letters.close()
-        return 0
+        return self.exit_code
 
     def _quit(self) -> None:
         super()._quit()
         self.quick_stop.set()
+
+    def _crash(self, what: str, exc: BaseException) -> None:
+        """Stop at once with exit code 1; the consumers re-read whatever this merger held."""
+        logger.error("%s failed: %s: %s; the merger exits so that its records are re-read", what,
+                     type(exc).__name__, exc, exc_info=exc)
+        self.exit_code = ExitCode.CRASH
+        self._quit()
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -91,6 +111,13 @@ class MergerWorker(AsyncWorker):
             loop.remove_reader(reader.wait_fd)
 
     def _on_frames(self, reader: RingReader) -> None:
+        # A reader callback's exception would only be logged by the loop, and the frames it took lost.
+        try:
+            self._read_frames(reader)
+        except Exception as exc:
+            self._crash("reading a ring", exc)
+
+    def _read_frames(self, reader: RingReader) -> None:
         if not self.reading:
             return
         started = time.perf_counter()
@@ -126,7 +153,7 @@ class MergerWorker(AsyncWorker):
                 unit = self.state.take(self.config.sink.batch_size)
                 task = asyncio.create_task(self._deliver(unit))
                 deliveries.add(task)
-                task.add_done_callback(deliveries.discard)
+                task.add_done_callback(self._delivery_done)
                 if not self.reading and not stopping:
                     self._start_reading()
                 continue
@@ -150,29 +177,46 @@ class MergerWorker(AsyncWorker):
         linger_s = LINGER_S if self.in_flight == 0 else sink.flush_interval_s
         return max(0.0, min(linger_s, sink.flush_interval_s) - age_s)
 
+    def _delivery_done(self, task: asyncio.Task) -> None:
+        self.deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._crash("a delivery", task.exception())
+
     async def _deliver(self, unit: FlushUnit) -> None:
+        """Every chunk acknowledged by the sink or dead-lettered, then the unit's tokens acknowledged."""
         self.in_flight += 1
         try:
-            for chunk in unit.chunks:
+            todo = list(reversed(unit.chunks))  # a stack: the halves of a split chunk go next
+            while todo:
+                chunk = todo.pop()
                 started = time.perf_counter()
                 outcome = await self.sink.deliver(chunk.batch_id, chunk.body, len(chunk.keys))
                 if outcome is None:
                     return  # stopping quickly: the consumers re-read these after restart
                 metrics.processing_duration.labels("sink").observe(time.perf_counter() - started)
-                self._record_outcome(chunk, outcome.rejected)
+                if outcome.too_large and len(chunk.keys) > 1:
+                    halves = split_chunk(chunk)
+                    logger.info("sink answered 413 to batch %s of %d records; sending it as %d and %d", chunk.batch_id,
+                                len(chunk.keys), len(halves[0].keys), len(halves[1].keys))
+                    todo.extend(reversed(halves))
+                    continue
+                if not await self._record_outcome(chunk, _reasons(outcome)):
+                    return
             self._acknowledge(unit.tokens)
         finally:
             self.in_flight -= 1
             self.wake.set()
 
-    def _record_outcome(self, chunk: Chunk, rejected: dict[int, str]) -> None:
-        if rejected:
-            self._dead_letter(chunk, rejected)
+    async def _record_outcome(self, chunk: Chunk, rejected: dict[int, str]) -> bool:
+        """Count the delivered records and dead-letter the rejected ones; False if stopping quickly."""
+        if rejected and not await self._dead_letter(chunk, rejected):
+            return False
         delivered = len(chunk.keys) - len(rejected)
         metrics.records_delivered.labels(chunk.source).inc(delivered)
         self.delivered_records += delivered
+        return True
 
-    def _dead_letter(self, chunk: Chunk, rejected: dict[int, str]) -> None:
+    async def _dead_letter(self, chunk: Chunk, rejected: dict[int, str]) -> bool:
         now = time.time()
         entries = []
         for index, reason in rejected.items():
@@ -182,10 +226,42 @@ class MergerWorker(AsyncWorker):
                 id=dead_letter_id(chunk.source, "sink", value[RECORD]), source=chunk.source, reason=reason,
                 stage="sink", record=value[RECORD], key=key,
                 origin=f"{position.topic}/{position.partition}/{position.offset}", first_seen=now, last_seen=now))
+        if not await self._write_dead_letters(chunk, entries):
+            return False
         metrics.dlq_records.labels(chunk.source, "sink_rejected").inc(len(entries))
-        self.dead_letters.add(entries)
         logger.warning("sink rejected %d of %d records of batch %s; they are in the dead-letter queue",
                        len(entries), len(chunk.keys), chunk.batch_id)
+        return True
+
+    async def _write_dead_letters(self, chunk: Chunk, entries: list[DeadLetter]) -> bool:
+        """Retried with backoff; the last failure propagates and crashes the merger (see _crash). The store
+        may fail in any way its backend can (SQLite full or locked, a Kafka error, a missing topic)."""
+        retry = self.config.retry
+        backoff = Backoff.from_config(retry)
+        loop = asyncio.get_running_loop()
+        for attempt in range(1, retry.max_attempts + 1):
+            try:
+                await loop.run_in_executor(None, self.dead_letters.add, entries)
+                return True
+            except Exception as exc:
+                metrics.dlq_write_failures.labels(chunk.source).inc()
+                if attempt == retry.max_attempts:
+                    raise
+                delay_s = backoff.next_delay_s()
+                logger.warning("writing %d dead letters of batch %s failed (%s: %s); attempt %d of %d, next in "
+                               "%.1f s", len(entries), chunk.batch_id, type(exc).__name__, exc, attempt,
+                               retry.max_attempts, delay_s)
+                if not await self._pause(delay_s):
+                    return False
+        return False
+
+    async def _pause(self, delay_s: float) -> bool:
+        """Sleep, but wake at once on a quick stop; False if we are stopping quickly."""
+        try:
+            await asyncio.wait_for(self.quick_stop.wait(), timeout=delay_s)
+        except TimeoutError:
+            return True
+        return False
 
     # -- acknowledging ------------------------------------------------------------------------------------
 
@@ -194,9 +270,10 @@ class MergerWorker(AsyncWorker):
         for token in tokens:
             grouped[(token.consumer, token.generation)].append(token.position)
         for (consumer, generation), positions in grouped.items():
-            for start in range(0, len(positions), ACKS_PER_FRAME):
+            per_frame = acks_per_frame(positions, self.ack_writers[consumer].max_frame_bytes)
+            for start in range(0, len(positions), per_frame):
                 self.ack_backlog[consumer].append(
-                    Acks(generation=generation, positions=positions[start:start + ACKS_PER_FRAME]))
+                    Acks(generation=generation, positions=positions[start:start + per_frame]))
         self._send_acks()
 
     def _send_acks(self) -> None:
@@ -213,6 +290,24 @@ class MergerWorker(AsyncWorker):
         self._send_acks()
         pending = self.state.pending_count
         metrics.queue_depth.labels(f"merger-{self.spec.index}-pending").set(pending)
+        failing_since = self.sink.failing_since
         return {"pending": pending, "in_flight": self.in_flight, "delivered": self.delivered_records,
-                "keys_known": self.state.keys_known, "sink_circuit": metrics.CIRCUIT_VALUES[self.sink.breaker.state]}
+                "keys_known": self.state.keys_known, "sink_circuit": metrics.CIRCUIT_VALUES[self.sink.breaker.state],
+                "sink_failing_s": round(time.monotonic() - failing_since, 3) if failing_since is not None else 0.0,
+                "sink_last_status": self.sink.last_status}
 
+
+
+def _reasons(outcome: Delivery) -> dict[int, str]:
+    """A single record that is still too large is refused on its own: say so in its dead letter."""
+    if outcome.too_large:
+        return {index: f"too large even alone: {reason}" for index, reason in outcome.rejected.items()}
+    return outcome.rejected
+
+
+def acks_per_frame(positions: list, max_frame_bytes: int) -> int:
+    """How many positions one ack frame may carry so that it fits the ack ring (a small ring and long
+    topic names make 1000 too many)."""
+    longest = max(len(position.topic.encode()) for position in positions)
+    fitting = (max_frame_bytes - ACKS_OVERHEAD_BYTES) // (longest + POSITION_OVERHEAD_BYTES)
+    return max(1, min(ACKS_PER_FRAME, fitting))

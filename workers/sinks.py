@@ -1,10 +1,14 @@
 """Delivering merged batches to the sink: the analytics HTTP API.
 
 Runs in merger processes. ``HttpSink.deliver`` keeps trying one batch (same batch_id, same body)
-until the sink takes it or refuses it for good: timeouts, connection errors, 408, 429 and 5xx are
-retried with backoff (honouring Retry-After) behind a circuit breaker; 207/422 name the records the
-sink rejected; any other 4xx rejects the whole batch. Rejected records go to the dead-letter queue
-with the sink's reason, so a bad record never blocks the offsets of good ones.
+until the sink acknowledges it or refuses it as bad. Only the sink's acknowledgement counts as delivery:
+a 2xx whose body is a JSON object naming the request's ``batch_id`` (207/422 list the records the sink
+rejected). Redirects are never followed (aiohttp would turn the POST into a GET, e.g. to an ingress
+login page). Only answers that mean "this batch is bad" dead-letter records: 400 (the whole batch), 413
+(the merger splits the batch; a single record that still gets 413 is dead-lettered), 422 and 207 (the
+records they name). Everything else is an outage: timeouts, connection errors, 3xx, 401, 403, 404,
+408, 429, 5xx and a 2xx that is not the acknowledgement are retried with backoff (honouring
+Retry-After) behind a circuit breaker, so the backlog waits in the log instead of in the DLQ.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import NamedTuple
 
 import aiohttp
 import msgspec
+import yarl
 
 from conflux import metrics
 from conflux.config import RetryConfig, SinkConfig
@@ -24,7 +29,12 @@ from conflux.workers.resilience import Backoff, CircuitBreaker, parse_retry_afte
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_4XX = frozenset({408, 429})
+BAD_BATCH = 400
+TOO_LARGE = 413
+UNPROCESSABLE = 422
+EXCERPT_BYTES = 160
+# msgspec raises these two outside its own hierarchy (bad UTF-8 in a string, nesting too deep).
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 
 
 class Rejection(msgspec.Struct):
@@ -32,19 +42,40 @@ class Rejection(msgspec.Struct):
     reason: str = "rejected by the sink"
 
 
+class Acknowledgement(msgspec.Struct):
+    """What a 2xx from the sink must be: a JSON object naming the batch (other fields are ignored)."""
+
+    batch_id: str
+    rejected: list[Rejection] = []
+
+
 class RejectionBody(msgspec.Struct):
     rejected: list[Rejection] = []
     error: str = ""
 
 
+_ack_decoder = msgspec.json.Decoder(Acknowledgement)
 _rejection_decoder = msgspec.json.Decoder(RejectionBody)
 
 
 class Delivery(NamedTuple):
-    """The outcome of one batch: which record indices the sink rejected, and why."""
+    """The sink's final answer to one batch: which record indices it rejected, and why. A 413 for a
+    batch of several records is for the merger to split, not to dead-letter."""
 
     rejected: dict[int, str]
     status: int
+
+    @property
+    def too_large(self) -> bool:
+        return self.status == TOO_LARGE
+
+
+class Retry(NamedTuple):
+    """An answer that is not final: why (the metric's reason label), what to log, how long to wait."""
+
+    reason: str
+    message: str
+    retry_after_s: float | None = None
 
 
 class HttpSink:
@@ -58,6 +89,7 @@ class HttpSink:
         self._stopping = stopping
         self._token = ""
         self.failing_since: float | None = None
+        self.last_status = -1  # of the last answer: 0 = none (unreachable), -1 = no request yet
 
     async def start(self) -> None:
         token = read_secret(env=self.config.token_env, literal=self.config.token, what="sink.token")
@@ -72,53 +104,52 @@ class HttpSink:
             await self._session.close()
 
     async def deliver(self, batch_id: str, body: bytes, count: int) -> Delivery | None:
-        """Deliver until taken or refused for good; None only if the process is stopping quickly."""
+        """Deliver until acknowledged or refused as bad; None only if the process is stopping quickly."""
         backoff = Backoff.from_config(self.retry)
         while True:
             if not self.breaker.allow():
                 if not await self._pause(max(self.breaker.wait_s(), backoff.floor_s)):
                     return None
                 continue
-            outcome, retry_after_s = await self._attempt(batch_id, body, count)
-            if outcome is not None:
+            outcome = await self._attempt(batch_id, body, count)
+            if isinstance(outcome, Delivery):
                 self.breaker.record_success()
                 self.failing_since = None
                 return outcome
+            metrics.sink_retries.labels(outcome.reason).inc()
+            logger.warning("%s; batch %s (%d records) will be retried", outcome.message, batch_id, count)
             self.breaker.record_failure()
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
-            if not await self._pause(backoff.next_delay_s(retry_after_s)):
+            if not await self._pause(backoff.next_delay_s(outcome.retry_after_s)):
                 return None
 
-    async def _attempt(self, batch_id: str, body: bytes, count: int) -> tuple[Delivery | None, float | None]:
+    async def _attempt(self, batch_id: str, body: bytes, count: int) -> Delivery | Retry:
         headers = {"Content-Type": "application/json", "Idempotency-Key": batch_id}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         started = time.perf_counter()
         try:
-            async with self._session.post(self.config.url, data=body, headers=headers) as response:
+            # Never follow a redirect: aiohttp would re-send the POST as a GET (to a login page, say)
+            # and a 200 from there is not the sink taking the batch.
+            async with self._session.post(self.config.url, data=body, headers=headers,
+                                          allow_redirects=False) as response:
                 text = await response.read()
                 status = response.status
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                response_headers = response.headers
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             metrics.sink_request_duration.labels("error").observe(time.perf_counter() - started)
-            metrics.sink_retries.labels(type(exc).__name__).inc()
-            logger.warning("sink unreachable (%s); batch %s will be retried", type(exc).__name__, batch_id)
-            return None, None
+            self.last_status = 0
+            return Retry(type(exc).__name__, f"sink unreachable ({type(exc).__name__}: {exc})")
         metrics.sink_request_duration.labels(str(status)).observe(time.perf_counter() - started)
-        return self._interpret(status, text, count, batch_id), retry_after
-
-    def _interpret(self, status: int, text: bytes, count: int, batch_id: str) -> Delivery | None:
-        if 200 <= status < 300 or status == 422:
-            # A 200 "duplicate" repeats the rejections of the first delivery, which may have been lost.
-            return Delivery(_rejections(text, count, status), status)
-        if status in RETRYABLE_4XX or status >= 500:
-            metrics.sink_retries.labels(str(status)).inc()
-            logger.warning("sink answered %d for batch %s; retrying", status, batch_id)
-            return None
-        reason = f"sink refused the batch with {status}: {text[:300].decode('utf-8', 'replace')}"
-        logger.error("%s (batch %s, %d records go to the dead-letter queue)", reason, batch_id, count)
-        return Delivery(dict.fromkeys(range(count), reason), status)
+        self.last_status = status
+        outcome = interpret(status, text, count, batch_id, location=response_headers.get("Location", ""))
+        if isinstance(outcome, Retry):
+            return outcome._replace(retry_after_s=parse_retry_after(response_headers.get("Retry-After")))
+        if status in (BAD_BATCH, UNPROCESSABLE):
+            logger.error("sink refused %d records of batch %s with %d: %s", len(outcome.rejected), batch_id,
+                         status, next(iter(outcome.rejected.values())))
+        return outcome
 
     async def _pause(self, delay_s: float) -> bool:
         """Sleep, but wake at once on a quick stop; False if we are stopping quickly."""
@@ -136,16 +167,64 @@ class HttpSink:
         logger.warning("sink circuit breaker is now %s", state)
 
 
-def _rejections(text: bytes, count: int, status: int) -> dict[int, str]:
-    """207/422 bodies (and a duplicate's 200) list rejected indices; a 422 that names none rejects all."""
-    if status not in (207, 422) and b'"rejected"' not in text:
-        return {}
+def interpret(status: int, text: bytes, count: int, batch_id: str, *, location: str = "") -> Delivery | Retry:
+    """The sink's answer to a batch of ``count`` records: final (a Delivery) or to be retried (a Retry)."""
+    if 200 <= status < 300:
+        ack = _acknowledgement(text, batch_id)
+        if isinstance(ack, str):
+            return Retry("not_acknowledged", f"sink answered {status} without its acknowledgement: {ack}")
+        # A 200 "duplicate" repeats the rejections of the first delivery, which may have been lost.
+        return Delivery(_valid_indices(ack.rejected, count), status)
+    if status == UNPROCESSABLE:
+        return Delivery(_refused_records(text, count), status)
+    if status in (BAD_BATCH, TOO_LARGE):
+        reason = f"sink refused the batch with {status}: {_excerpt(text)}"
+        return Delivery(dict.fromkeys(range(count), reason), status)
+    if 300 <= status < 400:
+        return Retry("redirect", f"sink answered {status} redirecting to {_redirect_target(location)}; "
+                                 "redirects are never followed (check [sink] url)")
+    return Retry(str(status), f"sink answered {status}{_HINTS.get(status, '')}: {_excerpt(text)}")
+
+
+_HINTS = {401: " (check [sink] token)", 403: " (check [sink] token)", 404: " (check [sink] url)"}
+
+
+def _redirect_target(location: str) -> str:
+    """The Location for the log, without what may carry a secret: user info, query, fragment."""
+    try:
+        url = yarl.URL(location)
+        if url.is_absolute():
+            url = url.with_user(None)
+        return str(url.with_query(None).with_fragment(None))[:200] or "nowhere"
+    except (TypeError, ValueError):
+        return "an unparseable Location"
+
+
+def _acknowledgement(text: bytes, batch_id: str) -> Acknowledgement | str:
+    """The sink's acknowledgement of ``batch_id``, or what is wrong with the answer."""
+    try:
+        ack = _ack_decoder.decode(text)
+    except _DECODE_ERRORS as exc:
+        return f"the body is not a JSON object with a batch_id ({exc}): {_excerpt(text)}"
+    if ack.batch_id != batch_id:
+        return f"it names batch {ack.batch_id[:80]!r}"
+    return ack
+
+
+def _valid_indices(rejected: list[Rejection], count: int) -> dict[int, str]:
+    return {item.index: item.reason for item in rejected if 0 <= item.index < count}
+
+
+def _refused_records(text: bytes, count: int) -> dict[int, str]:
+    """A 422 lists the records it refuses; one that names none (or is not JSON) refuses them all."""
     try:
         body = _rejection_decoder.decode(text)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        body = RejectionBody()
-    rejected = {item.index: item.reason for item in body.rejected if 0 <= item.index < count}
-    if status == 422 and not rejected:
-        reason = body.error or "sink answered 422 without naming records"
-        rejected = dict.fromkeys(range(count), reason)
-    return rejected
+    except _DECODE_ERRORS:
+        body = RejectionBody(error=f"sink answered 422: {_excerpt(text)}")
+    rejected = _valid_indices(body.rejected, count)
+    return rejected or dict.fromkeys(range(count), body.error or "sink answered 422 without naming records")
+
+
+def _excerpt(text: bytes) -> str:
+    shown = text[:EXCERPT_BYTES].decode("utf-8", "replace").replace("\n", " ").strip()
+    return (shown + "...") if len(text) > EXCERPT_BYTES else (shown or "(empty body)")

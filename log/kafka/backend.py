@@ -45,11 +45,11 @@ class KafkaLog(KafkaSettings):
 
     def prepare(self, topics: dict[str, int]) -> dict[str, int]:
         """Create the missing topics (supervisor, before fork); never delete or shrink one."""
-        wanted = self._topic_specs(topics)
         admin = AdminClient(self.settings("admin", {}, {}))
         try:
             cluster = metadata(admin)
             replication = self.replication_factor or min(3, len(cluster.brokers))
+            wanted = self._topic_specs(topics, replication)
             missing = [NewTopic(name, num_partitions=count, replication_factor=replication, config=config)
                        for name, (count, config) in wanted.items() if name not in cluster.topics]
             if missing:
@@ -63,19 +63,28 @@ class KafkaLog(KafkaSettings):
                                name, count, wanted[name][0])
         return {name: actual[name] for name in topics}
 
-    def _topic_specs(self, topics: dict[str, int]) -> dict[str, tuple[int, dict[str, str]]]:
-        """name -> (partitions, topic config). One DLQ partition: few entries, and one order per id."""
+    def _topic_specs(self, topics: dict[str, int], replication: int) -> dict[str, tuple[int, dict[str, str]]]:
+        """name -> (partitions, topic config). One DLQ partition: few entries, and one order per id.
+
+        min.insync.replicas = replication - 1 (at least 1): with acks=all a write is acknowledged only
+        once that many replicas have it, so one broker can fail without losing an acknowledged record,
+        and one can be down without stopping writes. The broker's default of 1 would acknowledge a
+        write held by the leader alone."""
+        durable = {"min.insync.replicas": str(max(1, replication - 1))}
+        big = {**durable, "max.message.bytes": str(MAX_MESSAGE_BYTES)}
         specs: dict[str, tuple[int, dict[str, str]]] = {}
         for topic, partitions in topics.items():
-            specs[topic] = (partitions, {"max.message.bytes": str(MAX_MESSAGE_BYTES)})
-            specs[dlq_topic(topic)] = (1, {**COMPACTED, "max.message.bytes": str(MAX_MESSAGE_BYTES)})
-        specs[self.checkpoints_topic] = (1, COMPACTED)
-        specs[self.sources_topic] = (max(SOURCES_TOPIC_MIN_PARTITIONS, len(self.source_topics)), {})
+            specs[topic] = (partitions, big)
+            specs[dlq_topic(topic)] = (1, {**COMPACTED, **big})
+        specs[self.checkpoints_topic] = (1, {**COMPACTED, **durable})
+        specs[self.sources_topic] = (max(SOURCES_TOPIC_MIN_PARTITIONS, len(self.source_topics)), durable)
         return specs
 
     # -- the interface's handles --------------------------------------------------------------------
 
-    def producer(self) -> KafkaProducer:
+    def producer(self, *, durable: bool = False) -> KafkaProducer:
+        """Every producer is durable already: acks=all waits for min.insync.replicas, which is how Kafka
+        survives losing a machine (a broker's own fsync is left to its flush settings)."""
         return KafkaProducer(self.settings("producer", PRODUCER_DEFAULTS, PRODUCER_REQUIRED))
 
     def consumer(self, member: int, assignment: list[TopicPartition]) -> KafkaConsumer:

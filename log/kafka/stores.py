@@ -13,9 +13,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka import TopicPartition as KafkaPartition
 
 from conflux.errors import LogError, LogUnavailable
-from conflux.ipc.codec import dead_letter_decoder, encode_dead_letter
+from conflux.ipc.codec import encode_dead_letter
 from conflux.ipc.messages import DeadLetter
-from conflux.log.base import Checkpoint, TopicPartition
+from conflux.log.base import Checkpoint, TopicPartition, decode_dead_letter
 from conflux.log.kafka.client import call, high_watermark, partitions_of
 from conflux.log.kafka.settings import PRODUCER_DEFAULTS, PRODUCER_REQUIRED, READ_TIMEOUT_S, KafkaSettings
 
@@ -166,7 +166,7 @@ class KafkaDeadLetterStore(_Store):
             if value is None:
                 self._entries.pop(entry_id, None)
             else:
-                self._entries[entry_id] = dead_letter_decoder.decode(value)
+                self._entries[entry_id] = decode_dead_letter(value)
 
     def _topic_of(self, entry: DeadLetter) -> str:
         try:

@@ -51,8 +51,8 @@ def test_ingest_applies_records_and_checksum_matches_an_independent_one(analytic
     latest = {f"c{i:03d}": b'{"id": %d, "name": "caf\\u00e9 %d" ,"n":[1, 2.50]}' % (i, i) for i in range(150)}
     first = [sink_record(key, data) for key, data in list(latest.items())[:100]]
     second = [sink_record(key, data) for key, data in list(latest.items())[100:]]
-    assert post_batch(analytics.url, "b-1", first).json() == {"status": "applied", "applied": 100,
-                                                              "ignored_stale": 0}
+    assert post_batch(analytics.url, "b-1", first).json() == {"status": "applied", "batch_id": "b-1",
+                                                              "applied": 100, "ignored_stale": 0}
     assert post_batch(analytics.url, "b-2", second).status_code == 200
 
     assert source_stats(analytics.url) == expected_checksum(latest)
@@ -79,13 +79,27 @@ def test_older_upserts_are_ignored_and_equal_instants_apply(analytics):
     # One microsecond older, written with another offset and precision: stale.
     older = "2024-01-01T14:59:59.999999+03:00"
     reply = post_batch(url, "b-2", [sink_record("k", b'{"v":0}', updated_at=older)])
-    assert reply.json() == {"status": "applied", "applied": 0, "ignored_stale": 1}
+    assert reply.json() == {"status": "applied", "batch_id": "b-2", "applied": 0, "ignored_stale": 1}
     assert stored_data(url, "k") == b'{"v":1}'
     # The same instant spelled differently: a later arrival with an equal timestamp wins.
     post_batch(url, "b-3", [sink_record("k", b'{"v":2}', updated_at="2024-01-01T13:00:00.000000+01:00")])
     assert stored_data(url, "k") == b'{"v":2}'
     assert source_stats(url) == expected_checksum({"k": b'{"v":2}'})
     assert stats(url)["records_ignored_stale"] == 1
+
+
+def test_equal_instants_are_ordered_by_seq(analytics):
+    url = analytics.url
+    post_batch(url, "b-1", [sink_record("k", b'{"v":8}', seq=8)])
+    # The same instant seen earlier in the log (a lower seq), arriving late: stale.
+    assert post_batch(url, "b-2", [sink_record("k", b'{"v":3}', seq=3)]).json()["ignored_stale"] == 1
+    assert post_batch(url, "b-3", [sink_record("k", b'{"v":0}')]).json()["ignored_stale"] == 1  # absent: 0
+    assert post_batch(url, "b-4", [sink_record("k", b'{"v":9}', seq=9)]).json()["applied"] == 1
+    stored = requests.get(f"{url}/records/{SOURCE}/k", timeout=10).json()
+    assert (stored["seq"], stored["data"]) == (9, {"v": 9})
+    assert source_stats(url) == expected_checksum({"k": b'{"v":9}'})
+    refused = post_batch(url, "b-5", [sink_record("k", seq=-1)])
+    assert refused.status_code == 400 and "seq" in refused.json()["error"]
 
 
 def test_within_a_batch_records_apply_in_order(analytics):
@@ -203,7 +217,7 @@ def test_bad_records_are_rejected_individually(analytics):
     reply = post_batch(analytics.url, "b-1", bad_records())
     assert reply.status_code == 207
     body = reply.json()
-    assert (body["status"], body["applied"]) == ("partial", 2)
+    assert (body["status"], body["batch_id"], body["applied"]) == ("partial", "b-1", 2)
     assert body["rejected"] == [
         {"index": 1, "reason": "hash does not match xxh3-64 of data"},
         {"index": 2, "reason": "key is empty"},
@@ -220,7 +234,7 @@ def test_bad_records_are_rejected_individually(analytics):
 
 def test_a_batch_with_every_record_rejected_gets_422(analytics):
     reply = post_batch(analytics.url, "b-1", bad_records()[1:5])
-    assert reply.status_code == 422
+    assert reply.status_code == 422 and reply.json()["batch_id"] == "b-1"
     assert [r["index"] for r in reply.json()["rejected"]] == [0, 1, 2, 3]
     assert source_stats(analytics.url)["count"] == 0
 
@@ -282,6 +296,31 @@ def test_apply_then_fail_applies_and_the_retry_is_a_duplicate(analytics_factory)
     assert (counters["batches"], counters["faults"]["apply_then_fail"]) == (1, 1)
 
 
+def test_redirect_fault_sends_ingests_to_a_login_page_and_applies_nothing(analytics_factory):
+    sink = analytics_factory(redirect_to="/login")
+    reply = post_batch(sink.url, "b-1", [sink_record("k")])  # requests follows the 302 with a GET
+    assert [r.status_code for r in reply.history] == [302] and reply.history[0].headers["Location"] == "/login"
+    assert reply.status_code == 200 and reply.headers["Content-Type"].startswith("text/html")
+    counters = stats(sink.url)
+    assert (counters["batches"], counters["faults"]["redirect"], counters["login_requests"]) == (0, 1, 1)
+
+
+@pytest.mark.parametrize(("options", "status", "count"), [
+    ({"html_200": True}, 200, "html_200"),
+    ({"fail_status": 401}, 401, "fail_status"),
+    ({"fail_status": 404}, 404, "fail_status"),
+], ids=["html-200", "401", "404"])
+def test_answer_faults_apply_nothing_until_lifted_at_run_time(analytics_factory, options, status, count):
+    sink = analytics_factory(**options)
+    reply = post_batch(sink.url, "b-1", [sink_record("k")])
+    assert reply.status_code == status and "batch_id" not in reply.text
+    assert stats(sink.url)["batches"] == 0 and stats(sink.url)["faults"][count] == 1
+    lifted = requests.post(f"{sink.url}/admin/faults", json={"html_200": False, "fail_status": 0}, timeout=5)
+    assert lifted.json()["html_200"] is False and lifted.json()["fail_status"] == 0
+    assert post_batch(sink.url, "b-1", [sink_record("k")]).json()["batch_id"] == "b-1"
+    assert stats(sink.url)["batches"] == 1
+
+
 def health_status(url: str) -> int:
     return requests.get(f"{url}/health", timeout=5).status_code
 
@@ -324,7 +363,7 @@ def test_faults_can_be_changed_at_run_time(analytics):
 
 
 def test_invalid_fault_flags_stop_the_sink_with_the_config_exit_code():
-    for flags in (["--error-rate", "2"], ["--outage-s", "10"], ["--outage-s", "a:b"]):
+    for flags in (["--error-rate", "2"], ["--outage-s", "10"], ["--outage-s", "a:b"], ["--fail-status", "99"]):
         done = subprocess.run(conflux_argv("analytics", "--port", "0", *flags), capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 2, done

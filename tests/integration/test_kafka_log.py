@@ -9,7 +9,7 @@ import time
 
 import msgspec
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource, NewTopic
 
 from conflux.config import Config, load_config
 from conflux.errors import ConfigError
@@ -186,3 +186,17 @@ ssl.key.password_file = "{secret_file}"
         load_config(path)  # `conflux config check` and the supervisor refuse it
     with pytest.raises(ConfigError, match=r"kafka\.producer\.sasl\.password_env"):
         log.settings("producer", {}, {})  # and so does a worker, reading it after fork
+
+
+def test_topics_conflux_creates_require_replication_minus_one_in_sync_replicas(config, kafka_admin):
+    """With acks=all, min.insync.replicas is how many replicas hold a write before it is acknowledged;
+    the broker's default (1) would let an acknowledged record live on the leader alone. One broker here:
+    replication 1, so the value is 1, set on the topic itself (a unit test covers replication 3)."""
+    topics = {config.topic_of(source): 3 for source in config.sources}
+    KafkaLog(config).prepare(topics)
+    prefix = config.log.topic_prefix
+    created = [*topics, *map(dlq_topic, topics), f"{prefix}conflux.checkpoints", f"{prefix}conflux.sources"]
+    for topic in created:
+        resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        entry = kafka_admin.describe_configs([resource])[resource].result(timeout=30)["min.insync.replicas"]
+        assert (entry.value, entry.source) == ("1", ConfigSource.DYNAMIC_TOPIC_CONFIG.value), topic

@@ -37,12 +37,31 @@ def test_flags_are_validated_with_the_flag_named():
         settings_from_flags(latency_ms=-1)
 
 
+def test_answer_faults_are_validated_with_the_flag_named():
+    assert settings_from_flags(fail_status=401, redirect_to="/login", html_200=True).fail_status == 401
+    for status in (-1, 99, 199, 600):
+        with pytest.raises(FaultSpecError, match="--fail-status"):
+            settings_from_flags(fail_status=status)
+
+
+def test_forced_answers_take_precedence_in_order_and_are_counted():
+    faults = Faults(settings=FaultSettings(), windows=[], seed=0)
+    assert faults.forced_answer() is None
+    faults.settings = FaultSettings(redirect_to="/login", html_200=True, fail_status=401)
+    assert faults.forced_answer() == "redirect"
+    faults.settings = patched_settings(faults.settings, b'{"redirect_to": ""}')
+    assert faults.forced_answer() == "html_200"
+    faults.settings = patched_settings(faults.settings, b'{"html_200": false}')
+    assert faults.forced_answer() == "fail_status"
+    assert (faults.counts["redirect"], faults.counts["html_200"], faults.counts["fail_status"]) == (1, 1, 1)
+
+
 def test_patches_merge_into_the_current_settings():
     current = FaultSettings(error_rate=0.5, latency_ms=10)
     assert patched_settings(current, b'{"latency_ms": 0}') == FaultSettings(error_rate=0.5, latency_ms=0)
 
 
-@pytest.mark.parametrize("body", [b"nope", b"[]", b'{"error_rate": 2}', b'{"typo_rate": 0.1}',
+@pytest.mark.parametrize("body", [b"nope", b"[]", b'{"error_rate": 2}', b'{"typo_rate": 0.1}', b'{"fail_status": 42}',
                                   b'{"error_rate": "high"}', b'{"\xff": 1}', b'{"a": %s}' % (b"[" * 99999)])
 def test_bad_patches_are_refused(body):
     with pytest.raises(FaultSpecError):

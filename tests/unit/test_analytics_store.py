@@ -1,4 +1,5 @@
-"""The analytics sink's state and its SQLite journal (demo/analytics_store.py, demo/analytics_db.py)."""
+"""The analytics sink's state and its SQLite journal (demo/analytics_store.py, demo/analytics_db.py):
+last writer wins by (updated_at, seq), in memory and in the folded rows alike."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ from conflux.demo.checksum import Checksum, record_digest
 TIMES = ["2024-01-01T00:00:00Z", "2024-01-01T01:00:00+01:00", "2024-01-01T00:00:01Z", "2024-01-01T00:00:02Z"]
 
 
-def record(key: str, data: bytes, updated_at: str, op: str = "upsert", source: str = "s") -> dict:
-    return {"source": source, "key": key, "op": op, "updated_at": updated_at,
-            "hash": xxhash.xxh3_64_hexdigest(data), "data": msgspec.Raw(data)}
+def record(key: str, data: bytes, updated_at: str, op: str = "upsert", source: str = "s",
+           seq: int | None = None) -> dict:
+    """An ingest record; ``seq`` None leaves the field out (an older producer), which means 0."""
+    fields = {"source": source, "key": key, "op": op, "updated_at": updated_at,
+              "hash": xxhash.xxh3_64_hexdigest(data), "data": msgspec.Raw(data)}
+    return fields if seq is None else {**fields, "seq": seq}
 
 
 def ingest(store: Store, batch_id: str, records: list[dict]):
@@ -32,20 +36,20 @@ def ingest(store: Store, batch_id: str, records: list[dict]):
 
 
 class Model:
-    """The rules spelled out as simply as possible: last writer wins by instant, ties to the later."""
+    """The rules spelled out as simply as possible: last writer wins by (instant, seq), ties to the later."""
 
     def __init__(self) -> None:
-        self.latest: dict[tuple[str, str], tuple[object, bytes | None]] = {}
+        self.latest: dict[tuple[str, str], tuple[object, int, bytes | None]] = {}
 
     def apply(self, rec: dict) -> None:
         key = (rec["source"], rec["key"])
-        when = parse_instant(rec["updated_at"])
-        if key not in self.latest or when >= self.latest[key][0]:
-            self.latest[key] = (when, bytes(rec["data"]) if rec["op"] == "upsert" else None)
+        version = (parse_instant(rec["updated_at"]), rec.get("seq", 0))
+        if key not in self.latest or version >= self.latest[key][:2]:
+            self.latest[key] = (*version, bytes(rec["data"]) if rec["op"] == "upsert" else None)
 
     def checksums(self) -> dict[str, dict]:
         sums: dict[str, Checksum] = {}
-        for (source, key), (_, data) in self.latest.items():
+        for (source, key), (_, _, data) in self.latest.items():
             checksum = sums.setdefault(source, Checksum())
             if data is not None:
                 checksum.add(record_digest(key, data))
@@ -59,6 +63,7 @@ operations = st.lists(st.lists(st.builds(
     updated_at=st.sampled_from(TIMES),
     op=st.sampled_from(["upsert", "upsert", "delete"]),
     source=st.sampled_from(["s", "t"]),
+    seq=st.sampled_from([None, 0, 1, 2]),
 ), max_size=6), max_size=8)
 
 
@@ -72,9 +77,9 @@ def test_checksums_and_fold_agree_with_a_simple_model(batches):
         for rec in records:
             model.apply(rec)
     assert store.source_stats() == model.checksums()
-    for (source, key), (_, data) in model.latest.items():
+    for (source, key), (_, seq, data) in model.latest.items():
         stored = asyncio.run(store.record(source, key))  # folds the journal first
-        assert stored is not None and stored[1] == data
+        assert stored is not None and stored[1:] == (seq, data)
 
 
 def test_outcomes_count_applied_and_stale():
@@ -100,10 +105,45 @@ def test_reopening_the_db_restores_state_including_an_unfolded_journal(tmp_path)
     reopened = Store(db=Database(path=path))
     assert reopened.source_stats() == expected
     assert reopened.batch_ids == {"b1", "b2"}
-    assert asyncio.run(reopened.record("s", "a")) == (TIMES[2], None)
+    assert asyncio.run(reopened.record("s", "a")) == (TIMES[2], 0, None)
     # The tombstone's instant came back too: an older upsert stays dead.
     assert ingest(reopened, "b3", [record("a", b"{}", TIMES[1])]).ignored_stale == 1
     reopened.close()
+
+
+def test_equal_instants_are_ordered_by_seq_in_memory_and_after_a_restart(tmp_path):
+    path = str(tmp_path / "sink.db")
+    store = Store(db=Database(path=path))
+    assert ingest(store, "b1", [record("k", b'{"v":2}', TIMES[0], seq=9)]).applied == 1
+    # The same instant, an earlier observation arriving late: stale, whichever way the instant is spelled.
+    assert ingest(store, "b2", [record("k", b'{"v":1}', TIMES[1], seq=4)]).ignored_stale == 1
+    assert ingest(store, "b3", [record("k", b'{"v":1}', TIMES[0])]).ignored_stale == 1  # no seq: 0
+    assert ingest(store, "b4", [record("k", b'{"v":2}', TIMES[0], seq=9)]).applied == 1  # the same version
+    asyncio.run(store.fold_all())
+    ingest(store, "b5", [record("k", b'{"v":1}', TIMES[0], seq=5)])  # stale, and folded after b4
+    asyncio.run(store.fold_all())
+    assert asyncio.run(store.record("s", "k")) == (TIMES[0], 9, b'{"v":2}')
+    reopened = Store(db=Database(path=path))
+    assert ingest(reopened, "b6", [record("k", b'{"v":3}', TIMES[0], seq=8)]).ignored_stale == 1
+    assert ingest(reopened, "b7", [record("k", b'{"v":3}', TIMES[0], seq=10)]).applied == 1
+    assert asyncio.run(reopened.record("s", "k")) == (TIMES[0], 10, b'{"v":3}')
+    reopened.close()
+
+
+def test_a_db_from_before_seq_opens_with_seq_0_for_every_record(tmp_path):
+    path = str(tmp_path / "old.db")
+    with sqlite3.connect(path) as old:
+        old.executescript("""
+            CREATE TABLE records (source TEXT NOT NULL, key TEXT NOT NULL, updated_at TEXT NOT NULL,
+                updated_us INTEGER NOT NULL, digest INTEGER, data BLOB, PRIMARY KEY (source, key));
+            INSERT INTO records VALUES ('s', 'k', '2024-01-01T00:00:00Z', 1704067200000000, 5, X'7B7D');
+        """)
+    store = Store(db=Database(path=path))
+    assert asyncio.run(store.record("s", "k")) == ("2024-01-01T00:00:00Z", 0, b"{}")
+    assert ingest(store, "b1", [record("k", b'{"v":1}', TIMES[0], seq=1)]).applied == 1
+    asyncio.run(store.fold_all())
+    assert asyncio.run(store.record("s", "k")) == (TIMES[0], 1, b'{"v":1}')
+    store.close()
 
 
 def test_a_failed_write_raises_store_failed():

@@ -33,6 +33,26 @@ def test_out_of_order_acks_commit_only_up_to_the_first_unfinished_message() -> N
     assert tracker.positions() == {TP: 13} and tracker.in_flight == 0 and tracker.commits_due() == {}
 
 
+
+def test_overdue_reports_the_oldest_unacknowledged_age_and_each_message_once() -> None:
+    tracker = OffsetTracker()
+    tracker.own(TP, 0)
+    tracker.own(OTHER, 0)
+    for offset, sent_at in enumerate((100.0, 101.0, 150.0)):
+        tracker.add(TP, InFlight(offset, 0b1, f"m{offset}", sent_at=sent_at))
+    tracker.add(OTHER, InFlight(0, 0b1, "o0", sent_at=90.0))
+    tracker.add(OTHER, InFlight(1, 0, "o1", sent_at=95.0))  # nothing routed: done at once, never overdue
+    oldest_s, count, crossed = tracker.overdue(now=160.0, timeout_s=30.0)
+    assert oldest_s == 70.0 and count == 3
+    assert [(tp, entry.offset) for tp, entry in crossed] == [(TP, 0), (TP, 1), (OTHER, 0)]
+    assert tracker.overdue(now=161.0, timeout_s=30.0)[1:] == (3, [])  # still overdue, reported once
+    tracker.ack(OTHER, 0, 0)
+    tracker.ack(TP, 0, 0)
+    oldest_s, count, crossed = tracker.overdue(now=181.0, timeout_s=30.0)
+    assert (oldest_s, count, [entry.offset for _, entry in crossed]) == (80.0, 2, [2])
+    tracker.clear_in_flight()  # a rewind: what is re-read starts afresh
+    assert tracker.overdue(now=500.0, timeout_s=30.0) == (0.0, 0, [])
+
 def test_a_message_is_done_only_when_every_merger_has_acknowledged() -> None:
     tracker = tracker_with(BOTH)
     assert tracker.ack(TP, 10, 1) is None

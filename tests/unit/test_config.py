@@ -103,6 +103,7 @@ def test_wrong_keys_and_types_name_the_field(text: str, field: str) -> None:
     (SOURCE.replace('"crm"', '"c r m"'), "sources[0]", "name 'c r m' may only hold"),
     (SOURCE + "poll_interval_s = nan", "sources[0]", "poll_interval_s must be >= 0.1 s"),
     ("[sink]\nbatch_size = 100\nmax_pending_records = 10", "sink", "max_pending_records must be >= batch_size"),
+    ("[sink]\nack_timeout_s = 0", "sink", "ack_timeout_s must be > 0"),
     ("[retry]\nbase_s = 5\nmax_s = 1", "retry", "base_s must be > 0 and <= max_s"),
     ("[workers]\nconsumers = 65", "workers", "consumers must be between 1 and 64"),
     ("[workers]\nheartbeat_timeout_s = 1", "workers", "heartbeat_timeout_s must be more than twice"),
