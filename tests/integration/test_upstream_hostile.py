@@ -150,16 +150,23 @@ def _dead_letters(daemon) -> list[dict]:
     return [msgspec.json.decode(line) for line in out.stdout.splitlines()]
 
 
+@pytest.mark.parametrize("backend", ["embedded", "kafka"])
 def test_a_record_too_deep_to_decode_goes_to_the_dlq_and_its_page_and_the_watermark_move_on(
-        upstream_factory, analytics, daemon_factory):
+        backend, upstream_factory, analytics, daemon_factory, request):
     """Regression: a record nested ~1,000 levels deep failed the decode of its whole page; the sync
-    failed every poll and the watermark never moved. Here 3,000 levels, on two pages."""
+    failed every poll and the watermark never moved. Here 3,000 levels, on two pages; every later sync
+    stores the same dead letters again, which the log must be able to read back."""
     upstream = upstream_factory(customers=700, products=0, deep_records=2, deep_record_depth=3000)
     deep = {entry["key"] for entry in requests.get(f"{upstream.url}/admin/malformed?records=0", timeout=10)
             .json()["customers"] if entry["reason"] == "too_deep"}
     assert len(deep) == 2
+    log = {}
+    if backend == "kafka":
+        group = request.getfixturevalue("kafka_group_id")
+        log = {"backend": "kafka", "bootstrap_servers": request.getfixturevalue("kafka_bootstrap"), "group": group,
+               "topic_prefix": f"{group}.", "partitions": 4}
     daemon = daemon_factory(sources=[source("customers", upstream.url, page_size=100, poll_interval_s=0.5)],
-                            sink_url=analytics.url)
+                            sink_url=analytics.url, log=log)
     wait_converged(upstream.url, analytics.url, CUSTOMERS, timeout_s=90)
     report = wait_until(lambda: (r := _report(daemon))["last_sync_result"] == "ok" and r["watermark"] and r,
                         timeout_s=30, message="a successful sync with a watermark")
