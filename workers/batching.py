@@ -182,8 +182,10 @@ class RecordSchema:
             return self._one_fields_decoder.decode(record)
         except RecursionError:
             return Undecodable(reason=TOO_DEEP)
-        except _DECODE_ERRORS:
+        except msgspec.ValidationError:  # (a DecodeError too) a JSON value, but not an object
             return None
+        except msgspec.DecodeError as exc:
+            return Undecodable(reason=f"record cannot be decoded: {exc}")
 
     # -- the slow path: a record too deep for msgspec ---------------------------------------------
 

@@ -61,10 +61,11 @@ class WalkGuard:
             raise PageFormatError(f"the sync needs more than {self.max_pages} pages (max_pages_per_sync); "
                                   "stopped, in case the upstream's pagination never ends")
 
-    def visit(self, what: str, position: object) -> None:
-        """Before moving to ``position``: one seen before in this sync means the pagination loops."""
+    def visit(self, what: str, position: object, shown: object = None) -> None:
+        """Before moving to ``position`` (``shown`` in an error): one seen before in this sync means the
+        pagination loops."""
         if position in self.seen:
-            raise PageFormatError(f"pagination loops: the upstream sent {what} {_short(position)} again, "
+            raise PageFormatError(f"pagination loops: the upstream sent {what} {_short(shown or position)} again, "
                                   "which this sync already fetched; stopped instead of fetching forever")
         self.seen.add(position)
 
@@ -179,7 +180,7 @@ async def walk_links(source: SourceConfig, pages: Pages, since: str | None) -> i
         if not info.records:
             break
         if url is not None:
-            guard.visit("the next link", _same_page(url))
+            guard.visit("the next link", _same_page(url), shown=url)
     return fetched
 
 
