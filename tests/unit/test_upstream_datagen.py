@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from conflux.demo import datagen
 from conflux.demo.upstream_time import format_us, parse_iso_us, truncate_us
+from conflux.workers import jsonscan
 
 
 def test_same_seed_same_bytes_and_other_seed_other_bytes():
@@ -79,6 +80,23 @@ def test_malformed_records_are_chosen_by_seed_half_without_key_half_with_bad_dat
     assert [item for item in generated.items if item[1] not in generated.malformed] == \
         [item for item in clean.items if item[1] not in generated.malformed]
     assert datagen.generate(datagen.PRODUCTS, 1000, seed=9, precision="s", malformed_rate=0.05) == generated
+
+
+def test_hostile_records_are_deep_or_from_2999_chosen_by_seed_among_the_valid_ones():
+    hostile = datagen.HostileRecords(deep=3, depth=1500, future=2)
+    generated = datagen.generate(datagen.PRODUCTS, 400, seed=9, precision="s", malformed_rate=0.05, hostile=hostile)
+    reasons = Counter(generated.malformed.values())
+    assert (reasons[datagen.TOO_DEEP], reasons[datagen.FUTURE_UPDATED_AT], reasons[datagen.MISSING_KEY]) == (3, 2, 10)
+    by_key = {key: data for _us, key, data in generated.items}
+    for key, reason in generated.malformed.items():
+        if reason == datagen.TOO_DEEP:
+            assert by_key[key].endswith(b',"nested":' + b"[" * 1500 + b"]" * 1500 + b"}")
+            assert jsonscan.parse(by_key[key], 1).member("sku") is not None
+        elif reason == datagen.FUTURE_UPDATED_AT:
+            assert msgspec.json.decode(by_key[key])["updated_at"] == datagen.FUTURE_STAMP
+    assert [item[0] for item in generated.items] == sorted(item[0] for item in generated.items)
+    assert datagen.generate(datagen.PRODUCTS, 400, seed=9, precision="s", malformed_rate=0.05,
+                            hostile=hostile) == generated
 
 
 def test_mutation_gives_a_fresh_value_for_the_mutable_field():
