@@ -9,6 +9,7 @@ import hmac
 import os
 import signal
 import time
+from datetime import UTC, datetime
 
 import msgspec
 import requests
@@ -168,7 +169,8 @@ def test_webhook_202_means_durable_in_the_log(upstream_factory, analytics, daemo
     """Answered 202 while the sink is down, then the whole daemon is killed: the record still arrives."""
     _, daemon = start(upstream_factory, analytics, daemon_factory)
     assert requests.post(f"{analytics.url}/admin/outage", json={"seconds": 600}, timeout=10).status_code == 200
-    body = msgspec.json.encode({"id": 900001, "name": "only in a webhook", "updated_at": "2031-01-01T00:00:00Z"})
+    # Newer than the upstream's copy, and not beyond the source's max_clock_skew_s (that is a dead letter).
+    body = msgspec.json.encode({"id": 900001, "name": "only in a webhook", "updated_at": datetime.now(UTC).isoformat()})
     assert post_webhook(daemon.url, "customers", body).status_code == 202
 
     os.killpg(daemon.pid, signal.SIGKILL)  # the supervisor and every worker, no chance to flush anything
@@ -186,7 +188,7 @@ def test_webhook_202_means_durable_in_the_log(upstream_factory, analytics, daemo
 def test_the_token_guards_everything_but_health_ready_and_metrics(upstream_factory, analytics, daemon_factory):
     token = "ctl-token-5f2a9c"
     _, daemon = start(upstream_factory, analytics, daemon_factory, control={"token": token})
-    body = msgspec.json.encode({"id": 3, "name": "via webhook", "updated_at": "2031-01-01T00:00:00Z"})
+    body = msgspec.json.encode({"id": 3, "name": "via webhook", "updated_at": datetime.now(UTC).isoformat()})
 
     def call(method: str, path: str, auth: str | None) -> int:
         headers = {"Authorization": auth} if auth else {}
