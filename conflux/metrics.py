@@ -49,11 +49,16 @@ queue_depth = Gauge("conflux_queue_depth", "Items waiting in internal queues", [
 upstream_retries = Counter("conflux_upstream_retries_total", "Upstream requests retried", ["source", "reason"])
 sink_retries = Counter("conflux_sink_retries_total", "Sink deliveries retried", ["reason"])
 webhook_requests = Counter("conflux_webhook_requests_total", "Webhook requests by outcome", ["source", "status"])
+control_status_requests = Counter("conflux_control_status_requests_total",
+                                  "Status snapshots the control process asked the supervisor for", ["endpoint"])
+control_refused = Counter("conflux_control_refused_total",
+                          "Control-port connections or requests cut off by a limit", ["reason"])
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 # The label values the workers use, so the supervisor can declare their counters at 0 up front.
 DEDUP_REASONS = ("message_id", "content_hash", "stale")
 STAGES = ("decode", "consume", "merge", "sink")
+CONTROL_REFUSALS = ("connection_limit", "header_timeout", "body_timeout", "buffer_full")
 
 
 def prepare_directory(path: str) -> None:
@@ -86,6 +91,10 @@ def declare(*, roles: Iterable[str], sources: Iterable[str], topics: Iterable[st
         dedup_skipped.labels(reason)
     for stage in STAGES:
         processing_duration.labels(stage)
+    for reason in CONTROL_REFUSALS:
+        control_refused.labels(reason)
+    for endpoint in ("ready", "status"):
+        control_status_requests.labels(endpoint)
 
 
 def mark_dead(pid: int) -> None:
