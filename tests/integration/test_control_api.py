@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -202,6 +203,30 @@ def test_a_replayed_webhook_is_refused_and_a_fresh_signature_is_not(upstream_fac
     assert post_webhook(daemon.url, "customers", body, timestamp=later).status_code == 202
     assert fetched_total(daemon.url, "customers") == COUNTS["customers"] + 2  # two accepted, three refused
     assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def test_the_demo_upstreams_signed_webhooks_pass_a_token_guarded_daemon(upstream_factory, analytics, daemon_factory):
+    """As deployed on Kubernetes: a control token is set, and the sender knows only the webhook secret."""
+    port, secret = free_port(), "whsec-shared-3"
+    upstream = upstream_factory(**COUNTS, webhook_secret=secret,
+                                webhook_url=f"http://127.0.0.1:{port}/webhook/{{collection}}")
+    daemon = daemon_factory(sources=[source(name, upstream.url, webhook_secret=secret, **QUIET) for name in COUNTS],
+                            sink_url=analytics.url, control={"listen": f"127.0.0.1:{port}", "token": "ctl-k8s-1"})
+    wait_converged(upstream.url, analytics.url, COLLECTIONS, timeout_s=60)
+    for key in range(1, 21):
+        assert requests.put(f"{upstream.url}/api/customers/{key}", json={"name": f"pushed {key}"},
+                            timeout=10).status_code == 200
+    # Polling is an hour away: only the webhooks can have carried the twenty changes to the sink.
+    wait_converged(upstream.url, analytics.url, COLLECTIONS, timeout_s=30)
+    webhooks = requests.get(f"{upstream.url}/stats", timeout=10).json()["webhooks"]
+    assert webhooks["delivered"] >= 20 and webhooks["failed"] == 0, webhooks
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_webhook_202_means_durable_in_the_log(upstream_factory, analytics, daemon_factory):
