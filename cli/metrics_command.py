@@ -96,8 +96,8 @@ class Collector:
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
-        if cacert:
-            self.session.verify = cacert
+        # Per request, not on the session: REQUESTS_CA_BUNDLE in the environment would win over session.verify.
+        self.verify: str | bool = cacert or True
         self.scrapes: list[dict] = []
         self.points: dict[tuple[str, tuple], list[list[float]]] = {}
         self.types: dict[str, str] = {}
@@ -123,7 +123,7 @@ class Collector:
 
         now, began = time.time(), time.perf_counter()
         try:
-            response = self.session.get(self.url, timeout=SCRAPE_TIMEOUT_S)
+            response = self.session.get(self.url, timeout=SCRAPE_TIMEOUT_S, verify=self.verify)
             response.raise_for_status()
             families = list(text_string_to_metric_families(response.text))
         except (requests.RequestException, ValueError) as exc:

@@ -58,8 +58,8 @@ class StatusClient:
     def __init__(self, url: str, token: str = "", *, cacert: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.session = requests.Session()
-        if cacert:
-            self.session.verify = cacert
+        # Per request, not on the session: REQUESTS_CA_BUNDLE in the environment would win over session.verify.
+        self.verify: str | bool = cacert or True
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
@@ -79,7 +79,7 @@ class StatusClient:
 
     def status(self) -> dict:
         try:
-            response = self.session.get(f"{self.url}/status", timeout=REQUEST_TIMEOUT_S)
+            response = self.session.get(f"{self.url}/status", timeout=REQUEST_TIMEOUT_S, verify=self.verify)
         except requests.RequestException as exc:
             raise StatusError(f"cannot reach the daemon at {self.url}: {type(exc).__name__}") from None
         if response.status_code == 401:
