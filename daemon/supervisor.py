@@ -244,6 +244,7 @@ class Supervisor:
     def handle_hup(self) -> None:
         try:
             config = load_config(self.config_path)
+            server_ssl_context(config.control)  # a bad new certificate would stop the new control process
         except ConfigError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)
             return

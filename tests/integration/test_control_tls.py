@@ -1,10 +1,13 @@
 """The control port over TLS (``tls_cert_file``/``tls_key_file``) with a throwaway CA made by `openssl`:
 https clients that trust the CA are served, plain http is not, `conflux status` and `conflux metrics`
-follow the config to https, and a certificate with the wrong key stops the boot with a config error."""
+follow the config to https, and a certificate with the wrong key stops the boot with a config error, or
+is refused by a reload while the running generation keeps serving."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import socket
 import subprocess
 
@@ -14,7 +17,7 @@ import requests
 from conflux.errors import ExitCode
 from tests.fixtures.daemon import config_settings, source, wait_converged, write_config
 from tests.fixtures.tls import make_tls_files
-from tests.support import REPO, conflux_argv
+from tests.support import REPO, conflux_argv, wait_until
 
 COUNTS = {"customers": 100, "products": 50}
 
@@ -34,9 +37,12 @@ def test_the_control_port_serves_https_with_its_certificate(tls_files, upstream_
                                                              tmp_path):
     upstream = upstream_factory(**COUNTS)
     port, token = free_port(), "tls-ctl-7"
+    cert, key = tmp_path / "control.pem", tmp_path / "control.key"  # copies: the test breaks and mends them
+    shutil.copy(tls_files["cert"], cert)
+    shutil.copy(tls_files["key"], key)
     daemon = daemon_factory(sources=[source(name, upstream.url) for name in COUNTS], sink_url=analytics.url,
                             control={"listen": f"127.0.0.1:{port}", "token": token,
-                                     "tls_cert_file": str(tls_files["cert"]), "tls_key_file": str(tls_files["key"])})
+                                     "tls_cert_file": str(cert), "tls_key_file": str(key)})
     assert daemon.url == f"https://127.0.0.1:{port}"  # what it announced
     wait_converged(upstream.url, analytics.url, {name: name for name in COUNTS}, timeout_s=60)
     ca = str(tls_files["ca"])
@@ -58,6 +64,21 @@ def test_the_control_port_serves_https_with_its_certificate(tls_files, upstream_
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert scraped.returncode == 0, scraped.stderr
     assert json.loads(export.read_text())["url"] == f"https://127.0.0.1:{port}/metrics"
+
+    def generation() -> int:
+        answer = requests.get(f"{daemon.url}/status", verify=ca, headers={"Authorization": f"Bearer {token}"},
+                              timeout=10)
+        return answer.json()["daemon"]["generation"]
+
+    # A reload whose key does not match its certificate is refused; the running generation keeps serving.
+    shutil.copy(tls_files["ca_key"], key)
+    daemon.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in daemon.log(), timeout_s=20, message="the reload to be refused")
+    assert generation() == 1 and daemon.service.proc.poll() is None
+    shutil.copy(tls_files["key"], key)  # mended: the next reload goes through, over TLS again
+    daemon.send_signal(signal.SIGHUP)
+    wait_until(lambda: generation() == 2, timeout_s=60, message="generation 2 after the mended reload")
+    assert requests.get(f"{daemon.url}/health", verify=ca, timeout=10).status_code == 200
     assert daemon.stop() == 0, daemon.log()[-3000:]
 
 
