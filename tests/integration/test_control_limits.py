@@ -152,8 +152,9 @@ def test_stalled_uploads_keep_the_control_process_memory_bounded(upstream_factor
                    for peer in unsigned]
         assert all(answer.startswith(b"HTTP/1.1 401 ") for answer in answers), answers[0][:200]
         grown_mib = (control.memory_info().rss - baseline) / MIB
-        # Before the buffer existed every stalled upload was held whole: about 100 MiB here.
-        assert grown_mib < 32, f"the control process grew {grown_mib:.0f} MiB with {sent_mib} MiB in stalled uploads"
+        # Before the buffer existed every stalled upload was held whole: about 100 MiB here. Now: the 4 MiB
+        # buffer, up to ~128 KiB of unread body per connection in aiohttp, and the allocator's slack.
+        assert grown_mib < 48, f"the control process grew {grown_mib:.0f} MiB with {sent_mib} MiB in stalled uploads"
         assert refused(daemon.url, "buffer_full") >= 90  # only four fit the 4 MiB buffer at once
     finally:
         for peer in uploads + unsigned:
