@@ -5,7 +5,8 @@ Runs in the control process's event loop. Every accepted connection is wrapped i
 
 - beyond ``max_connections`` open connections a new one gets ``503`` and is closed at once;
 - a connection must deliver a request's line and headers within ``header_timeout_s`` of connecting
-  or of its previous request's answer, or it is aborted (partial headers hold no slot for long);
+  or of its previous request's answer, or it is closed (partial headers hold no slot for long; an
+  idle keep-alive connection ends the same way, without counting as refused);
 - ``BodyBudget`` caps the bytes of webhook bodies being read at once, over all connections, so
   stalled uploads cannot grow the process (the handler also reads each body under a deadline).
 """
@@ -44,7 +45,7 @@ class ConnectionLimits:
         """The next request on this connection must arrive within the header deadline too."""
         connection = self.open.get(transport) if transport is not None else None
         if connection is not None:
-            connection.arm()
+            connection.request_finished()
 
 
 class GuardedConnection(asyncio.Protocol):
@@ -56,6 +57,8 @@ class GuardedConnection(asyncio.Protocol):
         self.inner: asyncio.Protocol | None = None
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._answered = 0          # requests answered on this connection
+        self._bytes_pending = False  # bytes received since the deadline was armed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -70,6 +73,7 @@ class GuardedConnection(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        self._bytes_pending = True
         if self.inner is not None:
             self.inner.data_received(data)
 
@@ -90,8 +94,13 @@ class GuardedConnection(asyncio.Protocol):
         if self.inner is not None:
             self.inner.connection_lost(exc)
 
+    def request_finished(self) -> None:
+        self._answered += 1
+        self.arm()
+
     def arm(self) -> None:
         self.disarm()
+        self._bytes_pending = False
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.limits.header_timeout_s, self._headers_overdue)
 
@@ -102,9 +111,12 @@ class GuardedConnection(asyncio.Protocol):
 
     def _headers_overdue(self) -> None:
         self._timer = None
-        metrics.control_refused.labels("header_timeout").inc()
-        # abort, not close: close would wait to flush to a client that may never read.
-        self.transport.abort()
+        if self._bytes_pending or not self._answered:  # not a keep-alive connection that merely went idle
+            metrics.control_refused.labels("header_timeout").inc()
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # close would wait to flush to a client that may never read
+        else:
+            self.transport.close()  # a clean FIN: a keep-alive client sees its idle connection end
 
 
 class BodyBudget:
