@@ -174,3 +174,15 @@ def test_top_as_a_background_job_stops_on_int_and_term(daemon, sig):
     finally:
         if top.poll() is None:
             top.kill()
+
+
+def test_config_check_and_run_refuse_a_reachable_listen_without_a_token(tmp_path):
+    config = tmp_path / "conflux.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[control]\nlisten = "0.0.0.0:{free_port()}"\n')
+    for command in (("config", "check"), ("run",)):
+        result = conflux(*command, "-c", str(config))
+        assert result.returncode == 3, (command, result.stderr)
+        assert "control: listen '0.0.0.0:" in result.stderr and "no token" in result.stderr, result.stderr
+    assert conflux("config", "check", "-c", str(config), env={"CONFLUX_CONTROL_TOKEN": "t"}).returncode == 0
+    waived = conflux("config", "check", "-c", str(config), env={"CONFLUX_CONTROL_ALLOW_UNAUTHENTICATED": "true"})
+    assert waived.returncode == 0, waived.stderr
