@@ -23,7 +23,7 @@ from conflux.config import Config, SourceConfig
 from conflux.ipc.codec import encode_batch
 from conflux.ipc.messages import Batch, Position, cut
 from conflux.ipc.shm import RingReader, RingWriter, create_ring, destroy_ring
-from conflux.workers.batching import RecordSchema, split_by_partition
+from conflux.workers.batching import RecordSchema, publish_limit_bytes, split_by_partition
 from conflux.workers.dedup import Deduplicator
 from conflux.workers.merge import MergeState, Token, make_chunk
 
@@ -46,6 +46,8 @@ PAGE = _page()
 SCHEMA = RecordSchema(SourceConfig(name="customers", url="http://127.0.0.1/api/customers"))
 RAWS, FIELDS, _ = SCHEMA.page_records(PAGE)
 COLUMNS = SCHEMA.columns(RAWS, FIELDS)
+# What a fetcher cuts batches to with the default ring ([workers] ring_bytes, 8 MiB).
+MAX_BATCH_BYTES = publish_limit_bytes(8 << 20, "customers")
 
 
 # -- page decode into batches ----------------------------------------------------------------------
@@ -54,7 +56,8 @@ def test_page_to_batches(benchmark):
     def kernel():
         raws, fields, _ = SCHEMA.page_records(PAGE)
         return [encode_batch(batch) for _, batch in
-                split_by_partition(SCHEMA.columns(raws, fields), "customers", "full", 4)]
+                split_by_partition(SCHEMA.columns(raws, fields), "customers", "full", 4,
+                                   max_batch_bytes=MAX_BATCH_BYTES)]
     assert len(benchmark(kernel)) == 4
 
 
@@ -212,7 +215,8 @@ def test_embedded_log_append(benchmark, embedded_log):
 
     from conflux.log.base import OutgoingMessage
 
-    payloads = [(p, encode_batch(b)) for p, b in split_by_partition(COLUMNS, "customers", "full", 4)]
+    payloads = [(p, encode_batch(b)) for p, b in split_by_partition(COLUMNS, "customers", "full", 4,
+                                                                          max_batch_bytes=MAX_BATCH_BYTES)]
 
     async def append_many(producer, pages: int):
         for _ in range(pages):
@@ -233,7 +237,7 @@ def test_embedded_log_read(benchmark, embedded_log):
 
     from conflux.log.base import OutgoingMessage
 
-    payload = encode_batch(split_by_partition(COLUMNS, "customers", "full", 1)[0][1])
+    payload = encode_batch(split_by_partition(COLUMNS, "customers", "full", 1, max_batch_bytes=MAX_BATCH_BYTES)[0][1])
 
     async def fill():
         producer = embedded_log.producer()

@@ -17,8 +17,23 @@ from typing import Any, Literal
 import msgspec
 
 from conflux.errors import ConfigError
+from conflux.ipc.codec import (
+    MAX_LOG_BATCH_BYTES,
+    ROW_OVERHEAD_BYTES,
+    batch_header_bytes,
+    batch_room_bytes,
+    merge_frame_overhead_bytes,
+)
+from conflux.redact import MASK, kafka_secret_key, redact_headers, redact_url
 
 PaginationStyle = Literal["page", "offset", "cursor", "link", "watermark"]
+MIN_RING_BYTES = 1 << 16
+MAX_TOPIC_CHARS = 249  # Kafka's limit; the embedded log keeps it too, so a config moves between them
+# Floors for intervals where a tiny value makes the daemon hammer itself or an upstream (seconds).
+MIN_POLL_INTERVAL_S = 0.1
+MIN_FULL_SYNC_INTERVAL_S = 1.0
+MIN_FLUSH_INTERVAL_S = 0.01
+MIN_HEARTBEAT_INTERVAL_S = 0.1
 SECRET_FIELD = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|authorization)$", re.IGNORECASE)
 ENV_PREFIX = "CONFLUX_"
 
@@ -118,8 +133,10 @@ class SourceConfig(_Section):
                  f"name {self.name!r} may only hold letters, digits, '_', '.' and '-'")
         _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
         _require(1 <= self.page_size <= 100_000, "page_size must be between 1 and 100000")
-        _require(self.poll_interval_s > 0, "poll_interval_s must be > 0")
-        _require(self.full_sync_interval_s > 0, "full_sync_interval_s must be > 0")
+        _require(self.poll_interval_s >= MIN_POLL_INTERVAL_S,
+                 f"poll_interval_s must be >= {MIN_POLL_INTERVAL_S} s (got {self.poll_interval_s})")
+        _require(self.full_sync_interval_s >= MIN_FULL_SYNC_INTERVAL_S,
+                 f"full_sync_interval_s must be >= {MIN_FULL_SYNC_INTERVAL_S} s (got {self.full_sync_interval_s})")
         _require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
         _require(self.rate_limit_rps >= 0, "rate_limit_rps must be >= 0")
         _require(self.timeout_s > 0 and self.connect_timeout_s > 0, "timeout_s and connect_timeout_s must be > 0")
@@ -140,7 +157,8 @@ class SinkConfig(_Section):
     def __post_init__(self) -> None:
         _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
         _require(self.batch_size >= 1, "batch_size must be >= 1")
-        _require(self.flush_interval_s > 0, "flush_interval_s must be > 0")
+        _require(self.flush_interval_s >= MIN_FLUSH_INTERVAL_S,
+                 f"flush_interval_s must be >= {MIN_FLUSH_INTERVAL_S} s (got {self.flush_interval_s})")
         _require(self.max_in_flight >= 1, "max_in_flight must be >= 1")
         _require(self.max_pending_records >= self.batch_size, "max_pending_records must be >= batch_size")
 
@@ -180,9 +198,14 @@ class WorkersConfig(_Section):
     def __post_init__(self) -> None:
         for role in ("fetchers", "consumers", "mergers"):
             _require(1 <= getattr(self, role) <= 64, f"{role} must be between 1 and 64")
+        _require(self.heartbeat_interval_s >= MIN_HEARTBEAT_INTERVAL_S,
+                 f"heartbeat_interval_s must be >= {MIN_HEARTBEAT_INTERVAL_S} s (got {self.heartbeat_interval_s})")
         _require(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s,
                  "heartbeat_timeout_s must be more than twice heartbeat_interval_s")
-        _require(self.ring_bytes >= 1 << 16, "ring_bytes must be >= 65536")
+        _require(self.ring_bytes >= MIN_RING_BYTES, f"ring_bytes must be >= {MIN_RING_BYTES}")
+        # A ring is a whole number of 8-byte words; so is each ack ring, a sixteenth of it past 1 MiB.
+        _require(self.ring_bytes % 8 == 0 and (self.ring_bytes // 16 <= MIN_RING_BYTES or self.ring_bytes % 128 == 0),
+                 f"ring_bytes must be a multiple of 8, and of 128 above {16 * MIN_RING_BYTES} (got {self.ring_bytes})")
 
 
 class ControlConfig(_Section):
@@ -256,6 +279,8 @@ class Config(_Section):
         names = [source.name for source in self.sources]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         _require(not duplicates, f"sources: duplicate source names {duplicates}")
+        _check_topics(self)
+        _check_webhook_sizes(self)
         _check_webhook_buffer(self)
 
     def source(self, name: str) -> SourceConfig:
@@ -279,6 +304,52 @@ def _check_webhook_buffer(config: Config) -> None:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_topics(config: Config) -> None:
+    """One source per topic: a consumer knows a message's source by its topic, and a second writer would
+    interleave another source's records (or dead letters, or checkpoints) with its own."""
+    prefix = config.log.topic_prefix
+    # The log's own topics: a source's DLQ is "<topic>.dlq" (log/base.py dlq_topic), plus the Kafka backend's two.
+    reserved = {f"{prefix}conflux.checkpoints", f"{prefix}conflux.sources"}
+    owners: dict[str, int] = {}
+    for index, source in enumerate(config.sources):
+        topic, where = config.topic_of(source), f"sources[{index}].topic"
+        _require(len(topic) <= MAX_TOPIC_CHARS, f"{where}: topic {topic!r} is longer than {MAX_TOPIC_CHARS} characters")
+        _require(topic not in reserved and not topic.endswith(".dlq"),
+                 f"{where}: topic {topic!r} is reserved for the log's own use (checkpoints, sources, *.dlq)")
+        if config.log.backend == "kafka":
+            _require(re.fullmatch(r"[A-Za-z0-9._-]+", topic) is not None,
+                     f"{where}: Kafka topic {topic!r} may only hold letters, digits, '.', '_' and '-'")
+        other = owners.setdefault(topic, index)
+        _require(other == index, f"{where}: topic {topic!r} is also the topic of sources[{other}] "
+                                 f"({config.sources[other].name}); each source needs a topic of its own")
+
+
+def _check_webhook_sizes(config: Config) -> None:
+    """A webhook body may be one record of webhook_max_bytes, and the log batch that carries it to a merger
+    must fit one ring frame (half of ring_bytes); larger bodies of many records are split, one record is not."""
+    ring_bytes = config.workers.ring_bytes
+    for index, source in enumerate(config.sources):
+        if not (source.webhook_secret or source.webhook_secret_env):
+            continue  # webhooks are refused without a secret, so no such body ever arrives
+        topic = config.topic_of(source)
+        overhead = batch_header_bytes(source.name, "webhook") + ROW_OVERHEAD_BYTES
+        need, room = 3 * source.webhook_max_bytes + overhead, batch_room_bytes(ring_bytes, topic)
+        if need <= min(room, MAX_LOG_BATCH_BYTES):
+            continue
+        if need > MAX_LOG_BATCH_BYTES:
+            raise ValueError(
+                f"sources[{index}].webhook_max_bytes: {source.webhook_max_bytes} is too large: a webhook record may "
+                f"be that large, and its log batch takes up to 3 x webhook_max_bytes + {overhead} = {need} bytes, "
+                f"more than the largest log message ({MAX_LOG_BATCH_BYTES}); lower webhook_max_bytes to at most "
+                f"{(MAX_LOG_BATCH_BYTES - overhead) // 3}")
+        ring_needed = -(-2 * (need + merge_frame_overhead_bytes(topic) + 8) // 1024) * 1024
+        raise ValueError(
+            f"sources[{index}].webhook_max_bytes: {source.webhook_max_bytes} does not fit a ring frame: a webhook "
+            f"record may be that large, and its log batch takes up to 3 x webhook_max_bytes + {overhead} = {need} "
+            f"bytes, more than the {room} a frame of [workers] ring_bytes = {ring_bytes} carries (half the ring, "
+            f"less framing); lower webhook_max_bytes to {(room - overhead) // 3} or raise ring_bytes to {ring_needed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,9 +591,14 @@ def _absolute(value: str, base_dir: Path) -> str:
 
 
 def redacted(config: Config) -> dict[str, Any]:
-    """The effective config as plain data, secrets shown as '***', in the shape the file is written in."""
+    """The effective config as plain data, secrets shown as '***', in the shape the file is written in.
+    The rules (field names, headers, URLs, librdkafka keys) are conflux.redact's, shared with the logs."""
     data = _redact(msgspec.to_builtins(config))
+    for role in ("producer", "consumer", "admin"):
+        data["kafka"][role] = {key: MASK if value != "" and kafka_secret_key(key) else value
+                               for key, value in data["kafka"][role].items()}
     for source in data["sources"]:
+        source["headers"] = redact_headers(source["headers"])
         source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
         if source.get("auth") is None:
             source.pop("auth", None)
@@ -535,7 +611,9 @@ def _redact(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [_redact(item, key) for item in value]
     if value and isinstance(value, str) and SECRET_FIELD.search(key.replace(".", "_")):
-        return "***"
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
     return value
 
 

@@ -12,8 +12,11 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
+
+from conflux.redact import redact_text, secret_name
 
 _json = msgspec.json.Encoder()
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -42,6 +45,9 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """Redacts each string before JSON encoding: a secret with a quote or a newline (a PEM key) would no
+    longer match once escaped."""
+
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
         self._secrets = [s for s in secrets if len(s) >= 4]
@@ -53,19 +59,33 @@ class JsonFormatter(logging.Formatter):
             "role": getattr(record, "role", "?"),
             "pid": getattr(record, "pid", os.getpid()),
             "logger": record.name,
-            "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and k not in entry})
+        said = {"msg": record.getMessage()}  # what the caller wrote: the only part that may quote a secret
+        said.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and k not in entry})
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return _redact(_json.encode(entry).decode(), self._secrets)
+            said["exc"] = self.formatException(record.exc_info)
+        entry.update(_redact_values(said, self._secrets))
+        return _json.encode(entry).decode()
 
 
 def _redact(line: str, secrets: list[str]) -> str:
+    """Known secret values first (the config's tokens, wherever they appear), then every secret-bearing
+    form (URL userinfo and query values, secret headers, PEM keys) by conflux.redact's rules."""
     for secret in secrets:
         if secret in line:
             line = line.replace(secret, "***")
-    return line
+    return redact_text(line)
+
+
+def _redact_values(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        return _redact(value, secrets)
+    if isinstance(value, dict):  # extra={"api_key": ...}: the name says it is a secret
+        return {key: "***" if item and isinstance(item, str) and secret_name(str(key))
+                else _redact_values(item, secrets) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_values(item, secrets) for item in value]
+    return value
 
 
 def setup(role: str, *, fmt: str = "text", level: str = "info", secrets: Iterable[str] = ()) -> None:

@@ -42,6 +42,7 @@ sink_request_duration = Histogram("conflux_sink_request_duration_seconds", "Sink
 circuit_state = Gauge("conflux_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["target"],
                       multiprocess_mode="livemostrecent")
 worker_restarts = Counter("conflux_worker_restarts_total", "Workers restarted after they died", ["role"])
+reloads = Counter("conflux_reloads_total", "Config reloads (HUP) by result: applied or refused", ["result"])
 workers = Gauge("conflux_workers", "Worker slots by role and state", ["role", "state"],
                 multiprocess_mode="livemostrecent")
 queue_depth = Gauge("conflux_queue_depth", "Items waiting in internal queues", ["queue"],
@@ -78,6 +79,8 @@ def declare(*, roles: Iterable[str], sources: Iterable[str], topics: Iterable[st
     and ``rate()`` see it before its first event (a series born at 1 hides that first 1 from rate())."""
     for role in roles:
         worker_restarts.labels(role)
+    for result in ("applied", "refused"):
+        reloads.labels(result)
     for source in sources:
         records_fetched.labels(source)
         records_delivered.labels(source)

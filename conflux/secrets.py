@@ -13,6 +13,7 @@ from pathlib import Path
 
 from conflux.config import Config
 from conflux.errors import ConfigError
+from conflux.redact import kafka_secret_key, secret_name, url_secrets
 
 
 def read_secret(*, env: str = "", file: str = "", literal: str = "", what: str = "secret") -> str:
@@ -32,15 +33,17 @@ def read_secret(*, env: str = "", file: str = "", literal: str = "", what: str =
 
 def known_secrets(config: Config) -> list[str]:
     """Every secret value this config refers to, for log redaction. Unreadable ones are skipped."""
-    values = [config.sink.token, config.control.token]
+    values = [config.sink.token, config.control.token, *url_secrets(config.sink.url)]
     names = [config.sink.token_env, config.control.token_env]
     files: list[str] = []
     for source in config.sources:
         values.append(source.webhook_secret)
         names.append(source.webhook_secret_env)
-        values.extend(v for k, v in source.headers.items() if "auth" in k.lower() or "key" in k.lower())
+        values.extend(v for k, v in source.headers.items() if secret_name(k))
+        values.extend(url_secrets(source.url))
         if source.auth is not None:
             auth = source.auth
+            values.extend(url_secrets(auth.token_url))
             names.extend([auth.token_env, auth.value_env, auth.password_env, auth.client_secret_env])
             files.extend([auth.token_file, auth.value_file, auth.password_file, auth.client_secret_file])
     for settings in (config.kafka.producer, config.kafka.consumer, config.kafka.admin):
@@ -49,7 +52,7 @@ def known_secrets(config: Config) -> list[str]:
                 names.append(str(value))
             elif key.endswith("_file"):
                 files.append(str(value))
-            elif "password" in key or "secret" in key:
+            elif kafka_secret_key(key):
                 values.append(str(value))
     values.extend(os.environ.get(name, "") for name in names if name)
     for file in files:

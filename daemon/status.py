@@ -17,6 +17,7 @@ from conflux.config import Config
 from conflux.daemon.pool import Slot, SlotState
 from conflux.ipc.messages import PartitionLag, SourceReport
 from conflux.log.base import TopicPartition
+from conflux.redact import redact_text
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,13 @@ class DaemonFacts:
     slots: Sequence[Slot]
     sources: Mapping[str, SourceReport]
     lags: Mapping[TopicPartition, tuple[str, PartitionLag]]   # partition -> (reporting slot, lag)
+    monotonic_now: float | None = None   # the supervisor's clock, for heartbeat ages (None: time.monotonic())
+    reloads: Mapping[str, object] | None = None   # applied, refused, last_refusal, last_drain
 
 
 def build_status(facts: DaemonFacts) -> dict:
-    now_wall, now = time.time(), time.monotonic()
+    now_wall = time.time()
+    now = time.monotonic() if facts.monotonic_now is None else facts.monotonic_now
     workers = [_worker(slot, now) for slot in facts.slots]
     return {
         "daemon": {
@@ -47,6 +51,7 @@ def build_status(facts: DaemonFacts) -> dict:
             "backend": facts.backend,
             "state": facts.state,
             "config": facts.config_path,
+            "reloads": dict(facts.reloads or {}),
         },
         "ready": _readiness(facts, workers),
         "sources": _sources(facts),
@@ -91,7 +96,8 @@ def _sources(facts: DaemonFacts) -> dict:
         data["fetcher"] = next((slot.name for slot in facts.slots
                                 if slot.role == "fetcher" and source.name in slot.sources), None)
         data.pop("source", None)
-        out[source.name] = data
+        # Sync errors quote upstream URLs (a next link's ?api_key=, user:pass@): redacted like the logs.
+        out[source.name] = {key: redact_text(value) if isinstance(value, str) else value for key, value in data.items()}
     return out
 
 

@@ -9,6 +9,14 @@ Stopping is a drain in three phases, so nothing un-acked is committed and nothin
 intake (fetchers, control) stops first; then consumers stop reading, ask the mergers to flush, wait
 for acks and commit; then the mergers deliver what remains and exit. A second TERM (or QUIT)
 stops at once; whatever was not acked is re-read at the next start.
+
+A reload (HUP) drains the same way and then starts a new generation. It never turns into a stop:
+when its deadline passes, the old workers are killed, and the new generation starts once they are
+reaped (its consumers re-read whatever was not committed). Only TERM, INT or QUIT end the daemon
+with exit 0.
+
+Every OS call of the loop (fork, kill, waitpid, the monotonic clock) goes through ``self.host``
+(``daemon.host``), so tests can drive the loop's steps in-process with fakes.
 """
 
 from __future__ import annotations
@@ -29,12 +37,14 @@ import msgspec
 
 from conflux import logs, metrics
 from conflux.config import Config, load_config
+from conflux.daemon.host import Host
 from conflux.daemon.pool import ExitVerdict, Slot, SlotState, describe_exit
 from conflux.daemon.status import DaemonFacts, build_status
 from conflux.daemon.topology import Topology, build, remove_stale_ring_dirs, source_topics
 from conflux.errors import ConfigError, ExitCode, LogError
 from conflux.ipc.channel import Channel
 from conflux.ipc.messages import (
+    Drain,
     Heartbeat,
     Hello,
     LagReport,
@@ -71,7 +81,8 @@ DRAIN_PHASES = (("fetcher", "control"), ("consumer",), ("merger",))
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_path: str | None) -> None:
+    def __init__(self, config: Config, config_path: str | None, *, host: Host | None = None) -> None:
+        self.host = host or Host()
         self.config = config
         self.config_path = config_path
         self.backend = open_log(config)
@@ -82,10 +93,15 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.generation = 0
         self.draining: int | None = None          # index into DRAIN_PHASES while draining
+        self.drain_started_at = 0.0
         self.drain_deadline = 0.0
         self.killed_at_deadline = False
         self.exit_after_drain = True
         self.pending_config: Config | None = None
+        self.pending_listener: socket.socket | None = None   # a reload's new control.listen, bound up front
+        self.reloads = {"applied": 0, "refused": 0}
+        self.last_reload_error = ""
+        self.last_drain: dict | None = None
         self.exit_code = ExitCode.OK
         self.halted = False
         self.started_at = time.time()
@@ -95,6 +111,8 @@ class Supervisor:
         self._last_ping = self._last_trim = 0.0
         self._readiness_key: tuple | None = None
         self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
 
     # -- the story --------------------------------------------------------------------------------
 
@@ -113,8 +131,6 @@ class Supervisor:
         return self.exit_code
 
     def setup(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in SIGNALS:
             signal.signal(sig, self._queue_signal)
@@ -186,7 +202,7 @@ class Supervisor:
         spec = self.spec_for(slot, child_end)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        pid = self.host.fork()
         if pid == 0:  # child: never returns
             self._become_worker(spec, parent_end)
         child_end.close()
@@ -194,7 +210,7 @@ class Supervisor:
         if old is not None:
             old.close()
         self.channels[slot.name] = Channel(parent_end)
-        slot.started(pid, time.monotonic())
+        slot.started(pid, self.host.monotonic())
         logger.info("started %s (pid %d)", slot.name, pid)
 
     def _become_worker(self, spec: WorkerSpec, own_parent_end: socket.socket) -> None:
@@ -229,6 +245,11 @@ class Supervisor:
             logger.warning("second stop signal: stopping now without draining")
             self.stop_now()
             return
+        if self.draining is not None:  # a reload's drain is under way: it now ends in the stop
+            logger.info("stop signal during a reload: the drain under way ends the daemon instead")
+            self.exit_after_drain = True
+            self._drop_pending_reload()
+            return
         logger.info("stop signal: draining (deadline %.0f s)", self.config.daemon.shutdown_timeout_s)
         self.begin_drain(exit_after=True)
 
@@ -246,29 +267,62 @@ class Supervisor:
             config = load_config(self.config_path)
             server_ssl_context(config.control)  # a bad new certificate would stop the new control process
         except ConfigError as exc:
-            logger.error("reload refused, keeping the running config: %s", exc)
+            self._refuse_reload(str(exc))
             return
         if self.draining is not None:
             logger.warning("reload ignored: already draining")
             return
+        try:
+            listener = self._prepare_reload(config)
+        except (ConfigError, LogError) as exc:
+            self._refuse_reload(str(exc))
+            return
         logger.info("reload: config is valid; replacing workers with a new generation")
-        self.pending_config = config
+        self.pending_config, self.pending_listener = config, listener
         self.begin_drain(exit_after=False)
+
+    def _prepare_reload(self, config: Config) -> socket.socket | None:
+        """What a reload needs that can fail, done before anything drains, so a failure leaves the old
+        generation serving: bind a changed control.listen (the new socket, else None), create the topics."""
+        listener = None if config.control.listen == self.config.control.listen else bind_listener(config.control.listen)
+        try:
+            open_log(config).prepare(source_topics(config))
+        except LogError as exc:
+            if listener is not None:
+                listener.close()
+            raise LogError(f"cannot prepare the log: {exc}") from exc
+        return listener
+
+    def _refuse_reload(self, reason: str) -> None:
+        logger.error("reload refused, keeping the running config: %s", reason)
+        self.reloads["refused"] += 1
+        self.last_reload_error = reason
+        metrics.reloads.labels("refused").inc()
+
+    def _drop_pending_reload(self) -> None:
+        self.pending_config = None
+        if self.pending_listener is not None:
+            self.pending_listener.close()
+            self.pending_listener = None
 
     # -- draining ------------------------------------------------------------------------------------
 
     def begin_drain(self, *, exit_after: bool) -> None:
         self.exit_after_drain = exit_after
         self.killed_at_deadline = False
-        self.drain_deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
+        self.drain_started_at = self.host.monotonic()
+        self.drain_deadline = self.drain_started_at + self.config.daemon.shutdown_timeout_s
         self.draining = 0
         self._signal_phase(0)
 
     def _signal_phase(self, phase: int) -> None:
+        # Each worker learns what is left of the deadline, so it can end its own drain (and commit) in time.
+        drain = Drain(timeout_s=max(0.0, self.drain_deadline - self.host.monotonic()))
         for slot in self.slots.values():
             if slot.role in DRAIN_PHASES[phase]:
                 if slot.alive:
                     slot.stopping()
+                    self._send(slot, drain)
                     self._kill(slot, signal.SIGTERM)
                 elif slot.state in (SlotState.BACKOFF, SlotState.STARTING):
                     slot.state = SlotState.STOPPED
@@ -276,13 +330,8 @@ class Supervisor:
     def advance_drain(self) -> None:
         if self.draining is None:
             return
-        if time.monotonic() >= self.drain_deadline and not self.killed_at_deadline:
-            alive = [slot.name for slot in self.slots.values() if slot.alive]
-            if alive:
-                self.killed_at_deadline = True
-                logger.warning("drain deadline passed; killing %s (un-acked work is re-read at the next start)",
-                               ", ".join(alive))
-                self.stop_now()
+        if self.host.monotonic() >= self.drain_deadline and not self.killed_at_deadline:
+            self._drain_deadline_passed()
         while self.draining is not None and not any(
                 slot.alive for slot in self.slots.values() if slot.role in DRAIN_PHASES[self.draining]):
             if self.draining + 1 < len(DRAIN_PHASES):
@@ -293,24 +342,51 @@ class Supervisor:
             else:
                 self._next_generation()
 
+    def _drain_deadline_passed(self) -> None:
+        """Kill what is left. A stop then exits; a reload goes on to its new generation once they are reaped."""
+        alive = [slot.name for slot in self.slots.values() if slot.alive]
+        if not alive:
+            return
+        self.killed_at_deadline = True
+        then = "at the next start" if self.exit_after_drain else "by the new generation"
+        logger.warning("drain deadline passed; killing %s (un-acked work is re-read %s)", ", ".join(alive), then)
+        self._kill_all()
+
     def _next_generation(self) -> None:
+        self.last_drain = self._drain_summary()
         self.draining = None
         self.topology.destroy()
-        old_listen = self.config.control.listen
         self.config = self.pending_config or self.config
         self.pending_config = None
         # A reload may rotate secrets (a new token file): the redactor must know the new values too.
         daemon = self.config.daemon
         logs.setup("supervisor", fmt=daemon.log_format, level=daemon.log_level, secrets=known_secrets(self.config))
-        if self.config.control.listen != old_listen:
+        if self.pending_listener is not None:
             self.listener.close()
-            self.listener = bind_listener(self.config.control.listen)
+            self.listener, self.pending_listener = self.pending_listener, None
+        self.reloads["applied"] += 1
+        metrics.reloads.labels("applied").inc()
         self.start_generation()
 
+    def _drain_summary(self) -> dict:
+        """How the last drain went, for /status: how long, whether the deadline cut it, how each worker left."""
+        return {
+            "generation": self.generation,
+            "reason": "stop" if self.exit_after_drain else "reload",
+            "duration_s": round(self.host.monotonic() - self.drain_started_at, 3),
+            "deadline_passed": self.killed_at_deadline,
+            "workers": {slot.name: slot.last_exit for slot in self.slots.values()},
+        }
+
     def stop_now(self) -> None:
+        """An operator asked to stop at once (QUIT, or a second TERM): kill everything, exit 0."""
         self.exit_after_drain = True
+        self._drop_pending_reload()
         if self.draining is None:
             self.draining = len(DRAIN_PHASES) - 1
+        self._kill_all()
+
+    def _kill_all(self) -> None:
         for slot in self.slots.values():
             if slot.alive:
                 slot.stopping()
@@ -343,7 +419,7 @@ class Supervisor:
                 self.on_message(self.slots[name], message)
 
     def on_message(self, slot: Slot, message: object) -> None:
-        now = time.monotonic()
+        now = self.host.monotonic()
         if isinstance(message, Hello):
             slot.greeted(now)
         elif isinstance(message, Heartbeat):
@@ -368,7 +444,9 @@ class Supervisor:
         return DaemonFacts(
             config=self.config, config_path=self.config_path or "", started_at=self.started_at,
             generation=self.generation, backend=self.backend.name, state=state, log_reachable=self.log_reachable,
-            slots=list(self.slots.values()), sources=dict(self.sources), lags=dict(self.lags))
+            slots=list(self.slots.values()), sources=dict(self.sources), lags=dict(self.lags),
+            monotonic_now=self.host.monotonic(),
+            reloads={**self.reloads, "last_refusal": self.last_reload_error, "last_drain": self.last_drain})
 
     def _route_sync(self, requester: Slot, request: SyncNow) -> None:
         owner = next((slot for slot in self.slots.values()
@@ -388,13 +466,8 @@ class Supervisor:
     # -- reaping, hung workers, restarts --------------------------------------------------------------
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        while (exited := self.host.waitpid()) is not None:
+            pid, status = exited
             slot = next((s for s in self.slots.values() if s.pid == pid), None)
             metrics.mark_dead(pid)
             if slot is not None:
@@ -404,7 +477,7 @@ class Supervisor:
         text, code = describe_exit(status)
         if self.draining is not None and self.exit_after_drain:
             slot.stopping()  # it left before its phase (a signal to the whole group): not a crash
-        verdict = slot.exited(text, code, time.monotonic())
+        verdict = slot.exited(text, code, self.host.monotonic())
         level = logging.INFO if verdict == ExitVerdict.STOPPED else logging.WARNING
         logger.log(level, "%s (pid gone) %s: %s", slot.name, text, verdict.value)
         if verdict == ExitVerdict.RESTART:
@@ -420,7 +493,7 @@ class Supervisor:
 
     def murder_stale(self) -> None:
         """A worker whose loop stopped heartbeating gets SIGABRT, and SIGKILL if that does not end it."""
-        now = time.monotonic()
+        now = self.host.monotonic()
         timeout_s = self.config.workers.heartbeat_timeout_s
         for slot in self.slots.values():
             if slot.abort_sent_at is not None and slot.alive and now - slot.abort_sent_at > ABORT_GRACE_S:
@@ -435,7 +508,7 @@ class Supervisor:
     def maintain_pools(self) -> None:
         if self.draining is not None or self.halted:
             return
-        now = time.monotonic()
+        now = self.host.monotonic()
         for slot in self.slots.values():
             if slot.due_to_start(now):
                 self.spawn(slot)
@@ -444,12 +517,12 @@ class Supervisor:
         if slot.pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(slot.pid, sig)
+            self.host.kill(slot.pid, sig)
 
     # -- periodic chores ---------------------------------------------------------------------------------
 
     def periodic(self) -> None:
-        now = time.monotonic()
+        now = self.host.monotonic()
         states: dict[tuple[str, str], int] = {}
         for slot in self.slots.values():
             states[(slot.role, slot.state.value)] = states.get((slot.role, slot.state.value), 0) + 1
@@ -491,7 +564,10 @@ class Supervisor:
             self.topology.destroy()
         if self.listener is not None:
             self.listener.close()
+        self._drop_pending_reload()
         signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
         logger.info("supervisor stopped (exit %d)", self.exit_code)
 
 

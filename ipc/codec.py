@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
-from conflux.ipc.messages import AckFrame, Batch, BatchHead, ControlMessage, DeadLetter, RingFrame
+from conflux.ipc.messages import AckFrame, Batch, BatchHead, ControlMessage, DeadLetter, MergeBatch, Position, RingFrame
+from conflux.ipc.shm import max_frame_bytes
 
 json_encoder = msgspec.json.Encoder()
 msgpack_encoder = msgspec.msgpack.Encoder()
@@ -49,3 +50,39 @@ def encode_control(message: object) -> bytes:
 
 def encode_dead_letter(entry: DeadLetter) -> bytes:
     return json_encoder.encode(entry)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame limits: how large a Batch may be to travel in one ring frame. Upper bounds, exact enough to
+# cut batches with, computed without encoding the batch.
+
+# Per record, besides the record's own bytes: its key and updated texts (each a value inside the record,
+# so at most the record's length once re-encoded, +2 quotes for an integer key), updated_us and the key
+# hash (at most 20 digits each), the content hash (16 hex digits and quotes) and six commas.
+ROW_OVERHEAD_BYTES = 2 + 2 + 20 + 20 + 18 + 6
+
+
+# The largest batch Conflux publishes, whatever the ring: Kafka topics are made to take 16 MiB messages
+# (log/kafka/settings.py MAX_MESSAGE_BYTES), key and headers included.
+MAX_LOG_BATCH_BYTES = 8 << 20
+
+
+def row_bytes_bound(record_bytes: int) -> int:
+    """The most bytes a record of ``record_bytes`` adds to an encoded Batch, all its columns included."""
+    return 3 * record_bytes + ROW_OVERHEAD_BYTES
+
+
+def batch_header_bytes(source: str, sync: str) -> int:
+    """An encoded Batch of ``source`` with no records, with the longest message id and creation time."""
+    return len(encode_batch(Batch("f" * 12 + "-" + "f" * 16, source, sync, 2**63 - 1, [], [], [], [], [], [])))
+
+
+def merge_frame_overhead_bytes(topic: str) -> int:
+    """What a MergeBatch frame adds round its Batch: consumer, generation and position at their largest."""
+    frame = MergeBatch(2**16 - 1, 2**64 - 1, Position(topic, 2**31 - 1, 2**63 - 1), msgspec.Raw(b"0"))
+    return len(encode_ring_frame(frame)) - 1
+
+
+def batch_room_bytes(ring_bytes: int, topic: str) -> int:
+    """The largest encoded Batch from ``topic`` that one frame of a ``ring_bytes`` data ring carries."""
+    return max_frame_bytes(ring_bytes) - merge_frame_overhead_bytes(topic)

@@ -226,9 +226,16 @@ class StatusSnapshot(Struct, tag="status"):
     body: bytes
 
 
+class Drain(Struct, tag="drain"):
+    """Supervisor -> worker, just before its SIGTERM: the drain must be over within ``timeout_s`` (what is
+    left of the supervisor's deadline), so a worker can finish its last commit before it would be killed."""
+
+    timeout_s: float
+
+
 ControlMessage = (
     Hello | Heartbeat | PartitionsOwned | LagReport | SourceReport | SourcesOwned | SyncNow | SyncAccepted
-    | StatusRequest | StatusSnapshot
+    | StatusRequest | StatusSnapshot | Drain
 )
 
 __all__ = [
@@ -239,6 +246,7 @@ __all__ = [
     "BatchHead",
     "ControlMessage",
     "DeadLetter",
+    "Drain",
     "FlushNow",
     "Heartbeat",
     "Hello",

@@ -116,6 +116,12 @@ class _RingEnd:
         return bool(ready)
 
 
+def max_frame_bytes(capacity: int) -> int:
+    """The largest frame a ring of ``capacity`` bytes takes: half of it, so a frame that does not fit the
+    tail can always start again at the front of an empty ring."""
+    return capacity // 2 - FRAME_HEADER.size
+
+
 def _padded(size: int) -> int:
     return (FRAME_HEADER.size + size + ALIGN - 1) & ~(ALIGN - 1)
 
@@ -126,7 +132,7 @@ class RingWriter(_RingEnd):
     def __init__(self, spec: RingSpec) -> None:
         super().__init__(spec)
         self._header[W_WRITER_EPOCH] += 1
-        self.max_frame_bytes = spec.capacity // 2 - FRAME_HEADER.size
+        self.max_frame_bytes = max_frame_bytes(spec.capacity)
 
     def try_write(self, payload: bytes | bytearray | memoryview) -> None:
         """Append one frame or raise RingFull; never blocks."""

@@ -21,14 +21,19 @@ import msgspec
 from msgspec import Raw
 from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
 
-from conflux.config import SourceConfig
+from conflux.config import MAX_TOPIC_CHARS, MIN_RING_BYTES, SourceConfig
 from conflux.errors import PageFormatError
-from conflux.ipc.messages import Batch, DeadLetter, cut, take
+from conflux.ipc.codec import MAX_LOG_BATCH_BYTES, ROW_OVERHEAD_BYTES, batch_header_bytes, batch_room_bytes
+from conflux.ipc.messages import RECORD_COLUMNS, Batch, DeadLetter, cut, take
 from conflux.log.base import partitions_for
+from conflux.redact import redact_text
 
 _message_counter = count()
 _stamps_encoder = msgspec.json.Encoder()
 _aware_stamps_decoder = msgspec.json.Decoder(list[Annotated[datetime, msgspec.Meta(tz=True)]])
+# What a frame of the smallest ring carries for the longest topic name (each character escaped): the
+# batch limit of callers that do not pass the ring's own, so their batches fit any ring.
+SAFE_BATCH_BYTES = batch_room_bytes(MIN_RING_BYTES, "\0" * MAX_TOPIC_CHARS)
 # msgspec raises RecursionError, not DecodeError, for JSON nested past its depth limit.
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
@@ -230,26 +235,108 @@ def _key_hashes(keys: list[str]) -> list[int]:
     return list(map(xxh3_64_intdigest, map(str.encode, keys)))
 
 
-def split_by_partition(columns: Columns, source: str, sync: str, partitions: int) -> list[tuple[int, Batch]]:
-    """One batch per partition that has records; a key always lands in the same partition."""
+def split_by_partition(columns: Columns, source: str, sync: str, partitions: int, *,
+                       max_batch_bytes: int = SAFE_BATCH_BYTES) -> list[tuple[int, Batch]]:
+    """Batches of each partition's records, in page order, each encoding to at most ``max_batch_bytes``
+    (one batch per partition unless its share is larger); a key always lands in the same partition.
+
+    A record that alone exceeds the limit still gets a batch of its own, never dropped: callers that
+    know the ring's limit take such records out first (``set_aside_oversized``)."""
     if not columns.keys:
         return []
     created_us = time.time_ns() // 1000
     if partitions == 1:
-        return [(0, _batch(columns, source, sync, created_us, 0, len(columns)))]
-    # One stable sort by partition, then each batch is a slice: C-level work instead of a loop per record.
-    owners = partitions_for(columns.key_hashes, partitions)
-    order = sorted(range(len(owners)), key=owners.__getitem__)
-    in_order = Columns(*take(columns, order), dead=[])
-    batches, start = [], 0
-    for partition, size in sorted(Counter(owners).items()):
-        batches.append((partition, _batch(in_order, source, sync, created_us, start, start + size)))
-        start += size
-    return batches
+        in_order, shares = columns, [(0, 0, len(columns))]
+    else:
+        # One stable sort by partition, then each share is a slice: C-level work instead of a loop per record.
+        owners = partitions_for(columns.key_hashes, partitions)
+        order = sorted(range(len(owners)), key=owners.__getitem__)
+        in_order = Columns(*take(columns, order), dead=[])
+        shares, start = [], 0
+        for partition, size in sorted(Counter(owners).items()):
+            shares.append((partition, start, start + size))
+            start += size
+    room = max_batch_bytes - batch_header_bytes(source, sync)
+    return [(partition, _batch(in_order, source, sync, created_us, piece_start, piece_stop))
+            for partition, start, stop in shares
+            for piece_start, piece_stop in _pieces(in_order, start, stop, room)]
+
+
+def publish_limit_bytes(ring_bytes: int, topic: str) -> int:
+    """The largest batch a fetcher publishes to ``topic``: what one ring frame carries, within the log's limit."""
+    return min(batch_room_bytes(ring_bytes, topic), MAX_LOG_BATCH_BYTES)
+
+
+def _pieces(columns: Columns | Batch, start: int, stop: int, room: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of ``start:stop`` whose rows take at most ``room`` bytes each (a row
+    larger than ``room`` is a range of its own). One range, without measuring rows one by one, when the
+    bound on the whole share fits: the usual case."""
+    if 3 * sum(map(len, columns.records[start:stop])) + ROW_OVERHEAD_BYTES * (stop - start) <= room:
+        return [(start, stop)]
+    ranges, used, piece_start = [], 0, start
+    for index, size in enumerate(row_bytes(columns, start, stop), start):
+        if used + size > room and index > piece_start:
+            ranges.append((piece_start, index))
+            piece_start, used = index, 0
+        used += size
+    ranges.append((piece_start, stop))
+    return ranges
+
+
+def row_bytes(columns: Columns | Batch, start: int = 0, stop: int | None = None) -> list[int]:
+    """What each row of ``start:stop`` adds to an encoded Batch, exactly (a comma per column included)."""
+    encode = _stamps_encoder.encode
+    sizes = [list(map(len, map(encode, getattr(columns, name)[start:stop])))
+             for name in RECORD_COLUMNS if name != "records"]
+    return [total + 6 for total in map(sum, zip(*sizes, map(len, columns.records[start:stop])))]
+
+
+def set_aside_oversized(columns: Columns, source: str, sync: str, max_batch_bytes: int) -> Columns:
+    """The columns without the records too large for a batch of ``max_batch_bytes`` even alone; those
+    join ``dead`` with their size as the reason. Run by the fetcher before it splits a page."""
+    room = max_batch_bytes - batch_header_bytes(source, sync)
+    if not columns.records or 3 * max(map(len, columns.records)) + ROW_OVERHEAD_BYTES <= room:
+        return columns
+    sizes = row_bytes(columns)
+    if max(sizes) <= room:
+        return columns
+    keep = [index for index, size in enumerate(sizes) if size <= room]
+    dead = [(columns.records[index], columns.keys[index], oversized_reason(len(columns.records[index]), size, room))
+            for index, size in enumerate(sizes) if size > room]
+    return Columns(*take(columns, keep), dead=[*columns.dead, *dead])
+
+
+def fit_batch(batch: Batch, max_batch_bytes: int) -> tuple[list[Batch], dict[int, str]]:
+    """``batch`` cut into pieces (``Batch.subset``, same message id, records in order) that each encode
+    to at most ``max_batch_bytes``, and the records that do not fit even alone: index -> reason.
+    Run by the consumer for a log message too large for its ring (written by an older version)."""
+    room = max_batch_bytes - batch_header_bytes(batch.source, batch.sync)
+    sizes = row_bytes(batch)
+    too_large = {index: oversized_reason(len(batch.records[index]), size, room)
+                 for index, size in enumerate(sizes) if size > room}
+    pieces, current, used = [], [], 0
+    for index, size in enumerate(sizes):
+        if index in too_large:
+            continue
+        if used + size > room and current:
+            pieces.append(batch.subset(current))
+            current, used = [], 0
+        current.append(index)
+        used += size
+    if current:
+        pieces.append(batch.subset(current))
+    return pieces, too_large
+
+
+def oversized_reason(record_bytes: int, row_bytes: int, room: int) -> str:
+    return (f"record of {record_bytes} bytes is too large: it takes {row_bytes} bytes in a batch, and a batch "
+            f"carries at most {room} bytes of records (a ring frame is half of [workers] ring_bytes; a log "
+            f"message is at most {MAX_LOG_BATCH_BYTES} bytes); raise ring_bytes, then replay it")
 
 
 def dead_letters(columns: Columns, source: str, stage: str, origin: str) -> list[DeadLetter]:
-    now = time.time()
+    """Dead-letter entries for ``columns.dead``; the origin (an upstream URL) loses its secrets here."""
+    now, origin = time.time(), redact_text(origin)
     return [
         DeadLetter(id=dead_letter_id(source, stage, record), source=source, reason=reason, stage=stage,
                    record=record, key=key, origin=origin, first_seen=now, last_seen=now)

@@ -24,6 +24,9 @@ class InFlight:
     hashes: list[str] = field(default_factory=list)
     records: int = 0
     source: str = ""
+    # Frames the message went in: more than one when it was too large for a ring frame. They all go to one
+    # merger, which acknowledges each; the message is done with the last.
+    pieces: int = 1
 
     @property
     def done(self) -> bool:
@@ -88,6 +91,9 @@ class OffsetTracker:
         track = self.partitions.get(tp)
         entry = track.pending.get(offset) if track else None
         if entry is None or not entry.waiting_on & (1 << merger):
+            return None
+        entry.pieces -= 1
+        if entry.pieces > 0:
             return None
         entry.waiting_on &= ~(1 << merger)
         if entry.done:

@@ -7,6 +7,11 @@ committed only once the merger has acknowledged that the sink took everything up
 If a merger restarts (its ring's reader epoch changes), what it held is gone: the consumer
 forgets everything in flight and re-reads from the last commit. The sink sees at most a repeat of an
 idempotent batch, and nothing is lost.
+
+On TERM the consumer drains: it routes nothing more, asks the mergers to flush, waits for their acks
+and commits. The supervisor's ``Drain`` message (sent just before the TERM) says how much of its own
+deadline is left; the consumer stops waiting early enough to make its final commit before the
+supervisor would kill it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from conflux import metrics
 from conflux.errors import LogError
 from conflux.ipc.codec import ack_frame_decoder, decode_batch, decode_batch_head, encode_batch, encode_ring_frame
 from conflux.ipc.messages import (
+    Batch,
     DeadLetter,
+    Drain,
     FlushNow,
     LagReport,
     MergeBatch,
@@ -35,7 +42,7 @@ from conflux.ipc.shm import FrameTooLarge, RingFull, RingReader, RingWriter
 from conflux.log import open_log
 from conflux.log.base import LogConsumer, LogMessage, TopicPartition
 from conflux.workers.base import Worker
-from conflux.workers.batching import dead_letter_id
+from conflux.workers.batching import dead_letter_id, fit_batch
 from conflux.workers.checkpoint import InFlight, OffsetTracker
 from conflux.workers.dedup import Deduplicator
 
@@ -47,6 +54,8 @@ COMMIT_INTERVAL_S = 1.0
 LAG_REPORT_INTERVAL_S = 2.0
 IDLE_POLL_S = 0.02
 ACK_WAIT_S = 0.005
+# Kept out of a drain's budget for the final commit and the log's close (at most a quarter of the budget).
+COMMIT_RESERVE_S = 2.0
 
 
 class ConsumerWorker(Worker):
@@ -55,6 +64,7 @@ class ConsumerWorker(Worker):
     def __init__(self, spec) -> None:
         super().__init__(spec)
         self.draining = False
+        self.drain_deadline: float | None = None   # monotonic; set when the drain begins
         self.quit = False
         self.generation = 0
         self.tracker = OffsetTracker()
@@ -97,14 +107,10 @@ class ConsumerWorker(Worker):
         self.quit = True
 
     def _loop(self) -> None:
-        drain_deadline = None
         while not self.quit:
             self._service()
             if self.draining:
-                if drain_deadline is None:
-                    drain_deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
-                    self._ask_mergers_to_flush()
-                if self.tracker.in_flight == 0 or time.monotonic() >= drain_deadline:
+                if self._drain_expired() or self.tracker.in_flight == 0:
                     return
                 self._wait_for_acks(0.05)
                 continue
@@ -121,6 +127,19 @@ class ConsumerWorker(Worker):
             else:
                 messages = self.log_consumer.poll(POLL_BATCH, IDLE_POLL_S)
             self._consume(messages)
+
+    def _drain_expired(self) -> bool:
+        """While draining: has our drain deadline passed? The first call starts the drain."""
+        if not self.draining:
+            return False
+        if self.drain_deadline is None:
+            messages, _closed = self.channel.receive()
+            budgets = [message.timeout_s for message in messages if isinstance(message, Drain)]
+            # No Drain message: the TERM came from elsewhere (the kernel when the supervisor died, an operator).
+            budget_s = budgets[-1] if budgets else self.config.daemon.shutdown_timeout_s
+            self.drain_deadline = drain_deadline(time.monotonic(), budget_s)
+            self._ask_mergers_to_flush()
+        return time.monotonic() >= self.drain_deadline
 
     def _shutdown(self) -> None:
         if not self.quit:
@@ -147,8 +166,8 @@ class ConsumerWorker(Worker):
         log_each = logger.isEnabledFor(logging.INFO)
         per_topic: dict[str, int] = {}
         for message in messages:
-            if self.generation != generation or self.quit:
-                break  # a rewind re-reads the rest from the last commit
+            if self.generation != generation or self.quit or self.draining:
+                break  # a rewind re-reads the rest from the last commit; a drain leaves it for the next start
             if (message.topic, message.partition) not in self.tracker.partitions:
                 continue
             began = time.perf_counter()
@@ -182,22 +201,44 @@ class ConsumerWorker(Worker):
         merger = merger_for(message.partition, len(self.to_mergers))
         if fresh is None:  # the usual case: the payload goes to the merger as it is
             key_hashes, hashes, routed = head.key_hashes, head.hashes, head.count
-            frame = MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(message.payload))
+            payload = message.payload
         else:
             metrics.dedup_skipped.labels("content_hash").inc(head.count - len(fresh))
             batch = decode_batch(message.payload).subset(fresh)
             key_hashes, hashes, routed = batch.key_hashes, batch.hashes, batch.count
-            frame = MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(encode_batch(batch)))
-        entry = InFlight(message.offset, (1 << merger) if routed else 0, head.message_id, key_hashes, hashes,
-                         routed, head.source)
+            payload = encode_batch(batch)
+        frames, too_large = self._frames(merger, position, payload, message) if routed else ([], 0)
+        routed -= too_large
+        entry = InFlight(message.offset, (1 << merger) if frames else 0, head.message_id, key_hashes, hashes,
+                         routed, head.source, pieces=len(frames) or 1)
         self._finish(self.tracker.add(tp, entry))
-        if routed:
-            self._send(merger, encode_ring_frame(frame))
+        for frame in frames:
+            if not self._send(merger, frame):
+                break
         return head.message_id, head.count, routed
+
+    def _frames(self, merger: int, position: Position, payload: bytes, message: LogMessage) -> tuple[list[bytes], int]:
+        """The ring frames that carry ``payload`` (an encoded Batch) to ``merger``, and how many of its records
+        were dead-lettered instead. One frame, unless the batch is larger than the ring takes (a message
+        written by an older version or another producer): then several, each a ``Batch.subset``; a record
+        too large for any frame goes to the DLQ with its reason. No size of message stops the consumer."""
+        frame = encode_ring_frame(MergeBatch(self.spec.index, self.generation, position, msgspec.Raw(payload)))
+        max_frame_bytes = self.to_mergers[merger].max_frame_bytes
+        if len(frame) <= max_frame_bytes:
+            return [frame], 0
+        batch = decode_batch(payload)
+        pieces, too_large = fit_batch(batch, max_frame_bytes - (len(frame) - len(payload)))
+        if too_large:
+            self._dead_letter_records(message, batch, too_large)
+        logger.warning("message %s at %s/%d@%d is %d bytes, more than a ring frame carries (%d): sent as %d frames, "
+                       "%d records too large for any frame dead-lettered", batch.message_id, message.topic,
+                       message.partition, message.offset, len(frame), max_frame_bytes, len(pieces), len(too_large))
+        return [encode_ring_frame(MergeBatch(self.spec.index, self.generation, position,
+                                             msgspec.Raw(encode_batch(piece)))) for piece in pieces], len(too_large)
 
     def _send(self, merger: int, payload: bytes) -> bool:
         """Write one frame, waiting for room while still serving acks, signals and heartbeats.
-        False if a rewind made the frame pointless while we waited."""
+        False if a rewind made the frame pointless while we waited, or the drain ran out of time."""
         ring = self.to_mergers[merger]
         generation = self.generation
         while True:
@@ -206,10 +247,10 @@ class ConsumerWorker(Worker):
                 return True
             except RingFull:
                 pass
-            except FrameTooLarge as exc:
-                raise LogError(f"a batch is larger than a ring can carry ({exc}); raise [workers] ring_bytes") from exc
+            except FrameTooLarge as exc:  # _frames sizes every frame to fit, so this is a bug, not bad input
+                raise LogError(f"a frame is larger than the ring takes ({exc})") from exc
             self._service()
-            if self.quit or self.generation != generation:
+            if self.quit or self.generation != generation or self._drain_expired():
                 return False
             select.select([ring.wait_fd, *self._ack_fds()], [], [], 0.1)
 
@@ -328,6 +369,17 @@ class ConsumerWorker(Worker):
         metrics.queue_depth.labels(f"consumer-{self.spec.index}-in-flight").set(self.tracker.in_flight)
         self.channel.send(LagReport(lags=lags))
 
+    def _dead_letter_records(self, message: LogMessage, batch: Batch, reasons: dict[int, str]) -> None:
+        """Before any part of the message goes to a merger: the commit that follows its acks covers these."""
+        now = time.time()
+        origin = f"{message.topic}/{message.partition}/{message.offset}"
+        self.dead_letters.add([
+            DeadLetter(id=dead_letter_id(batch.source, "consume", batch.records[index]), source=batch.source,
+                       reason=reason, stage="consume", record=batch.records[index], key=batch.keys[index],
+                       origin=origin, first_seen=now, last_seen=now)
+            for index, reason in reasons.items()])
+        metrics.dlq_records.labels(batch.source, "oversized").inc(len(reasons))
+
     def _dead_letter_message(self, message: LogMessage, reason: str) -> None:
         now = time.time()
         origin = f"{message.topic}/{message.partition}/{message.offset}"
@@ -347,6 +399,11 @@ def _log_processed(message: LogMessage, message_id: str, records: int, routed: i
                 message.partition, message.offset, records, routed, elapsed_ms,
                 extra={"message_id": message_id, "records": records, "routed": routed, "elapsed_ms": elapsed_ms,
                        "topic": message.topic, "partition": message.partition, "offset": message.offset})
+
+
+def drain_deadline(now: float, budget_s: float) -> float:
+    """When a drain with ``budget_s`` left stops waiting for acks: early enough for the final commit."""
+    return now + budget_s - min(COMMIT_RESERVE_S, budget_s / 4)
 
 
 def merger_for(partition: int, mergers: int) -> int:

@@ -24,7 +24,13 @@ from conflux.ipc.messages import DeadLetter, SourceReport, SourcesOwned, SyncNow
 from conflux.log import open_log
 from conflux.log.base import Checkpoint, CheckpointStore, DeadLetterStore, LogProducer, OutgoingMessage
 from conflux.workers.base import AsyncWorker
-from conflux.workers.batching import RecordSchema, dead_letters, split_by_partition
+from conflux.workers.batching import (
+    RecordSchema,
+    dead_letters,
+    publish_limit_bytes,
+    set_aside_oversized,
+    split_by_partition,
+)
 from conflux.workers.ownership import ownership_for
 from conflux.workers.paging import STYLES, PageInfo
 from conflux.workers.upstream import Response, UpstreamClient
@@ -61,14 +67,16 @@ class SyncPass:
         syncer = self.syncer
         started = time.perf_counter()
         records, fields, meta = syncer.schema.page_records(response.body)
-        columns = syncer.schema.columns(records, fields)
+        columns = set_aside_oversized(syncer.schema.columns(records, fields), syncer.source.name, self.sync_type,
+                                      syncer.max_batch_bytes)
         self.records += len(records)
         self.valid += len(columns)
         if columns.dead:
             self.dead.extend(dead_letters(columns, syncer.source.name, "fetch", response.url))
         if len(columns):
             self.newest = max(self.newest, columns.max_updated())
-        batches = split_by_partition(columns, syncer.source.name, self.sync_type, syncer.partitions)
+        batches = split_by_partition(columns, syncer.source.name, self.sync_type, syncer.partitions,
+                                     max_batch_bytes=syncer.max_batch_bytes)
         messages = [OutgoingMessage(syncer.topic, partition, batch.keys[0].encode(), encode_batch(batch))
                     for partition, batch in batches]
         task = asyncio.create_task(self._publish(messages))
@@ -112,6 +120,7 @@ class SourceSyncer:
         self.source = source
         self.topic = worker.config.topic_of(source)
         self.partitions = worker.producer.partitions_for(self.topic)
+        self.max_batch_bytes = publish_limit_bytes(worker.config.workers.ring_bytes, self.topic)
         self.schema = RecordSchema(source)
         self.client = UpstreamClient(source, worker.config.retry, session)
         self.client.breaker.on_change_hooks.append(lambda state: self._send_report())

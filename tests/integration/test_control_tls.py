@@ -65,16 +65,21 @@ def test_the_control_port_serves_https_with_its_certificate(tls_files, upstream_
     assert scraped.returncode == 0, scraped.stderr
     assert json.loads(export.read_text())["url"] == f"https://127.0.0.1:{port}/metrics"
 
-    def generation() -> int:
+    def state() -> dict:
         answer = requests.get(f"{daemon.url}/status", verify=ca, headers={"Authorization": f"Bearer {token}"},
                               timeout=10)
-        return answer.json()["daemon"]["generation"]
+        return answer.json()["daemon"]
+
+    def generation() -> int:
+        return state()["generation"]
 
     # A reload whose key does not match its certificate is refused; the running generation keeps serving.
     shutil.copy(tls_files["ca_key"], key)
     daemon.send_signal(signal.SIGHUP)
-    wait_until(lambda: "reload refused" in daemon.log(), timeout_s=20, message="the reload to be refused")
-    assert generation() == 1 and daemon.service.proc.poll() is None
+    refused = wait_until(lambda: (d := state())["reloads"]["refused"] == 1 and d, timeout_s=20,
+                         message="the reload to be refused")
+    assert "control.tls_cert_file" in refused["reloads"]["last_refusal"]
+    assert refused["generation"] == 1 and daemon.service.proc.poll() is None
     shutil.copy(tls_files["key"], key)  # mended: the next reload goes through, over TLS again
     daemon.send_signal(signal.SIGHUP)
     wait_until(lambda: generation() == 2, timeout_s=60, message="generation 2 after the mended reload")

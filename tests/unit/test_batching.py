@@ -12,14 +12,19 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
 
-from conflux.config import PaginationConfig, SourceConfig
+from conflux.config import MAX_TOPIC_CHARS, MIN_RING_BYTES, PaginationConfig, SourceConfig
 from conflux.errors import PageFormatError
+from conflux.ipc.codec import batch_header_bytes, batch_room_bytes, encode_batch, row_bytes_bound
 from conflux.workers.batching import (
+    SAFE_BATCH_BYTES,
     PageMeta,
     RecordSchema,
     dead_letter_id,
     dead_letters,
+    fit_batch,
     parse_timestamp_us,
+    row_bytes,
+    set_aside_oversized,
     split_by_partition,
 )
 
@@ -201,6 +206,99 @@ def test_split_by_partition_keeps_every_record_once_in_its_partition_and_order(r
 def test_split_of_an_empty_page_is_nothing() -> None:
     columns, _ = parse(schema(), page([]))
     assert split_by_partition(columns, "crm", "full", 4) == []
+
+
+# -- batch sizes: no batch larger than a ring frame ------------------------------------------------
+
+
+padded_records_st = st.lists(st.fixed_dictionaries({"id": keys_st, "updated_at": stamps_st,
+                                                   "pad": st.text(max_size=300)}), max_size=40)
+
+
+@FUZZ
+@given(records=padded_records_st, partitions=st.integers(1, 5), max_batch_bytes=st.integers(300, 4000))
+def test_split_cuts_a_partition_share_into_batches_that_fit_keeping_every_record_once_in_order(
+        records: list, partitions: int, max_batch_bytes: int) -> None:
+    columns, _ = parse(schema(), page(records))
+    batches = split_by_partition(columns, "crm", "full", partitions, max_batch_bytes=max_batch_bytes)
+    for partition in range(partitions):
+        rows = [row for p, batch in batches if p == partition for row in batch_rows(batch)]
+        assert rows == [row for row in column_rows(columns) if row[4] % partitions == partition]
+    for _, batch in batches:
+        # A record too large even alone travels alone (the fetcher sets those aside first, the consumer
+        # dead-letters them); every other batch fits.
+        assert batch.count == 1 or len(encode_batch(batch)) <= max_batch_bytes
+    assert len({batch.message_id for _, batch in batches}) == len(batches)  # each piece is its own message
+    assert sum(batch.count for _, batch in batches) == len(columns)
+
+
+def test_split_keeps_one_batch_per_partition_while_the_share_fits() -> None:
+    columns, _ = parse(schema(), page([{"id": n, "updated_at": T0, "pad": "x" * 100} for n in range(200)]))
+    assert len(split_by_partition(columns, "crm", "full", 4, max_batch_bytes=1 << 20)) == 4
+    pieces = split_by_partition(columns, "crm", "full", 4, max_batch_bytes=4096)
+    assert len(pieces) > 8 and all(len(encode_batch(batch)) <= 4096 for _, batch in pieces)
+
+
+def test_the_default_limit_is_what_the_smallest_ring_carries() -> None:
+    """Callers that do not know the ring (the control process's webhooks, `dlq replay`) get batches that
+    fit any ring: 200 records of 500 bytes would be one 110 KB batch per partition otherwise."""
+    columns, _ = parse(schema(), page([{"id": n, "updated_at": T0, "pad": "x" * 500} for n in range(200)]))
+    batches = split_by_partition(columns, "crm", "webhook", 1)
+    assert len(batches) > 1 and all(len(encode_batch(batch)) <= SAFE_BATCH_BYTES for _, batch in batches)
+    assert batch_room_bytes(MIN_RING_BYTES, "a" * MAX_TOPIC_CHARS) >= SAFE_BATCH_BYTES
+
+
+@FUZZ
+@given(records=padded_records_st)
+def test_row_bytes_are_exact_and_within_the_bound_used_to_skip_measuring(records: list) -> None:
+    columns, _ = parse(schema(), page(records))
+    if not len(columns):
+        return
+    [(_, batch)] = split_by_partition(columns, "crm", "full", 1, max_batch_bytes=1 << 30)
+    sizes = row_bytes(batch)
+    encoded = len(encode_batch(batch))
+    assert encoded <= batch_header_bytes("crm", "full") + sum(sizes) <= encoded + 6 + 32
+    assert all(size <= row_bytes_bound(len(record)) for size, record in zip(sizes, batch.records, strict=True))
+
+
+def test_set_aside_oversized_dead_letters_a_record_too_large_for_any_batch() -> None:
+    records = [{"id": 1, "updated_at": T0}, {"id": 2, "updated_at": T0, "pad": "x" * 5000}, {"id": 3, "updated_at": T0}]
+    columns, _ = parse(schema(), page(records))
+    kept = set_aside_oversized(columns, "crm", "full", 4096)
+    assert kept.keys == ["1", "3"] and [bytes(r) for r in kept.records] == [bytes(columns.records[i]) for i in (0, 2)]
+    [(record, key, reason)] = kept.dead
+    assert key == "2" and bytes(record) == bytes(columns.records[1])
+    assert reason.startswith(f"record of {len(columns.records[1])} bytes is too large") and "ring_bytes" in reason
+    assert set_aside_oversized(columns, "crm", "full", 1 << 20) is columns  # the usual case: untouched
+
+
+@FUZZ
+@given(records=padded_records_st, max_batch_bytes=st.integers(250, 3000))
+def test_fit_batch_cuts_a_message_into_subsets_that_fit_and_names_the_records_that_cannot(
+        records: list, max_batch_bytes: int) -> None:
+    columns, _ = parse(schema(), page(records))
+    if not len(columns):
+        return
+    [(_, batch)] = split_by_partition(columns, "crm", "full", 1, max_batch_bytes=1 << 30)
+    pieces, too_large = fit_batch(batch, max_batch_bytes)
+    assert all(piece.message_id == batch.message_id and len(encode_batch(piece)) <= max_batch_bytes
+               for piece in pieces)
+    alone = {index for index in range(batch.count)
+             if len(encode_batch(batch.subset([index]))) > max_batch_bytes - 32}  # 32: a longer message id
+    assert set(too_large) <= alone and all("too large" in reason for reason in too_large.values())
+    kept = [index for index in range(batch.count) if index not in too_large]
+    assert [row for piece in pieces for row in batch_rows(piece)] == [batch_rows(batch)[i] for i in kept]
+
+
+def batch_rows(batch) -> list[tuple]:
+    return list(zip(batch.keys, batch.updated, batch.updated_us, batch.hashes, batch.key_hashes,
+                    [bytes(r) for r in batch.records]))
+
+
+def test_dead_letter_origins_lose_their_secrets() -> None:
+    columns, _ = parse(schema(), page([{"updated_at": T0}]))
+    [letter] = dead_letters(columns, "crm", "fetch", "https://bob:pw-1@upstream/api?api_key=k-1&page=3&sig=s-1")
+    assert letter.origin == "https://***@upstream/api?api_key=***&page=3&sig=***"
 
 
 # -- webhook bodies --------------------------------------------------------------------------------

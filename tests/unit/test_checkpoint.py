@@ -59,6 +59,17 @@ def test_a_message_with_nothing_for_any_merger_is_done_at_once() -> None:
     assert tracker.commits_due() == {TP: 12}
 
 
+def test_a_message_sent_in_several_frames_is_done_only_with_the_last_frames_ack() -> None:
+    """A message too large for one ring frame goes as pieces that the merger may flush (and acknowledge)
+    in different deliveries: the first piece's ack must not let the commit pass the rest."""
+    tracker = tracker_with()
+    tracker.add(TP, InFlight(10, 0b1, "big", pieces=3))
+    assert tracker.ack(TP, 10, 0) is None and tracker.ack(TP, 10, 0) is None
+    assert tracker.commits_due() == {} and tracker.in_flight == 1
+    assert tracker.ack(TP, 10, 0).message_id == "big"
+    assert tracker.commits_due() == {TP: 11} and tracker.in_flight == 0
+
+
 def test_commits_only_go_up() -> None:
     tracker = tracker_with(0b1)
     tracker.ack(TP, 10, 0)

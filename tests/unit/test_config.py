@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import tempfile
 import tomllib
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_wrong_keys_and_types_name_the_field(text: str, field: str) -> None:
     (SOURCE + "page_size = 0", "sources[0]", "page_size must be between 1 and 100000"),
     (SOURCE.replace("http://", "ftp://"), "sources[0]", "url must start with http:// or https://"),
     (SOURCE.replace('"crm"', '"c r m"'), "sources[0]", "name 'c r m' may only hold"),
-    (SOURCE + "poll_interval_s = nan", "sources[0]", "poll_interval_s must be > 0"),
+    (SOURCE + "poll_interval_s = nan", "sources[0]", "poll_interval_s must be >= 0.1 s"),
     ("[sink]\nbatch_size = 100\nmax_pending_records = 10", "sink", "max_pending_records must be >= batch_size"),
     ("[retry]\nbase_s = 5\nmax_s = 1", "retry", "base_s must be > 0 and <= max_s"),
     ("[workers]\nconsumers = 65", "workers", "consumers must be between 1 and 64"),
@@ -396,3 +397,108 @@ def test_an_unknown_key_set_by_the_environment_names_the_variable(tmp_path):
     expected = r"sink\.bearer: unknown key \(set by environment variable CONFLUX_SINK_BEARER\)"
     with pytest.raises(ConfigError, match=expected):
         load_config(None, environ={"CONFLUX_SINK_BEARER": "s3cret"})
+
+
+# -- cross-field validation ------------------------------------------------------------------------------
+
+
+ERP = '[[sources]]\nname = "erp"\nurl = "http://upstream/api/erp"\n'
+
+
+def test_two_sources_never_write_one_topic() -> None:
+    """A consumer knows a message's source by its topic: a second writer's records would be mistaken."""
+    config = load('[log]\ntopic_prefix = "p."\n' + SOURCE + ERP + 'topic = "crm"\n')
+    assert [config.topic_of(source) for source in config.sources] == ["p.crm", "crm"]
+    assert error(SOURCE + ERP + 'topic = "crm"\n') == ("sources[1].topic: topic 'crm' is also the topic of "
+                                                       "sources[0] (crm); each source needs a topic of its own")
+    both_orders = SOURCE + 'topic = "orders"\n' + ERP + 'topic = "orders"\n'
+    assert "sources[1].topic: topic 'orders' is also" in error(both_orders)
+    assert "sources[1].topic: topic 'p.crm' is also" in error('[log]\ntopic_prefix = "p."\n' + SOURCE + ERP
+                                                              + 'topic = "p.crm"\n')
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    (SOURCE + ERP + 'topic = "crm.dlq"\n', "sources[1].topic: topic 'crm.dlq' is reserved"),
+    (SOURCE + 'topic = "conflux.checkpoints"\n', "sources[0].topic: topic 'conflux.checkpoints' is reserved"),
+    (SOURCE + f'topic = "{"t" * 250}"\n', "sources[0].topic: topic 'tttt"),
+    ('[log]\nbackend = "kafka"\nbootstrap_servers = "k:9092"\n' + SOURCE + 'topic = "a b"\n',
+     "sources[0].topic: Kafka topic 'a b' may only hold"),
+])
+def test_topics_the_log_uses_itself_or_cannot_hold_are_refused(text: str, words: str) -> None:
+    assert words in error(text)
+
+
+def test_intervals_have_floors_and_ring_sizes_fit_the_ring_layout() -> None:
+    """A tiny interval is a denial of service on ourselves (or the upstream); a ring of a size the ring
+    code refuses (its ack ring is a sixteenth of it) would stop the daemon at start, not at config check."""
+    for text, words in [
+        (SOURCE + "poll_interval_s = 0.001", "sources[0]: poll_interval_s must be >= 0.1 s (got 0.001)"),
+        (SOURCE + "full_sync_interval_s = 0.5", "sources[0]: full_sync_interval_s must be >= 1.0 s (got 0.5)"),
+        ("[sink]\nflush_interval_s = 0.001", "sink: flush_interval_s must be >= 0.01 s (got 0.001)"),
+        ("[workers]\nheartbeat_interval_s = 0.01", "workers: heartbeat_interval_s must be >= 0.1 s (got 0.01)"),
+        ("[workers]\nring_bytes = 65537", "workers: ring_bytes must be a multiple of 8"),
+        ("[workers]\nring_bytes = 1050000", "workers: ring_bytes must be a multiple of 8, and of 128 above 1048576"),
+    ]:
+        assert error(text).startswith(words), text
+    config = load(SOURCE + "poll_interval_s = 0.1\nfull_sync_interval_s = 1\n[sink]\nflush_interval_s = 0.01\n"
+                  "[workers]\nheartbeat_interval_s = 0.1\nheartbeat_timeout_s = 1\nring_bytes = 1048576\n")
+    assert config.sources[0].poll_interval_s == 0.1 and config.workers.ring_bytes == 1 << 20  # the floors pass
+
+
+HOOKED = SOURCE + 'webhook_secret = "s"\n'
+
+
+def test_a_webhook_limit_that_cannot_fit_a_ring_frame_is_refused_with_the_rule() -> None:
+    message = error(HOOKED + "[workers]\nring_bytes = 65536\n")  # the default webhook_max_bytes is 1 MiB
+    assert message.startswith("sources[0].webhook_max_bytes: 1048576 does not fit a ring frame")
+    assert "3 x webhook_max_bytes" in message and "ring_bytes = 65536" in message
+    lower, higher = re.search(r"lower webhook_max_bytes to (\d+) or raise ring_bytes to (\d+)", message).groups()
+    # Both remedies the message offers are accepted, and one byte more is not.
+    assert load(HOOKED + f"webhook_max_bytes = {lower}\n[workers]\nring_bytes = 65536\n")
+    assert "does not fit" in error(HOOKED + f"webhook_max_bytes = {int(lower) + 1}\n[workers]\nring_bytes = 65536\n")
+    assert load(HOOKED + f"[workers]\nring_bytes = {higher}\n")
+
+
+def test_a_webhook_limit_beyond_the_largest_log_message_is_refused_whatever_the_ring() -> None:
+    message = error(HOOKED + "webhook_max_bytes = 3000000\n[workers]\nring_bytes = 67108864\n")
+    assert message.startswith("sources[0].webhook_max_bytes: 3000000 is too large")
+    most = int(re.search(r"lower webhook_max_bytes to at most (\d+)", message).group(1))
+    assert load(HOOKED + f"webhook_max_bytes = {most}\n[workers]\nring_bytes = 67108864\n")
+
+
+def test_the_webhook_rule_applies_only_to_sources_that_take_webhooks() -> None:
+    assert load(SOURCE + "[workers]\nring_bytes = 65536\n").workers.ring_bytes == 65536
+    assert load(HOOKED).sources[0].webhook_max_bytes == 1 << 20  # the defaults fit each other
+    from_env = SOURCE + 'webhook_secret_env = "H"\n[workers]\nring_bytes = 65536\n'
+    assert "webhook_max_bytes" in error(from_env, {"H": "x"})
+
+
+# -- config check shows no secret in any form --------------------------------------------------------
+
+
+SECRET_FORMS = (
+    '[[sources]]\nname = "crm"\nurl = "https://bob:pw-userinfo@crm.example/api?api_key=k-query&page_size=5"\n'
+    'headers = { Cookie = "sid=c-cookie", X-Signature-Key = "k-signature", X-Session-Token = "k-session",'
+    ' Accept = "json" }\n'
+    '[sources.auth]\ntype = "oauth2"\ntoken_url = "https://idp.example/token?client_secret=c-tokenurl"\n'
+    'client_id = "conflux"\nclient_secret_env = "CS"\n'
+    '[sink]\nurl = "https://ingest:pw-sink@sink.example/ingest?token=t-sink"\n'
+    '[kafka.producer]\n"ssl.key.pem" = "-----BEGIN PRIVATE KEY-----\\nk-pem\\n-----END PRIVATE KEY-----"\n'
+    '"ssl.key.password" = "k-keypass"\n"sasl.oauthbearer.client.secret" = "k-oauthbearer"\n'
+    '"sasl.password_env" = "KAFKA_PW"\n"linger.ms" = 5\n'
+)
+
+
+def test_config_check_hides_every_secret_form() -> None:
+    data = redacted(load(SECRET_FORMS, {"CS": "x"}))
+    text = to_toml(data)
+    for secret in ("pw-userinfo", "k-query", "c-cookie", "k-signature", "k-session", "c-tokenurl", "pw-sink",
+                   "t-sink", "k-pem", "k-keypass", "k-oauthbearer"):
+        assert secret not in text, secret
+    source = data["sources"][0]
+    assert source["url"] == "https://***@crm.example/api?api_key=***&page_size=5"
+    assert source["headers"] == {"Cookie": "***", "X-Signature-Key": "***", "X-Session-Token": "***", "Accept": "json"}
+    assert data["sink"]["url"] == "https://***@sink.example/ingest?token=***"
+    producer = data["kafka"]["producer"]
+    assert producer["sasl.password_env"] == "KAFKA_PW" and producer["linger.ms"] == 5  # not secrets
+    assert producer["ssl.key.pem"] == producer["ssl.key.password"] == "***"

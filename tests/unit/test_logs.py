@@ -99,3 +99,22 @@ def test_pid_is_the_processs_own_after_fork(tmp_path, monkeypatch):
     assert os.waitstatus_to_exitcode(status) == 0
     pids = {line["msg"]: line["pid"] for line in json_lines(path.read_text())}
     assert pids == {"from the child": pid, "from the parent": os.getpid()}
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_every_secret_bearing_form_is_redacted_in_every_format(stderr, fmt):
+    """Not only values the config names: URLs with userinfo or ?api_key=, secret headers, Kafka keys and
+    PEM blocks are masked in whatever line quotes them (an aiohttp error, a repr of headers)."""
+    pem = "-----BEGIN PRIVATE KEY-----\nMII-pem-body\n-----END PRIVATE KEY-----"
+    logs.setup("fetcher-0", fmt=fmt, secrets=[pem])
+    log = logging.getLogger("x")
+    log.warning("giving up on %s", "https://bob:pw-userinfo@crm.example/api?api_key=k-query&page=2")
+    log.warning("request headers %s", {"Cookie": "sid=c-cookie", "X-Signature-Key": "k-signature", "Accept": "json"})
+    log.warning("librdkafka: ssl.key.password=k-keypass sasl.password=k-sasl")
+    log.warning("loaded %s", pem)
+    log.warning("got", extra={"api_key": "k-extra", "records": 5})
+    out = stderr()
+    for secret in ("pw-userinfo", "k-query", "c-cookie", "k-signature", "k-keypass", "k-sasl", "MII-pem-body",
+                   "k-extra"):
+        assert secret not in out, secret
+    assert "https://***@crm.example/api?api_key=***&page=2" in out and "'Accept': 'json'" in out
