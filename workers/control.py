@@ -32,7 +32,7 @@ from conflux.log import open_log
 from conflux.log.base import OutgoingMessage
 from conflux.secrets import read_secret
 from conflux.workers.base import AsyncWorker
-from conflux.workers.batching import RecordSchema, dead_letters, split_by_partition
+from conflux.workers.batching import RecordSchema, dead_letters, publish_limit_bytes, split_by_partition
 from conflux.workers.control_limits import BodyBudget, ConnectionLimits
 from conflux.workers.control_security import (
     SIGNATURE_HEADER,
@@ -279,7 +279,8 @@ class ControlWorker(AsyncWorker):
         records, fields = schema.body_records(body)
         columns = schema.columns(records, fields)
         topic = self.config.topic_of(self.config.source(source))
-        batches = split_by_partition(columns, source, "webhook", self.producer.partitions_for(topic))
+        batches = split_by_partition(columns, source, "webhook", self.producer.partitions_for(topic),
+                                     max_batch_bytes=publish_limit_bytes(self.config.workers.ring_bytes, topic))
         await self.producer.publish([OutgoingMessage(topic, partition, batch.keys[0].encode(), encode_batch(batch))
                                      for partition, batch in batches])
         if columns.dead:
