@@ -3,8 +3,11 @@
 Runs in the operator's shell. It scrapes a Prometheus text endpoint (the daemon's ``/metrics``) every
 ``--interval`` seconds for ``--duration`` seconds and writes one JSON document: every series with its
 points, plus a summary per series (delta and rate per second for counters, min/max/last for the
-rest). Ctrl-C stops early and still writes what was collected. A failed scrape is recorded and the
-sampling goes on, so a daemon restart shows up as a gap rather than ending the run.
+rest). Ctrl-C (or TERM) stops early and still writes what was collected; the handlers are installed
+explicitly, so this holds when it was started with SIGINT ignored (a background job, a CI runner). A
+failed scrape is recorded and the sampling goes on, so a daemon restart shows up as a gap rather than
+ending the run. With ``-c``, the config's control token is sent (for ``metrics_require_token``) and an
+https control port is used when it has ``tls_cert_file``; ``--cacert`` names the CA to trust.
 
 Output shape::
 
@@ -27,6 +30,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from conflux.cli.stop_signals import StopSignals
+
 SCRAPE_TIMEOUT_S = 10.0
 
 
@@ -39,6 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="seconds between scrapes (default %(default)s)")
     parser.add_argument("--export", metavar="FILE.json", help="write the JSON here (default: stdout)")
     parser.add_argument("--buckets", action="store_true", help="keep histogram _bucket series (left out by default)")
+    parser.add_argument("--cacert", metavar="FILE", help="CA certificate(s) to trust for an https control port")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,12 +52,13 @@ def run(args: argparse.Namespace) -> int:
         print("conflux metrics: --interval must be > 0 and --duration >= 0", file=sys.stderr)
         return 2
     try:
-        url = metrics_url(args)
+        url, token = metrics_url(args)
     except ValueError as exc:
         print(f"conflux metrics: {exc}", file=sys.stderr)
         return 2
-    collector = Collector(url, keep_buckets=args.buckets)
-    collector.sample(duration_s=args.duration_s, interval_s=args.interval_s)
+    collector = Collector(url, keep_buckets=args.buckets, token=token, cacert=args.cacert)
+    with StopSignals() as stop:
+        collector.sample(duration_s=args.duration_s, interval_s=args.interval_s, stop=stop)
     document = collector.document(duration_s=args.duration_s, interval_s=args.interval_s)
     write(document, args.export)
     ok = sum(1 for scrape in document["scrapes"] if scrape["ok"])
@@ -60,47 +67,55 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def metrics_url(args: argparse.Namespace) -> str:
-    if args.url:
-        url = args.url
-    elif args.config:
+def metrics_url(args: argparse.Namespace) -> tuple[str, str]:
+    """The URL to scrape, and the control token to send ("" without -c or without a token)."""
+    if not (args.url or args.config):
+        raise ValueError("give --url or -c")
+    url, token = args.url, ""
+    if args.config:
         from conflux.cli.status_command import StatusError, control_url
         from conflux.config import load_config
         from conflux.errors import ConfigError
+        from conflux.secrets import read_secret
 
         try:
-            url = control_url(load_config(args.config, secrets="none").control.listen)
+            control = load_config(args.config, secrets="none").control
+            token = read_secret(env=control.token_env, literal=control.token, what="control.token")
+            url = url or control_url(control.listen, tls=bool(control.tls_cert_file))
         except (ConfigError, StatusError) as exc:
             raise ValueError(str(exc)) from None
-    else:
-        raise ValueError("give --url or -c")
-    return url.rstrip("/") + "/metrics" if urlsplit(url).path in ("", "/") else url
+    return (url.rstrip("/") + "/metrics" if urlsplit(url).path in ("", "/") else url), token
 
 
 class Collector:
     """The scrapes of one run, kept as {(name, labels): [(t, value), ...]}."""
 
-    def __init__(self, url: str, *, keep_buckets: bool = False) -> None:
+    def __init__(self, url: str, *, keep_buckets: bool = False, token: str = "", cacert: str | None = None) -> None:
         self.url = url
         self.keep_buckets = keep_buckets
         self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        # Per request, not on the session: REQUESTS_CA_BUNDLE in the environment would win over session.verify.
+        self.verify: str | bool = cacert or True
         self.scrapes: list[dict] = []
         self.points: dict[tuple[str, tuple], list[list[float]]] = {}
         self.types: dict[str, str] = {}
         self.started_at = time.time()
 
-    def sample(self, *, duration_s: float, interval_s: float) -> None:
-        """Scrape at 0, interval, 2*interval, ... up to duration (deadlines on the monotonic clock)."""
+    def sample(self, *, duration_s: float, interval_s: float, stop: StopSignals) -> None:
+        """Scrape at 0, interval, 2*interval, ... up to duration (deadlines on the monotonic clock),
+        or until ``stop`` records Ctrl-C or TERM."""
         start = time.monotonic()
         self.started_at = time.time()
         total = int(duration_s / interval_s + 1e-9) + 1
-        try:
-            for number in range(1, total + 1):
-                time.sleep(max(0.0, start + (number - 1) * interval_s - time.monotonic()))
-                outcome = self.scrape()
-                print(f"conflux metrics: scrape {number} of {total}: {outcome[:100]}", file=sys.stderr, flush=True)
-        except KeyboardInterrupt:
-            print("conflux metrics: interrupted; writing what was collected", file=sys.stderr)
+        for number in range(1, total + 1):
+            stop.wait(max(0.0, start + (number - 1) * interval_s - time.monotonic()))
+            if stop.stopped:
+                print("conflux metrics: interrupted; writing what was collected", file=sys.stderr)
+                return
+            outcome = self.scrape()
+            print(f"conflux metrics: scrape {number} of {total}: {outcome[:100]}", file=sys.stderr, flush=True)
 
     def scrape(self) -> str:
         """One scrape into the collection; returns what happened, for the progress line."""
@@ -108,7 +123,7 @@ class Collector:
 
         now, began = time.time(), time.perf_counter()
         try:
-            response = self.session.get(self.url, timeout=SCRAPE_TIMEOUT_S)
+            response = self.session.get(self.url, timeout=SCRAPE_TIMEOUT_S, verify=self.verify)
             response.raise_for_status()
             families = list(text_string_to_metric_families(response.text))
         except (requests.RequestException, ValueError) as exc:

@@ -20,7 +20,7 @@ from conflux.errors import ConfigError, PageFormatError
 from conflux.ipc.codec import encode_batch
 from conflux.ipc.messages import DeadLetter, Position
 from conflux.log.base import DeadLetterStore, LogBackend, OutgoingMessage
-from conflux.workers.batching import Columns, RecordSchema, split_by_partition
+from conflux.workers.batching import Columns, RecordSchema, publish_limit_bytes, split_by_partition
 
 POLL_S = 0.2
 
@@ -63,7 +63,8 @@ async def _publish(config: Config, backend: LogBackend, store: DeadLetterStore, 
                 store.add([msgspec.structs.replace(entry, reason=columns.dead[0][2], last_seen=time.time(),
                                                    attempts=1)])
                 continue
-            batches = split_by_partition(columns, entry.source, "replay", producer.partitions_for(topic))
+            batches = split_by_partition(columns, entry.source, "replay", producer.partitions_for(topic),
+                                         max_batch_bytes=publish_limit_bytes(config.workers.ring_bytes, topic))
             positions = await producer.publish([OutgoingMessage(topic, partition, batch.keys[0].encode(),
                                                                 encode_batch(batch)) for partition, batch in batches])
             outcome.published[entry.id] = set(positions)

@@ -2,22 +2,24 @@
 
 Both run in the operator's shell, not in the daemon: they read the control address (``[control]
 listen``) and token from the config, ask the daemon's ``GET /status`` over HTTP and render the answer.
-`top` redraws every ``--interval`` seconds until q or Ctrl-C; ``--once`` and ``--iterations N`` stop
-on their own (scripts, tests). When stdout is not a terminal, frames are printed one after another.
+`top` redraws every ``--interval`` seconds until q, Ctrl-C or TERM (handled explicitly, so it stops even
+when started with SIGINT ignored, as background jobs are); ``--once`` and ``--iterations N`` stop on their
+own (scripts, tests). When stdout is not a terminal, frames are printed one after another. With ``[control]
+tls_cert_file`` set they use https; ``--cacert`` names the CA to trust (default: the system's).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import select
 import shutil
 import sys
 import time
 from datetime import datetime
 
 import requests
+
+from conflux.cli.stop_signals import StopSignals
 
 REQUEST_TIMEOUT_S = 5.0
 CIRCUIT = ("closed", "half_open", "open")
@@ -30,6 +32,7 @@ class StatusError(Exception):
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="TOML config file; its [control] listen and token are used")
     parser.add_argument("--url", help="control URL, e.g. http://127.0.0.1:9108 (default: from the config)")
+    parser.add_argument("--cacert", metavar="FILE", help="CA certificate(s) to trust for an https control port")
     if parser.prog.endswith(" top"):
         parser.add_argument("--interval", dest="interval_s", type=float, default=2.0, metavar="SECONDS",
                             help="seconds between refreshes (default %(default)s)")
@@ -52,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 class StatusClient:
-    def __init__(self, url: str, token: str = "") -> None:
+    def __init__(self, url: str, token: str = "", *, cacert: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.session = requests.Session()
+        # Per request, not on the session: REQUESTS_CA_BUNDLE in the environment would win over session.verify.
+        self.verify: str | bool = cacert or True
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
@@ -69,11 +74,12 @@ class StatusClient:
             token = read_secret(env=config.control.token_env, literal=config.control.token, what="control.token")
         except ConfigError as exc:
             raise StatusError(f"config error: {exc}") from None
-        return cls(args.url or control_url(config.control.listen), token)
+        url = args.url or control_url(config.control.listen, tls=bool(config.control.tls_cert_file))
+        return cls(url, token, cacert=args.cacert)
 
     def status(self) -> dict:
         try:
-            response = self.session.get(f"{self.url}/status", timeout=REQUEST_TIMEOUT_S)
+            response = self.session.get(f"{self.url}/status", timeout=REQUEST_TIMEOUT_S, verify=self.verify)
         except requests.RequestException as exc:
             raise StatusError(f"cannot reach the daemon at {self.url}: {type(exc).__name__}") from None
         if response.status_code == 401:
@@ -83,14 +89,15 @@ class StatusClient:
         return response.json()
 
 
-def control_url(listen: str) -> str:
+def control_url(listen: str, *, tls: bool = False) -> str:
     """``[control] listen`` as a URL to connect to: a wildcard address means this host."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     if port == "0":
         raise StatusError("control.listen has port 0 (chosen at start-up); pass --url")
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def print_status(client: StatusClient, *, as_json: bool) -> int:
@@ -231,10 +238,10 @@ def duration(seconds: float | None) -> str:
 
 
 def top(client: StatusClient, *, frames: int, interval_s: float) -> int:
-    """Redraw until q, Ctrl-C or ``frames`` frames (0: no limit)."""
+    """Redraw until q, Ctrl-C (or TERM) or ``frames`` frames (0: no limit)."""
     shown = 0
-    with Screen() as screen, contextlib.suppress(KeyboardInterrupt):
-        while True:
+    with StopSignals() as stop, Screen(stop) as screen:
+        while not stop.stopped:
             try:
                 body = render(client.status(), rates=True)
             except StatusError as exc:
@@ -250,7 +257,8 @@ def top(client: StatusClient, *, frames: int, interval_s: float) -> int:
 class Screen:
     """The terminal for `top`: alternate screen and single-key input on a TTY, plain frames otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: StopSignals) -> None:
+        self.stop = stop
         self.tty_out = sys.stdout.isatty()
         self.tty_in = sys.stdin.isatty()
         self._saved_mode: list | None = None
@@ -285,13 +293,10 @@ class Screen:
         sys.stdout.flush()
 
     def quit_pressed(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the next refresh; True if q was pressed meanwhile."""
-        if not self.tty_in:
-            time.sleep(timeout_s)
-            return False
+        """Wait up to ``timeout_s`` for the next refresh; True if q was pressed (or a stop signal came)."""
+        fds = [sys.stdin.fileno()] if self.tty_in else []
         deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([sys.stdin], [], [], left)
-            if readable and os.read(sys.stdin.fileno(), 1) in (b"q", b"Q", b""):  # b"": the terminal went away
+        while (left := deadline - time.monotonic()) > 0 and not self.stop.stopped:
+            if self.stop.wait(left, fds) and os.read(fds[0], 1) in (b"q", b"Q", b""):  # b"": the terminal went away
                 return True
-        return False
+        return self.stop.stopped

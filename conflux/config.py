@@ -7,6 +7,7 @@ receive the already-validated object across fork and never parse files themselve
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -232,11 +233,46 @@ class ControlConfig(_Section):
     listen: str = "127.0.0.1:9108"
     token: str = ""
     token_env: str = ""
+    # A listen address other hosts can reach needs a token, unless the operator vouches for the network.
+    allow_unauthenticated: bool = False
+    metrics_require_token: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # How far X-Conflux-Timestamp may be from the control process's clock, either way.
+    webhook_tolerance_s: float = 300.0
+    # Request line and headers must arrive within this (after connecting, or after the previous answer).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 256
+    # Webhook bodies being read at once, all connections together: caps the memory stalled uploads take.
+    webhook_buffer_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
         _require(bool(sep) and bool(host) and port.isascii() and port.isdigit() and int(port) < 65536,
                  f"listen must be HOST:PORT, got {self.listen!r}")
+        _require(self.allow_unauthenticated or bool(self.token or self.token_env) or _is_loopback(host),
+                 f"listen {self.listen!r} is reachable from other hosts and no token is set: set token or "
+                 "token_env, or allow_unauthenticated = true if every host on that network may sync and read status")
+        _require(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_cert_file and tls_key_file go together")
+        _require(1 <= self.webhook_tolerance_s <= 86_400, "webhook_tolerance_s must be between 1 and 86400")
+        _require(self.header_timeout_s > 0 and self.body_timeout_s > 0,
+                 "header_timeout_s and body_timeout_s must be > 0")
+        _require(not self.metrics_require_token or bool(self.token or self.token_env),
+                 "metrics_require_token needs token or token_env")
+        _require(1 <= self.max_connections <= 65_536, "max_connections must be between 1 and 65536")
+        _require(self.webhook_buffer_bytes >= 1 << 16, "webhook_buffer_bytes must be >= 65536")
+
+
+def _is_loopback(host: str) -> bool:
+    """Only an address literal or "localhost" is known to be loopback; any other name may resolve anywhere."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class DaemonConfig(_Section):
@@ -266,6 +302,7 @@ class Config(_Section):
         _require(not duplicates, f"sources: duplicate source names {duplicates}")
         _check_topics(self)
         _check_webhook_sizes(self)
+        _check_webhook_buffer(self)
 
     def source(self, name: str) -> SourceConfig:
         for source in self.sources:
@@ -275,6 +312,14 @@ class Config(_Section):
 
     def topic_of(self, source: SourceConfig) -> str:
         return source.topic or f"{self.log.topic_prefix}{source.name}"
+
+
+def _check_webhook_buffer(config: Config) -> None:
+    """Every source's largest webhook must fit the control process's buffer, or it could never be read."""
+    for index, source in enumerate(config.sources):
+        _require(source.webhook_max_bytes <= config.control.webhook_buffer_bytes,
+                 f"control.webhook_buffer_bytes ({config.control.webhook_buffer_bytes}) must be >= "
+                 f"sources[{index}] ({source.name}).webhook_max_bytes ({source.webhook_max_bytes})")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -494,6 +539,15 @@ def _check_secret_sources(config: Config, environ: dict[str, str]) -> None:
         _require_env(environ, config.control.token_env, "control.token_env")
     if config.log.backend == "kafka":
         _check_kafka_secrets(config.kafka, environ)
+    _check_control_files(config.control)
+
+
+def _check_control_files(control: ControlConfig) -> None:
+    """The TLS files must be readable now; whether they hold a matching pair is checked when the port is bound."""
+    for field in ("tls_cert_file", "tls_key_file"):
+        name = getattr(control, field)
+        if name and (problem := _secret_file_problem(name)):
+            raise ConfigError(f"control.{field}: {problem}")
 
 
 def _check_kafka_secrets(kafka: KafkaConfig, environ: dict[str, str]) -> None:
@@ -554,6 +608,9 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         daemon=msgspec.structs.replace(config.daemon, state_dir=state_dir),
         log=msgspec.structs.replace(config.log, path=log_path),
         sources=[_resolve_source_paths(source, base_dir) for source in config.sources],
+        control=msgspec.structs.replace(config.control, **{
+            name: _absolute(getattr(config.control, name), base_dir)
+            for name in ("tls_cert_file", "tls_key_file") if getattr(config.control, name)}),
     )
 
 

@@ -58,11 +58,16 @@ ack_timeouts = Counter("conflux_ack_timeouts_total",
                        "Log messages that waited longer than [sink] ack_timeout_s for the sink's acknowledgement",
                        ["topic"])
 webhook_requests = Counter("conflux_webhook_requests_total", "Webhook requests by outcome", ["source", "status"])
+control_status_requests = Counter("conflux_control_status_requests_total",
+                                  "Status snapshots the control process asked the supervisor for", ["endpoint"])
+control_refused = Counter("conflux_control_refused_total",
+                          "Control-port connections or requests cut off by a limit", ["reason"])
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 # The label values the workers use, so the supervisor can declare their counters at 0 up front.
 DEDUP_REASONS = ("message_id", "content_hash", "stale")
 STAGES = ("decode", "consume", "merge", "sink")
+CONTROL_REFUSALS = ("connection_limit", "header_timeout", "body_timeout", "buffer_full")
 
 
 def prepare_directory(path: str) -> None:
@@ -99,6 +104,10 @@ def declare(*, roles: Iterable[str], sources: Iterable[str], topics: Iterable[st
         dedup_skipped.labels(reason)
     for stage in STAGES:
         processing_duration.labels(stage)
+    for reason in CONTROL_REFUSALS:
+        control_refused.labels(reason)
+    for endpoint in ("ready", "status"):
+        control_status_requests.labels(endpoint)
 
 
 def mark_dead(pid: int) -> None:

@@ -61,6 +61,7 @@ from conflux.secrets import known_secrets
 from conflux.workers.base import WorkerSpec
 from conflux.workers.consumer import ConsumerWorker
 from conflux.workers.control import ControlWorker
+from conflux.workers.control_security import server_ssl_context
 from conflux.workers.fetcher import FetcherWorker
 from conflux.workers.merger import MergerWorker
 
@@ -108,6 +109,7 @@ class Supervisor:
         self.lags: dict[tuple[str, int], tuple[str, object]] = {}
         self.log_reachable = True
         self._last_ping = self._last_trim = 0.0
+        self._readiness_key: tuple | None = None
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -135,9 +137,11 @@ class Supervisor:
         metrics.prepare_directory(str(Path(self.config.daemon.state_dir) / "metrics"))
         remove_stale_ring_dirs()
         self.listener = bind_listener(self.config.control.listen)
-        logger.info("conflux supervisor %d: %s log, control on http://%s", os.getpid(), self.backend.name,
+        server_ssl_context(self.config.control)  # a bad certificate or key stops the boot, not the control process
+        scheme = "https" if self.config.control.tls_cert_file else "http"
+        logger.info("conflux supervisor %d: %s log, control on %s://%s", os.getpid(), self.backend.name, scheme,
                     _address(self.listener))
-        print(f"conflux listening on http://{_address(self.listener)}", flush=True)
+        print(f"conflux listening on {scheme}://{_address(self.listener)}", flush=True)
 
     def _queue_signal(self, signum: int, frame) -> None:
         self.signals.append(SIGNALS[signum])
@@ -261,6 +265,7 @@ class Supervisor:
     def handle_hup(self) -> None:
         try:
             config = load_config(self.config_path)
+            server_ssl_context(config.control)  # a bad new certificate would stop the new control process
         except ConfigError as exc:
             self._refuse_reload(str(exc))
             return
@@ -536,6 +541,18 @@ class Supervisor:
             else:
                 if removed:
                     logger.info("trimmed %d committed messages older than retention", removed)
+        self.announce_readiness()
+
+    def announce_readiness(self) -> None:
+        """When what /ready depends on changes, push a snapshot to the control process: it answers /ready
+        from that, so probes (however many) never wait on this loop and never miss a short outage."""
+        key = (self.log_reachable, self.draining, tuple(slot.state for slot in self.slots.values()))
+        if key == self._readiness_key:
+            return
+        self._readiness_key = key
+        control = next((slot for slot in self.slots.values() if slot.role == "control" and slot.alive), None)
+        if control is not None:
+            self._send(control, StatusSnapshot(body=msgspec.json.encode(build_status(self.facts()))))
 
     def teardown(self) -> None:
         for slot in self.slots.values():

@@ -47,8 +47,9 @@ for an unknown collection or key, 409 for a duplicate key or a change to a malfo
 the injected 429 (with Retry-After) and 500. Page faults apply to GET page requests of every style.
 
 Webhooks (--webhook-url U --webhook-secret S): every change (API or background) is POSTed to U,
-`{collection}` in U replaced by the collection name; the body is the record's JSON and
-`X-Conflux-Signature: sha256=<hex HMAC-SHA256 of the body with S>`. Deliveries are queued (bounded),
+`{collection}` in U replaced by the collection name; the body is the record's JSON,
+`X-Conflux-Timestamp: <unix seconds>` and `X-Conflux-Signature: sha256=<hex HMAC-SHA256 with S of
+"<timestamp>." + the body>`. Deliveries are queued (bounded),
 retried a few times and may arrive out of order; failures are counted in /stats. When changes
 queue up, up to --webhook-batch of one collection go in one POST whose body is a JSON list.
 
@@ -170,7 +171,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     changes.add_argument("--change-rate", type=number, default=0.0, metavar="PER_S",
                          help="random record updates per second in the background (default 0)")
     changes.add_argument("--webhook-url", help="POST every change here; {collection} is replaced")
-    changes.add_argument("--webhook-secret", help="HMAC-SHA256 key of X-Conflux-Signature")
+    changes.add_argument("--webhook-secret", help="HMAC-SHA256 key of X-Conflux-Signature (over timestamp and body)")
     changes.add_argument("--webhook-batch", type=int, default=100, metavar="N",
                          help="when changes queue up, send up to N of one collection in one POST as a JSON "
                               "list (default %(default)s; 1 sends every change alone)")

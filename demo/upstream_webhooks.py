@@ -6,6 +6,11 @@ failed deliveries (counted in ``/stats``), never API latency. Like real webhooks
 arrive out of order; receivers should compare ``updated_at``. When changes queue up faster than
 they are delivered, a sender coalesces up to ``max_batch`` changes of one collection into one POST
 whose body is a JSON list (a lone change is still a single object), as busy webhook providers do.
+
+Each attempt is signed afresh: ``X-Conflux-Timestamp`` is the current unix second and
+``X-Conflux-Signature`` is ``sha256=`` HMAC-SHA256 of ``f"{timestamp}."`` followed by the body, so a
+receiver can refuse stale and replayed deliveries. A 409 answer means the receiver already took this
+exact signed delivery (an earlier attempt's answer was lost): it counts as delivered.
 """
 
 from __future__ import annotations
@@ -14,16 +19,24 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import time
 from collections import Counter
 
 import aiohttp
 
 SIGNATURE_HEADER = "X-Conflux-Signature"
+TIMESTAMP_HEADER = "X-Conflux-Timestamp"
 
 
-def signature(secret: bytes, body: bytes) -> str:
-    """The signature header value: ``sha256=<hex HMAC-SHA256 of the exact body>``."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+def signature(secret: bytes, body: bytes, timestamp: str) -> str:
+    """The signature header value: ``sha256=<hex HMAC-SHA256 of "<timestamp>." + the exact body>``."""
+    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def signed_headers(secret: bytes, body: bytes, collection: str) -> dict[str, str]:
+    timestamp = str(int(time.time()))
+    return {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: signature(secret, body, timestamp), "X-Conflux-Collection": collection}
 
 
 class WebhookSender:
@@ -98,15 +111,14 @@ class WebhookSender:
     async def _deliver(self, collection: str, body: bytes, changes: int = 1) -> None:
         assert self._session is not None
         url = self._url_template.replace("{collection}", collection)
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(self._secret, body),
-                   "X-Conflux-Collection": collection}
         for attempt in range(self._attempts):
             if attempt:
                 self.counts["retried"] += 1
                 await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
             try:
+                headers = signed_headers(self._secret, body, collection)
                 async with self._session.post(url, data=body, headers=headers) as response:
-                    if response.status < 300:
+                    if response.status < 300 or response.status == 409:
                         self.counts["delivered"] += changes
                         return
             except (aiohttp.ClientError, TimeoutError):

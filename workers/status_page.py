@@ -5,6 +5,11 @@ works behind a path prefix) every two seconds and draws tables and an inline-SVG
 Every value goes in with ``textContent``, never as markup: source names and sync errors come from
 config and upstream answers.
 
+The HTML itself is served without the token (it holds no data). When ``status`` answers 401, the page
+asks for the control token once and keeps it in ``sessionStorage`` (this tab only, gone when it
+closes), sending it as ``Authorization: Bearer``. A link may carry it as ``#token=...``: the fragment
+never leaves the browser, and the page removes it from the address bar at once.
+
 ``Throughput`` lives in the control process, which feeds it the fetched and delivered totals of all
 processes every ``interval_s``; /status carries its view, so the chart has the last minutes as soon as
 the page opens, and `conflux top` shows the same rates.
@@ -73,6 +78,8 @@ STATUS_PAGE_HTML = r"""<!doctype html>
   .half_open, .starting, .backoff, .stopping { color: var(--warn); }
   .failed, .open, .fatal, .not-ready { color: var(--bad); font-weight: 600; }
   #error { background: #fde8e8; color: var(--bad); padding: .5rem .8rem; margin-top: .8rem; }
+  #login { margin-top: .8rem; display: flex; gap: .6rem; align-items: center; }
+  #login[hidden] { display: none; }
   svg { width: 100%; height: 180px; border: 1px solid var(--line); }
   .legend span { margin-right: 1rem; }
   .swatch { display: inline-block; width: .8rem; height: .2rem; vertical-align: middle; }
@@ -87,6 +94,11 @@ STATUS_PAGE_HTML = r"""<!doctype html>
   <span>consumer lag: <b id="total-lag">&ndash;</b></span>
 </header>
 <div id="error" hidden></div>
+<form id="login" hidden>
+  <label>Control token <input id="token" type="password" autocomplete="current-password" required></label>
+  <button type="submit">Show status</button>
+  <span class="muted">kept in this tab only</span>
+</form>
 
 <h2>Records/s <span class="muted">over the last <span id="window">5</span> min</span></h2>
 <svg id="chart" viewBox="0 0 600 180" preserveAspectRatio="none" role="img" aria-label="records per second">
@@ -123,7 +135,9 @@ STATUS_PAGE_HTML = r"""<!doctype html>
 const REFRESH_MS = 2000;
 const NA = "\u2013";  // shown for a value not known yet
 const CIRCUIT = ["closed", "half_open", "open"];
+const TOKEN_KEY = "conflux-control-token";
 let refreshes = 0;
+let timer = null;
 
 function $(id) { return document.getElementById(id); }
 function fmt(n) { return n === null || n === undefined ? NA : Number(n).toLocaleString("en-US"); }
@@ -252,20 +266,53 @@ function showError(text) {
   $("error").hidden = !text;
 }
 
+function takeTokenFromLink() {
+  const match = /^#token=(.+)$/.exec(location.hash);
+  if (!match) return;
+  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+  history.replaceState(null, "", location.pathname + location.search);  // out of the address bar and history
+}
+
+function askForToken(wasWrong) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  showError(wasWrong ? "The daemon refused that token." : "The daemon needs its control token to show its status.");
+  $("login").hidden = false;
+  $("token").focus();
+}
+
 async function refresh() {
+  clearTimeout(timer);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = {"Accept": "application/json"};
+  if (token) headers["Authorization"] = "Bearer " + token;
+  let again = true;
   try {
-    const response = await fetch("status", {cache: "no-store", headers: {"Accept": "application/json"}});
+    const response = await fetch("status", {cache: "no-store", headers});
+    if (response.status === 401) {
+      again = false;  // polling resumes once a token is given
+      askForToken(Boolean(token));
+      return;
+    }
     if (!response.ok) throw new Error("status answered " + response.status);
     render(await response.json());
     showError("");
+    $("login").hidden = true;
   } catch (err) {
     showError("Cannot read the daemon's status (" + err.message + "); retrying.");
   } finally {
     refreshes += 1;
     $("refreshes").textContent = refreshes;
-    setTimeout(refresh, REFRESH_MS);
+    if (again) timer = setTimeout(refresh, REFRESH_MS);
   }
 }
+
+$("login").addEventListener("submit", event => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value);
+  $("token").value = "";
+  refresh();
+});
+takeTokenFromLink();
 refresh();
 </script>
 </body></html>

@@ -1,6 +1,6 @@
 """The control API of a real daemon: /health, /ready, /status, POST /sync/{source}, POST /webhook/{source}
-and the bearer token. Polling is set to an hour, so every sync and record seen here was caused by the
-request under test."""
+(signed with a timestamp, never replayed) and the bearer token. Polling is set to an hour, so every sync
+and record seen here was caused by the request under test."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import hashlib
 import hmac
 import os
 import signal
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import msgspec
@@ -23,8 +25,19 @@ COUNTS = {"customers": 300, "products": 200}
 QUIET = {"poll_interval_s": 3600}
 
 
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def stamp_now() -> str:
+    """updated_at for a webhook record: newer than the upstream's copy, and not beyond the source's
+    max_clock_skew_s (a record from the future is a dead letter)."""
+    return datetime.now(UTC).isoformat()
+
+
+def sign(secret: str, body: bytes, timestamp: str) -> str:
+    """The documented scheme, written out independently of the daemon's code."""
+    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def now_s() -> str:
+    return str(int(time.time()))
 
 
 def start(upstream_factory, analytics, daemon_factory, **sections):
@@ -38,10 +51,16 @@ def start(upstream_factory, analytics, daemon_factory, **sections):
     return upstream, daemon
 
 
-def post_webhook(url: str, name: str, body: bytes, *, signature: str | None = "", **kwargs) -> requests.Response:
+def post_webhook(url: str, name: str, body: bytes, *, signature: str | None = "", timestamp: str | None = "",
+                 **kwargs) -> requests.Response:
+    """Signed as a sender would (now, the source's secret) unless ``signature``/``timestamp`` say otherwise;
+    None leaves that header out."""
     headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    timestamp = now_s() if timestamp == "" else timestamp
+    if timestamp is not None:
+        headers["X-Conflux-Timestamp"] = timestamp
     if signature is not None:
-        headers["X-Conflux-Signature"] = signature or sign(SECRETS[name], body)
+        headers["X-Conflux-Signature"] = signature or sign(SECRETS[name], body, timestamp or "")
     return requests.post(f"{url}/webhook/{name}", data=body, headers=headers, timeout=30, **kwargs)
 
 
@@ -138,24 +157,37 @@ def test_signed_webhooks_reach_the_sink(upstream_factory, analytics, daemon_fact
     assert daemon.stop() == 0, daemon.log()[-3000:]
 
 
-def test_webhooks_unsigned_wrongly_signed_or_too_large_are_refused(upstream_factory, analytics, daemon_factory):
+def test_webhooks_unsigned_wrongly_signed_stale_or_too_large_are_refused(upstream_factory, analytics,
+                                                                         daemon_factory):
     _, daemon = start(upstream_factory, analytics, daemon_factory)
     body = msgspec.json.encode({"id": 1, "updated_at": "2030-01-01T00:00:00Z", "name": "forged"})
+    secret, now = SECRETS["customers"], int(time.time())
+    body_only = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()  # the scheme before timestamps
+
+    def post(signature: str | None = "", timestamp: str | None = "") -> int:
+        return post_webhook(daemon.url, "customers", body, signature=signature, timestamp=timestamp).status_code
+
     refused = {
-        "unsigned": post_webhook(daemon.url, "customers", body, signature=None),
-        "other source's secret": post_webhook(daemon.url, "customers", body, signature=sign(SECRETS["products"], body)),
-        "another body's signature": post_webhook(daemon.url, "customers", body, signature=sign(SECRETS["customers"],
-                                                                                              body + b" ")),
-        "not hex": post_webhook(daemon.url, "customers", body, signature="sha256=zz"),
-        "no scheme": post_webhook(daemon.url, "customers", body,
-                                  signature=hmac.new(SECRETS["customers"].encode(), body, "sha256").hexdigest()),
+        "unsigned": post(signature=None),
+        "no timestamp": post(timestamp=None, signature=sign(secret, body, "")),
+        "body-only signature": post(signature=body_only),
+        "other source's secret": post(signature=sign(SECRETS["products"], body, str(now))),
+        "another body's signature": post(signature=sign(secret, body + b" ", str(now))),
+        "another timestamp's signature": post(timestamp=str(now), signature=sign(secret, body, str(now - 1))),
+        # Well beyond the 300 s tolerance, so a slow machine's seconds between here and the check do not matter.
+        "stale": post(timestamp=str(now - 900), signature=sign(secret, body, str(now - 900))),
+        "from the future": post(timestamp=str(now + 900), signature=sign(secret, body, str(now + 900))),
+        "timestamp not a number": post(timestamp="soon", signature=sign(secret, body, "soon")),
+        "not hex": post(signature="sha256=zz"),
+        "no scheme": post(signature=sign(secret, body, str(now))[len("sha256="):]),
     }
-    assert {name: r.status_code for name, r in refused.items()} == dict.fromkeys(refused, 401)
+    assert refused == dict.fromkeys(refused, 401)
 
     big = b'{"id": 2, "pad": "' + b"x" * 4096 + b'"}'  # customers allows 4096 bytes
     assert post_webhook(daemon.url, "customers", big).status_code == 413
+    stamp = now_s()
     streamed = requests.post(f"{daemon.url}/webhook/customers", data=iter([big[:2048], big[2048:]]), timeout=30,
-                             headers={"X-Conflux-Signature": sign(SECRETS["customers"], big)})
+                             headers={"X-Conflux-Signature": sign(secret, big, stamp), "X-Conflux-Timestamp": stamp})
     assert streamed.status_code == 413  # chunked: no Content-Length to check up front
     huge = b'{"sku": "x", "pad": "' + b"y" * (1 << 20) + b'"}'  # products has the default of 1 MiB
     assert post_webhook(daemon.url, "products", huge).status_code == 413
@@ -165,12 +197,51 @@ def test_webhooks_unsigned_wrongly_signed_or_too_large_are_refused(upstream_fact
     assert daemon.stop() == 0, daemon.log()[-3000:]
 
 
+def test_a_replayed_webhook_is_refused_and_a_fresh_signature_is_not(upstream_factory, analytics, daemon_factory):
+    _, daemon = start(upstream_factory, analytics, daemon_factory)
+    body = msgspec.json.encode({"id": 4, "name": "pushed once", "updated_at": stamp_now()})
+    stamp = now_s()
+    signature = sign(SECRETS["customers"], body, stamp)
+    first = post_webhook(daemon.url, "customers", body, signature=signature, timestamp=stamp)
+    assert first.status_code == 202, first.text
+    replays = [post_webhook(daemon.url, "customers", body, signature=signature, timestamp=stamp) for _ in range(3)]
+    assert [r.status_code for r in replays] == [409, 409, 409] and "replay" in replays[0].json()["error"]
+    # The same records signed again at another second are a new request, and taken.
+    later = str(int(stamp) + 1)
+    assert post_webhook(daemon.url, "customers", body, timestamp=later).status_code == 202
+    assert fetched_total(daemon.url, "customers") == COUNTS["customers"] + 2  # two accepted, three refused
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def test_the_demo_upstreams_signed_webhooks_pass_a_token_guarded_daemon(upstream_factory, analytics, daemon_factory):
+    """As deployed on Kubernetes: a control token is set, and the sender knows only the webhook secret."""
+    port, secret = free_port(), "whsec-shared-3"
+    upstream = upstream_factory(**COUNTS, webhook_secret=secret,
+                                webhook_url=f"http://127.0.0.1:{port}/webhook/{{collection}}")
+    daemon = daemon_factory(sources=[source(name, upstream.url, webhook_secret=secret, **QUIET) for name in COUNTS],
+                            sink_url=analytics.url, control={"listen": f"127.0.0.1:{port}", "token": "ctl-k8s-1"})
+    wait_converged(upstream.url, analytics.url, COLLECTIONS, timeout_s=60)
+    for key in range(1, 21):
+        assert requests.put(f"{upstream.url}/api/customers/{key}", json={"name": f"pushed {key}"},
+                            timeout=10).status_code == 200
+    # Polling is an hour away: only the webhooks can have carried the twenty changes to the sink.
+    wait_converged(upstream.url, analytics.url, COLLECTIONS, timeout_s=30)
+    webhooks = requests.get(f"{upstream.url}/stats", timeout=10).json()["webhooks"]
+    assert webhooks["delivered"] >= 20 and webhooks["failed"] == 0, webhooks
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_webhook_202_means_durable_in_the_log(upstream_factory, analytics, daemon_factory):
     """Answered 202 while the sink is down, then the whole daemon is killed: the record still arrives."""
     _, daemon = start(upstream_factory, analytics, daemon_factory)
     assert requests.post(f"{analytics.url}/admin/outage", json={"seconds": 600}, timeout=10).status_code == 200
-    # Newer than the upstream's copy, and not beyond the source's max_clock_skew_s (that is a dead letter).
-    body = msgspec.json.encode({"id": 900001, "name": "only in a webhook", "updated_at": datetime.now(UTC).isoformat()})
+    body = msgspec.json.encode({"id": 900001, "name": "only in a webhook", "updated_at": stamp_now()})
     assert post_webhook(daemon.url, "customers", body).status_code == 202
 
     os.killpg(daemon.pid, signal.SIGKILL)  # the supervisor and every worker, no chance to flush anything
@@ -185,23 +256,52 @@ def test_webhook_202_means_durable_in_the_log(upstream_factory, analytics, daemo
         restarted.stop()
 
 
-def test_the_token_guards_everything_but_health_ready_and_metrics(upstream_factory, analytics, daemon_factory):
+def test_the_token_guards_status_sync_and_metrics_and_webhooks_need_only_their_signature(
+        upstream_factory, analytics, daemon_factory):
     token = "ctl-token-5f2a9c"
-    _, daemon = start(upstream_factory, analytics, daemon_factory, control={"token": token})
-    body = msgspec.json.encode({"id": 3, "name": "via webhook", "updated_at": datetime.now(UTC).isoformat()})
+    _, daemon = start(upstream_factory, analytics, daemon_factory,
+                      control={"token": token, "metrics_require_token": True})
 
     def call(method: str, path: str, auth: str | None) -> int:
         headers = {"Authorization": auth} if auth else {}
+        body = msgspec.json.encode({"id": 3, "name": f"via webhook {time.monotonic()}",
+                                    "updated_at": stamp_now()})
         if path.startswith("/webhook/"):
-            headers["X-Conflux-Signature"] = sign(SECRETS["customers"], body)
+            stamp = now_s()
+            headers |= {"X-Conflux-Signature": sign(SECRETS["customers"], body, stamp), "X-Conflux-Timestamp": stamp}
         return requests.request(method, f"{daemon.url}{path}", headers=headers, data=body if method == "POST" else None,
                                 timeout=10).status_code
 
-    open_paths = [("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")]
-    guarded = [("GET", "/"), ("GET", "/status"), ("POST", "/sync/customers"), ("POST", "/webhook/customers")]
+    open_paths = [("GET", "/"), ("GET", "/health"), ("GET", "/ready"), ("POST", "/webhook/customers")]
+    guarded = [("GET", "/status"), ("POST", "/sync/customers"), ("GET", "/metrics"), ("GET", "/nowhere"),
+               ("GET", "/webhook/customers")]
     for auth in (None, f"Bearer {token}x", token, "Bearer "):
-        assert {p: call(m, p, auth) for m, p in open_paths} == {p: 200 for _, p in open_paths}
-        assert {p: call(m, p, auth) for m, p in guarded} == {p: 401 for _, p in guarded}, auth
-    assert {p: call(m, p, f"Bearer {token}") for m, p in guarded} == {
-        "/": 200, "/status": 200, "/sync/customers": 202, "/webhook/customers": 202}
+        assert {p: call(m, p, auth) for m, p in open_paths} == {"/": 200, "/health": 200, "/ready": 200,
+                                                                 "/webhook/customers": 202}, auth
+        assert {f"{m} {p}": call(m, p, auth) for m, p in guarded} == {f"{m} {p}": 401 for m, p in guarded}, auth
+    assert {f"{m} {p}": call(m, p, f"Bearer {token}") for m, p in guarded} == {
+        "GET /status": 200, "POST /sync/customers": 202, "GET /metrics": 200, "GET /nowhere": 404,
+        "GET /webhook/customers": 405}
     assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def test_a_ready_flood_costs_the_supervisor_a_bounded_number_of_snapshots(upstream_factory, analytics,
+                                                                         daemon_factory):
+    _, daemon = start(upstream_factory, analytics, daemon_factory)
+    before = status_requests(daemon.url)
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: requests.get(f"{daemon.url}/ready", timeout=10).status_code, range(1500)))
+    elapsed_s = time.monotonic() - started
+    assert answers == [200] * 1500
+    asked = status_requests(daemon.url) - before
+    # One snapshot a second at most (READY_MAX_AGE_S), plus one per boundary the flood straddles.
+    assert 1 <= asked <= elapsed_s / 1.0 + 2, (asked, elapsed_s)
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def status_requests(url: str) -> float:
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith('conflux_control_status_requests_total{endpoint="ready"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

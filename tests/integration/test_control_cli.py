@@ -99,14 +99,24 @@ def test_top_prints_the_requested_number_of_frames(daemon):
     assert once.returncode == 0 and once.stdout.count("conflux top · ") == 1
 
 
+def inherit(disposition: str) -> None:
+    """Give this (child) process SIGINT the way a shell may hand it on: "ignored" as background jobs and
+    some CI runners get it, or "blocked"; the tests then pass whatever the runner's own disposition is."""
+    if disposition == "ignored":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    elif disposition == "blocked":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
 class Terminal:
     """`conflux top` on a pseudo-terminal of its own (controlling tty, so Ctrl-C is a real SIGINT)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, sigint: str = "ignored") -> None:
         argv = conflux_argv("top", *args)
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: become conflux top
             os.chdir(REPO)
+            inherit(sigint)
             os.execv(argv[0], argv)
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
         self.output = b""
@@ -136,9 +146,10 @@ class Terminal:
         os.close(self.fd)
 
 
-@pytest.mark.parametrize("key", [b"q", b"\x03"], ids=["q", "ctrl-c"])
-def test_top_in_a_terminal_redraws_until_q_or_ctrl_c(daemon, key):
-    terminal = Terminal("-c", str(daemon.config_path), "--interval", "0.3")
+@pytest.mark.parametrize(("key", "sigint"), [(b"q", "ignored"), (b"\x03", "ignored"), (b"\x03", "blocked")],
+                         ids=["q", "ctrl-c-while-ignored", "ctrl-c-while-blocked"])
+def test_top_in_a_terminal_redraws_until_q_or_ctrl_c(daemon, key, sigint):
+    terminal = Terminal("-c", str(daemon.config_path), "--interval", "0.3", sigint=sigint)
     try:
         terminal.read_until(b"\x1b[?1049h")  # the alternate screen
         terminal.read_until(b"PARTITIONS", count=2)  # a second frame: it refreshes on its own
@@ -147,3 +158,31 @@ def test_top_in_a_terminal_redraws_until_q_or_ctrl_c(daemon, key):
         assert terminal.output.rstrip().endswith(b"\x1b[?1049l")  # the screen is given back
     finally:
         terminal.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
+def test_top_as_a_background_job_stops_on_int_and_term(daemon, sig):
+    """No terminal and SIGINT ignored, as `conflux top -c F > log &` in a script would have it."""
+    top = subprocess.Popen(conflux_argv("top", "-c", str(daemon.config_path), "--interval", "30"), cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: inherit("ignored"))
+    try:
+        assert top.stdout.readline().startswith("conflux top · ")  # the first frame; the next is 30 s away
+        top.send_signal(sig)
+        assert top.wait(timeout=20) == 0, top.stderr.read()
+        assert "PARTITIONS" in top.stdout.read()  # the frame was written out whole
+    finally:
+        if top.poll() is None:
+            top.kill()
+
+
+def test_config_check_and_run_refuse_a_reachable_listen_without_a_token(tmp_path):
+    config = tmp_path / "conflux.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[control]\nlisten = "0.0.0.0:{free_port()}"\n')
+    for command in (("config", "check"), ("run",)):
+        result = conflux(*command, "-c", str(config))
+        assert result.returncode == 3, (command, result.stderr)
+        assert "control: listen '0.0.0.0:" in result.stderr and "no token" in result.stderr, result.stderr
+    assert conflux("config", "check", "-c", str(config), env={"CONFLUX_CONTROL_TOKEN": "t"}).returncode == 0
+    waived = conflux("config", "check", "-c", str(config), env={"CONFLUX_CONTROL_ALLOW_UNAUTHENTICATED": "true"})
+    assert waived.returncode == 0, waived.stderr

@@ -10,6 +10,7 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 import requests
 
 from tests.fixtures.daemon import source, wait_converged
@@ -78,7 +79,20 @@ def test_metrics_command_records_failed_scrapes_and_exits_1(tmp_path):
     assert document["series"] == []
 
 
-def test_metrics_command_writes_what_it_has_on_ctrl_c(tmp_path):
+def inherit(disposition: str):
+    """A preexec_fn giving the child SIGINT as a shell may: "ignored" (a background job), "blocked"."""
+    def prepare() -> None:
+        if disposition == "ignored":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        elif disposition == "blocked":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    return prepare
+
+
+@pytest.mark.parametrize(("sig", "disposition"), [(signal.SIGINT, "ignored"), (signal.SIGINT, "blocked"),
+                                                  (signal.SIGTERM, "ignored")],
+                         ids=["int-while-ignored", "int-while-blocked", "term"])
+def test_metrics_command_writes_what_it_has_on_ctrl_c(tmp_path, sig, disposition):
     class Exposition(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             body = b"# TYPE demo_total counter\ndemo_total 7\n"
@@ -96,11 +110,12 @@ def test_metrics_command_writes_what_it_has_on_ctrl_c(tmp_path):
     export = tmp_path / "metrics.json"
     collector = subprocess.Popen(conflux_argv("metrics", "--url", f"http://127.0.0.1:{server.server_address[1]}",
                                               "--duration", "300", "--interval", "10", "--export", str(export)),
-                                 cwd=REPO, stderr=subprocess.PIPE, text=True)
+                                 cwd=REPO, stderr=subprocess.PIPE, text=True, preexec_fn=inherit(disposition))
     try:
         assert "scrape 1 of 31" in collector.stderr.readline()
-        os.kill(collector.pid, signal.SIGINT)
+        os.kill(collector.pid, sig)
         assert collector.wait(timeout=30) == 0
+        assert "interrupted; writing what was collected" in collector.stderr.read()
     finally:
         if collector.poll() is None:
             collector.kill()

@@ -8,6 +8,7 @@ import hmac
 import json
 import subprocess
 import sys
+import time
 
 import msgspec
 import requests
@@ -57,9 +58,11 @@ def test_an_older_version_arriving_late_does_not_overwrite_a_newer_one(upstream_
     wait_converged(upstream.url, analytics.url, BOTH, timeout_s=30)
     stale = {**newer, "tier": "stale-copy", "updated_at": "2026-01-01T00:00:00Z"}
     body = msgspec.json.encode(stale)
-    signature = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    timestamp = str(int(time.time()))
+    signature = "sha256=" + hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     response = requests.post(f"{daemon.url}/webhook/customers", data=body, timeout=10,
-                             headers={"X-Conflux-Signature": signature, "Content-Type": "application/json"})
+                             headers={"X-Conflux-Signature": signature, "X-Conflux-Timestamp": timestamp,
+                                      "Content-Type": "application/json"})
     assert response.status_code == 202, response.text
     # The stale copy went through the log (202 means durable); wait until the consumer has committed
     # past it, then the sink must still hold the newer version.

@@ -3,7 +3,8 @@
 Chromium runs the page's script with a virtual-time budget and dumps the resulting DOM; the test reads
 the tables, the chart and the refresh counter from it, before and after a sync it triggers. The first
 render goes through a reverse proxy that serves the daemon under /conflux/, which only works if the
-page uses relative URLs. Without Chromium this test fails with a message saying how to install it.
+page uses relative URLs. With a control token set, the page asks for it, or takes it from the link's
+#token= fragment. Without Chromium these tests fail with a message saying how to install it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -40,6 +42,7 @@ class Page(HTMLParser):
         self.rows: dict[str, dict[str, dict[str, str]]] = {key[5:]: {} for key in self.ROW_KEYS}
         self.texts: dict[str, str] = {}
         self.chart: dict[str, list[tuple[float, float]]] = {}
+        self.hidden: set[str] = set()  # ids of elements with the hidden attribute
         self._row: dict[str, str] | None = None
         self._field: str | None = None
         self._ids: list[tuple[str, str]] = []  # (tag, id) of open elements with an id
@@ -59,6 +62,8 @@ class Page(HTMLParser):
         if "id" in attributes:
             self._ids.append((tag, attributes["id"]))
             self.texts[attributes["id"]] = ""
+            if "hidden" in attributes:
+                self.hidden.add(attributes["id"])
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "td":
@@ -164,6 +169,34 @@ def test_status_page_renders_in_chromium_and_follows_a_sync(upstream_factory, an
     assert after.rows["source"]["customers"]["last_sync_at"] != "never"
     assert len(after.chart["fetched"]) > len(before.chart["fetched"])  # the chart moved on
     assert float(after.texts["chart-max"].replace(",", "")) > 0
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+@pytest.mark.browser
+def test_with_a_token_the_page_asks_for_it_or_takes_it_from_the_link(upstream_factory, analytics, daemon_factory,
+                                                                     tmp_path):
+    chromium()
+    token = "page-token-4e1f/+="  # characters a link must carry encoded
+    upstream = upstream_factory(**COUNTS)
+    daemon = daemon_factory(sources=[source(name, upstream.url, poll_interval_s=3600) for name in COUNTS],
+                            sink_url=analytics.url, control={"token": token})
+    wait_converged(upstream.url, analytics.url, {name: name for name in COUNTS}, timeout_s=60)
+    status = requests.get(f"{daemon.url}/status", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+
+    asked = render(daemon.url + "/", tmp_path / "asked")
+    assert "login" not in asked.hidden and "needs its control token" in asked.texts["error"]
+    assert asked.rows["source"] == {} and asked.rows["worker"] == {}  # nothing shown without the token
+    assert asked.texts["refreshes"] == "1"  # it stopped polling until a token is given
+
+    wrong = render(daemon.url + "/#token=not-it", tmp_path / "wrong")
+    assert "login" not in wrong.hidden and "refused that token" in wrong.texts["error"]
+
+    shown = render(daemon.url + "/#token=" + quote(token, safe=""), tmp_path / "shown")
+    assert shown.texts["error"] == "" and "login" in shown.hidden
+    assert shown.texts["ready"] == "ready" and int(shown.texts["refreshes"]) >= 2
+    assert {name: row["records_synced"] for name, row in shown.rows["source"].items()} == {
+        name: f"{count:,}" for name, count in COUNTS.items()}
+    assert set(shown.rows["worker"]) == {w["name"] for w in status["workers"]}
     assert daemon.stop() == 0, daemon.log()[-3000:]
 
 

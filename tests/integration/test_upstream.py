@@ -509,8 +509,15 @@ def receiver() -> Iterator[Receiver]:
     server.close()
 
 
-def _signed(secret: bytes, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+def _signed(secret: bytes, body: bytes, timestamp: str) -> str:
+    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def _fresh(headers) -> str:
+    """The delivery's X-Conflux-Timestamp, checked to be the current unix second (give or take)."""
+    timestamp = headers["X-Conflux-Timestamp"]
+    assert abs(int(timestamp) - time.time()) < 30, timestamp
+    return timestamp
 
 
 def test_webhooks_are_delivered_signed(upstream_factory, receiver):
@@ -523,11 +530,11 @@ def test_webhooks_are_delivered_signed(upstream_factory, receiver):
     assert by_path["/hooks/customers"][1] == updated.content
     assert by_path["/hooks/products"][1] == created.content
     for headers, body in by_path.values():
-        assert headers["X-Conflux-Signature"] == _signed(b"s3cret", body)
+        assert headers["X-Conflux-Signature"] == _signed(b"s3cret", body, _fresh(headers))
         assert headers["Content-Type"] == "application/json"
     requests.post(f"{service.url}/admin/change-rate", json={"change_rate_per_s": 200}, timeout=10)
     wait_until(lambda: len(receiver.received) >= 50, timeout_s=15, message="background webhooks")
-    assert all(headers["X-Conflux-Signature"] == _signed(b"s3cret", body)
+    assert all(headers["X-Conflux-Signature"] == _signed(b"s3cret", body, _fresh(headers))
                for _path, headers, body in list(receiver.received))
     stats = requests.get(f"{service.url}/stats", timeout=10).json()["webhooks"]
     assert stats["delivered"] >= 50 and stats["failed"] == 0

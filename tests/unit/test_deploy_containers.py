@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conflux.config import ControlConfig, DaemonConfig, load_config
+from conflux.errors import ConfigError
 from tests.support import REPO
 
 DEPLOY = REPO / "deploy"
@@ -135,13 +136,18 @@ def test_the_healthcheck_asks_health_on_the_control_port(final):
     assert re.search(r"--timeout=\d+s", healthcheck.args) and re.search(r"--interval=\d+s", healthcheck.args)
 
 
-def test_the_container_listens_on_all_interfaces_only_through_its_environment(final):
+def test_the_container_listens_on_all_interfaces_only_through_its_environment_and_only_with_a_token(final):
     assert ControlConfig().listen.startswith("127.0.0.1:"), "the daemon's own default must stay loopback"
     env = image_env(final)
     assert env["CONFLUX_CONTROL_LISTEN"] == f"0.0.0.0:{CONTROL_PORT}"
     assert str(CONTROL_PORT) in first(final, "EXPOSE").args.split()
-    config = load_config(None, environ=env)
+    assert not any(name.startswith("CONFLUX_CONTROL_TOKEN") or name == "CONFLUX_CONTROL_ALLOW_UNAUTHENTICATED"
+                   for name in env), "the image must not bring its own token or waive it"
+    with pytest.raises(ConfigError, match=r"^control: listen '0\.0\.0\.0:\d+' is reachable from other hosts"):
+        load_config(None, environ=env)  # the image alone: `conflux run` exits 3 rather than serve everyone
+    config = load_config(None, environ={**env, "CONFLUX_CONTROL_TOKEN": "t0k"})  # as the run example passes it
     assert config.control.listen == f"0.0.0.0:{CONTROL_PORT}"
+    assert "CONFLUX_CONTROL_TOKEN" in DOCKERFILE.read_text()  # and the example says so
     assert Path(config.log.path).parent == Path(config.daemon.state_dir) == Path(first(final, "WORKDIR").args)
     assert json.loads(first(final, "VOLUME").args) == [config.daemon.state_dir]
 
@@ -177,11 +183,18 @@ def test_the_image_copies_every_package_setup_cfg_installs(stages):
 
 # -- docker-compose.yml ---------------------------------------------------------------------------
 
-VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?-)([^}]*))?\}|\$(\w+)")
+VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
+# What deploy/.env must set for the stack to start (Compose refuses ${VAR:?...} when it is empty).
+REQUIRED = {"CONTROL_TOKEN": "ctl-token-from-dot-env"}
+
+
+class ComposeRefused(Exception):
+    """Compose would stop here: a ${VAR:?message} whose variable is unset or empty."""
 
 
 def interpolate(value, env: dict[str, str]):
-    """Compose's interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR and $$ for a literal $."""
+    """Compose's interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR
+    and $$ for a literal $."""
     if isinstance(value, dict):
         return {key: interpolate(item, env) for key, item in value.items()}
     if isinstance(value, list):
@@ -197,13 +210,16 @@ def interpolate(value, env: dict[str, str]):
             return env.get(name) or match.group(3)
         if match.group(2) == "-":
             return env.get(name, match.group(3))
+        if match.group(2) in (":?", "?") and (name not in env or (match.group(2) == ":?" and not env[name])):
+            raise ComposeRefused(f"{name}: {match.group(3)}")
         return env.get(name, "")
 
     return VARIABLE.sub(substitute, value)
 
 
 def compose(env: dict[str, str] | None = None) -> dict:
-    return interpolate(yaml.safe_load(COMPOSE.read_text()), env or {})
+    """The compose file as Compose reads it with ``env`` (deploy/.env) on top of the required values."""
+    return interpolate(yaml.safe_load(COMPOSE.read_text()), {**REQUIRED, **(env or {})})
 
 
 def environment_of(service: dict) -> dict[str, str]:
@@ -287,6 +303,21 @@ def test_the_upstream_signs_webhooks_with_the_secret_conflux_checks(final):
     config = replica_config(services, final)
     for source in config.sources:
         assert env[source.webhook_secret_env] == flag(command, "--webhook-secret")
+
+
+def test_the_stack_needs_a_control_token_that_reaches_every_replica(final):
+    example = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert "CONTROL_TOKEN" in example and not example["CONTROL_TOKEN"], "the example must not ship a usable token"
+    raw = yaml.safe_load(COMPOSE.read_text())
+    for env in ({}, example):  # no deploy/.env, or the example copied unedited: Compose stops
+        with pytest.raises(ComposeRefused, match="CONTROL_TOKEN"):
+            interpolate(raw, env)
+    config = replica_config(compose({"CONTROL_TOKEN": "s3cr3t"})["services"], final)
+    assert config.control.listen.startswith("0.0.0.0:") and config.control.token_env == "CONTROL_TOKEN"
+    assert environment_of(compose({"CONTROL_TOKEN": "s3cr3t"})["services"]["conflux"])["CONTROL_TOKEN"] == "s3cr3t"
+    # Prometheus scrapes /metrics and the upstream posts signed webhooks: neither needs the token.
+    assert not config.control.metrics_require_token
 
 
 def test_conflux_stops_gracefully_and_starts_after_its_dependencies():

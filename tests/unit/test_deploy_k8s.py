@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conflux.config import load_config
+from conflux.errors import ConfigError
 from tests.support import REPO
 from tests.unit.test_deploy_containers import dockerfile_stages, env_of, first, image_env
 
@@ -179,3 +180,21 @@ def test_every_secret_the_config_names_comes_from_the_secret(k8s, container):
     assert k8s["Deployment"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
     used_keys = {item["valueFrom"]["secretKeyRef"]["key"] for item in container["env"] if "valueFrom" in item}
     assert used_keys == set(k8s["Secret"]["stringData"])
+
+
+def test_pods_listen_on_all_interfaces_only_with_the_token_from_the_secret(k8s, container, final_stage):
+    config = pod_config(k8s, container, final_stage)
+    assert config.control.listen.startswith("0.0.0.0:") and not config.control.allow_unauthenticated
+    token_ref = next(item for item in container["env"] if item["name"] == config.control.token_env)
+    assert token_ref["valueFrom"]["secretKeyRef"]["name"] == k8s["Secret"]["metadata"]["name"]
+    # Without the token the pod would not start: the daemon refuses a reachable listen.
+    text = k8s["ConfigMap"]["data"]["conflux.toml"]
+    environ = {**image_env(final_stage), **pod_env(container, k8s["Secret"])}
+    with pytest.raises(ConfigError, match=r"^control: listen '0\.0\.0\.0:\d+' is reachable"):
+        load_config_text(text.replace(f'token_env = "{config.control.token_env}"', ""), environ)
+    del environ[config.control.token_env]
+    with pytest.raises(ConfigError, match=r"^control\.token_env: environment variable \w+ is not set"):
+        load_config_text(text, environ)
+    # The ServiceMonitor scrapes without a token: /metrics must stay open, or carry the token.
+    endpoints = k8s["ServiceMonitor"]["spec"]["endpoints"]
+    assert not config.control.metrics_require_token or all("bearerTokenSecret" in e for e in endpoints)

@@ -15,6 +15,7 @@ from conflux.demo.faults import Fault, FaultInjector, FaultSettings
 from conflux.demo.store import Collection
 from conflux.demo.upstream_changes import ChangeGenerator
 from conflux.demo.upstream_webhooks import signature
+from conflux.workers.control_security import signature_matches
 
 
 def draws(injector: FaultInjector, count: int) -> list[Fault | None]:
@@ -55,9 +56,13 @@ def test_settings_update_keeps_other_fields():
     assert settings == FaultSettings(latency_ms=5, error_rate=0.5, latency_jitter_ms=1)
 
 
-def test_signature_is_hmac_sha256_of_the_exact_body():
+def test_signature_is_hmac_sha256_of_the_timestamp_a_dot_and_the_exact_body():
     body = b'{"id":1,"updated_at":"2026-01-01T00:00:00Z"}'
-    assert signature(b"k", body) == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
+    expected = "sha256=" + hmac.new(b"k", b"1767225600." + body, hashlib.sha256).hexdigest()
+    assert signature(b"k", body, "1767225600") == expected
+    # The daemon's verifier accepts exactly what the demo sender signs.
+    assert signature_matches("k", "1767225600", body, expected)
+    assert not signature_matches("k", "1767225601", body, expected)
 
 
 def test_background_changes_keep_the_rate_and_touch_only_valid_records():
