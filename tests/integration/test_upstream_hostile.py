@@ -258,9 +258,11 @@ def test_a_webhook_body_keeps_its_good_records_when_one_is_too_deep_and_one_from
     too_deep = b'{"id": 8, "updated_at": "%s", "x": %s}' % (now.encode(), b"[" * 3000 + b"]" * 3000)
     future = b'{"id": 9, "updated_at": "2999-01-01T00:00:00Z"}'
     body = b"[" + b", ".join([changed, too_deep, future]) + b"]"
-    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    stamp = str(int(time.time()))  # the documented scheme: HMAC over "<timestamp>.<body>"
+    signature = "sha256=" + hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     answer = requests.post(f"{daemon.url}/webhook/customers", data=body, timeout=30,
-                           headers={"Content-Type": "application/json", "X-Conflux-Signature": signature})
+                           headers={"Content-Type": "application/json", "X-Conflux-Signature": signature,
+                                    "X-Conflux-Timestamp": stamp})
     assert answer.status_code == 202 and answer.json() == {"accepted": 1, "dead_lettered": 2}, answer.text
     # Polling is an hour away: only the webhook can have carried the change.
     wait_converged(upstream.url, analytics.url, CUSTOMERS, timeout_s=30)
