@@ -25,7 +25,8 @@ from conflux.ipc.messages import Batch, Position, cut
 from conflux.ipc.shm import RingReader, RingWriter, create_ring, destroy_ring
 from conflux.workers.batching import RecordSchema, publish_limit_bytes, split_by_partition
 from conflux.workers.dedup import Deduplicator
-from conflux.workers.merge import MergeState, Token, make_chunk
+from conflux.workers.merge import MergeState, Token
+from conflux.workers.sinks.base import Chunk
 
 RECORDS = 1000
 FRAMES = 2000
@@ -104,14 +105,15 @@ def test_merge_and_encode_for_sink(benchmark):
     def kernel():
         state = MergeState()
         state.add(FRAME, TOKEN)
-        return state.take(1000)
-    assert benchmark(kernel).records == RECORDS
+        unit = state.take("customers")
+        return [len(chunk.body) for chunk in Chunk(unit.source, unit.keys, unit.values).cut(1000)]
+    assert sum(benchmark(kernel)) > RECORDS
 
 
 def test_encode_for_sink(benchmark):
     values = list(zip(COLUMNS.updated_us, COLUMNS.hashes, COLUMNS.records, COLUMNS.updated,
-                      repeat(Position("customers", 0, 0))))
-    assert benchmark(make_chunk, "customers", COLUMNS.keys, values).batch_id
+                      repeat(Position("customers", 0, 0)), repeat(False)))
+    assert benchmark(lambda: Chunk("customers", COLUMNS.keys, values).body)
 
 
 def test_baseline_merge_and_encode_for_sink(benchmark):

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tomllib
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -183,6 +184,7 @@ class SourceConfig(_Section):
     lookup_url: str = ""                      # GET this ("{key}" replaced) for a second look: 404 = deleted
     fields: FieldsConfig | None = None
     filter: FilterConfig | None = None
+    sinks: list[str] = []                     # where this source's records go; [] = every sink
 
     @property
     def key_paths(self) -> list[str]:
@@ -230,27 +232,124 @@ class SourceConfig(_Section):
                  "key: the watermark (keyset) style pages by one key field (after_key), not a composite key")
 
 
-class SinkConfig(_Section):
-    url: str = "http://127.0.0.1:8082/ingest"
+class _SinkSection(_Section):
+    """What every sink type takes: how large and how often its deliveries are, how many at once."""
+
     batch_size: int = 1000
     flush_interval_s: float = 1.0
-    timeout_s: float = 30.0
     max_in_flight: int = 2
-    # Per merger: records held while the sink is slow or down; past it the merger stops reading.
+    # Per merger: records held for this sink while it is slow or down.
     max_pending_records: int = 50_000
-    token: str = ""
-    token_env: str = ""
-    # A log message unacknowledged this long is reported (status, metrics, log); it stays in flight.
-    ack_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
         _require(self.batch_size >= 1, "batch_size must be >= 1")
         _require(self.flush_interval_s >= MIN_FLUSH_INTERVAL_S,
                  f"flush_interval_s must be >= {MIN_FLUSH_INTERVAL_S} s (got {self.flush_interval_s})")
         _require(self.max_in_flight >= 1, "max_in_flight must be >= 1")
         _require(self.max_pending_records >= self.batch_size, "max_pending_records must be >= batch_size")
-        _require(self.ack_timeout_s > 0, "ack_timeout_s must be > 0")
+
+
+class SinkConfig(_SinkSection):
+    """The HTTP sink: ``[sink]`` (named "default"), or a ``[[sinks]]`` entry with ``type = "http"``."""
+
+    url: str = "http://127.0.0.1:8082/ingest"
+    timeout_s: float = 30.0
+    token: str = ""
+    token_env: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
+        _require(self.timeout_s > 0, "timeout_s must be > 0")
+
+
+class PostgresColumn(_Section):
+    """A typed column of a PostgreSQL sink's table: a field of the record (a dotted path) cast to a type."""
+
+    field: str
+    type: str = "text"
+
+    def __post_init__(self) -> None:
+        _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
+        _require(re.fullmatch(r"[a-z][a-z0-9 ]*(\(\d+(,\s*\d+)?\))?(\[\])?", self.type) is not None,
+                 f"type {self.type!r} is not a PostgreSQL type name (such as text, bigint, numeric(12,2), "
+                 "timestamptz, boolean, jsonb)")
+
+
+class PostgresSinkConfig(_SinkSection):
+    """``[[sinks]] type = "postgres"``: a table per source, upserted with COPY, with a ledger of batches."""
+
+    dsn: str = ""                     # without a password: give that through dsn_env or dsn_file
+    dsn_env: str = ""
+    dsn_file: str = ""
+    schema: str = "public"
+    table: str = "{source}"           # {source} is replaced by the source's name
+    create_tables: bool = True
+    delete_mode: Literal["hard", "soft"] = "hard"
+    batch_size: int = 5000
+    timeout_s: float = 30.0
+    # source name -> column name -> {field, type}: typed columns beside `data`, for indexes and queries.
+    columns: dict[str, dict[str, PostgresColumn]] = {}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(sum(map(bool, (self.dsn, self.dsn_env, self.dsn_file))) == 1,
+                 "give exactly one of dsn, dsn_env and dsn_file")
+        _require(not dsn_password(self.dsn),
+                 "dsn holds a password; give the dsn through dsn_env or dsn_file instead")
+        _require(_identifier(self.schema), f"schema {self.schema!r} must be a plain identifier "
+                                           "([A-Za-z_][A-Za-z0-9_]*)")
+        _require(_identifier(self.table.replace("{source}", "s")),
+                 f"table {self.table!r} must be a plain identifier, with {{source}} where the source's name goes")
+        _require(self.timeout_s > 0, "timeout_s must be > 0")
+        for source, columns in self.columns.items():
+            for name in columns:
+                _require(_identifier(name) and name not in POSTGRES_RESERVED_COLUMNS,
+                         f"columns.{source}.{name}: a column name must be a plain identifier other than "
+                         f"{', '.join(sorted(POSTGRES_RESERVED_COLUMNS))}")
+
+
+POSTGRES_RESERVED_COLUMNS = frozenset({"key", "updated_at", "seq", "hash", "data", "synced_at", "deleted_at"})
+
+
+class KafkaSinkConfig(_SinkSection):
+    """``[[sinks]] type = "kafka"``: one Kafka record per Conflux record on a compacted changelog topic."""
+
+    bootstrap_servers: str = ""       # default: [log] bootstrap_servers; required with the embedded log
+    topic: str = "{prefix}{source}.records"   # {prefix} is [log] topic_prefix, {source} the source's name
+    partitions: int = 0               # for topics it creates; 0: [log] partitions
+    replication_factor: int = 0       # 0: min(3, number of brokers)
+    batch_size: int = 5000
+    timeout_s: float = 30.0
+    # librdkafka settings for this sink's clients (security.*, sasl.*, ...); *_env / *_file name secrets.
+    producer: dict[str, str | int | float | bool] = {}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require("{source}" in self.topic, "topic must hold {source}: every source gets its own changelog topic")
+        _require(self.partitions >= 0, "partitions must be >= 0")
+        _require(self.replication_factor >= 0, "replication_factor must be >= 0")
+        _require(self.timeout_s > 0, "timeout_s must be > 0")
+
+
+class SinkSpec(_Section):
+    """One configured sink: its name, its type, and its type's options (validated by that type's Struct)."""
+
+    name: str
+    type: str = "http"
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
+                 f"name {self.name!r} may only hold letters, digits, '_', '.' and '-'")
+
+
+# The config keys of the built-in sink types; a plugin's come from its class (`Options`), found through
+# the conflux.sinks entry points.
+BUILTIN_SINK_OPTIONS: dict[str, type] = {"http": SinkConfig, "postgres": PostgresSinkConfig,
+                                         "kafka": KafkaSinkConfig}
+SINK_ENTRY_POINTS = "conflux.sinks"
+DEFAULT_SINK = "default"
 
 
 class RetryConfig(_Section):
@@ -284,8 +383,11 @@ class WorkersConfig(_Section):
     max_restarts: int = 5
     restart_window_s: float = 60.0
     ring_bytes: int = 8 << 20
+    # A log message unacknowledged this long is reported (status, metrics, log); it stays in flight.
+    ack_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
+        _require(self.ack_timeout_s > 0, "ack_timeout_s must be > 0")
         for role in ("fetchers", "consumers", "mergers"):
             _require(1 <= getattr(self, role) <= 64, f"{role} must be between 1 and 64")
         _require(self.heartbeat_interval_s >= MIN_HEARTBEAT_INTERVAL_S,
@@ -360,6 +462,8 @@ class Config(_Section):
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     sources: list[SourceConfig] = []
     sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
+    # Every sink, [sink] first as "default" when it is given (or when no [[sinks]] is): filled by load_config.
+    sinks: list[SinkSpec] = []
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
@@ -382,6 +486,16 @@ class Config(_Section):
     def topic_of(self, source: SourceConfig) -> str:
         return source.topic or f"{self.log.topic_prefix}{source.name}"
 
+    def sink_names_of(self, source: SourceConfig) -> list[str]:
+        """The sinks a source delivers to: its `sinks`, or every sink."""
+        return list(source.sinks) or [spec.name for spec in self.sinks]
+
+    def sink_spec(self, name: str) -> SinkSpec:
+        for spec in self.sinks:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
 
 def _check_webhook_buffer(config: Config) -> None:
     """Every source's largest webhook must fit the control process's buffer, or it could never be read."""
@@ -389,6 +503,18 @@ def _check_webhook_buffer(config: Config) -> None:
         _require(source.webhook_max_bytes <= config.control.webhook_buffer_bytes,
                  f"control.webhook_buffer_bytes ({config.control.webhook_buffer_bytes}) must be >= "
                  f"sources[{index}] ({source.name}).webhook_max_bytes ({source.webhook_max_bytes})")
+
+
+def _identifier(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None and len(name) <= 63
+
+
+def dsn_password(dsn: str) -> bool:
+    """Whether a libpq connection string (URL or key=value form) holds a password."""
+    if "://" in dsn:
+        userinfo = dsn.split("://", 1)[1].split("@", 1)
+        return (len(userinfo) == 2 and ":" in userinfo[0]) or "password=" in dsn.split("?", 1)[-1]
+    return re.search(r"(^|\s)password\s*=", dsn) is not None
 
 
 def _path_problem(path: str) -> str:
@@ -479,11 +605,14 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
     raw = _rename_pagination_tables(raw)
     raw = _flatten_kafka_tables(raw)
     _apply_env_overrides(raw, environ)
+    sink_given = "sink" in raw
+    raw = _sink_entries(raw)
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_mention_env_source(_describe_validation_error(str(exc)), environ)) from None
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    config = _resolve_sinks(config, sink_given=sink_given)
     config = _resolve_paths(config, base_dir)
     if secrets == "all":
         _check_secret_sources(config, environ)
@@ -515,6 +644,78 @@ def _rename_pagination_tables(raw: dict[str, Any]) -> dict[str, Any]:
                 source["pagination"] = table.pop("style")
             source["pagination_fields"] = table
     return raw
+
+
+def _sink_entries(raw: dict[str, Any]) -> dict[str, Any]:
+    """`[[sinks]]` tables are flat (name, type, then the type's own keys); each becomes a SinkSpec with the
+    type's keys under `options`, validated by the type once it is known (``_resolve_sinks``)."""
+    entries = raw.get("sinks")
+    if isinstance(entries, list):
+        raw["sinks"] = [_sink_entry(entry) if isinstance(entry, dict) else entry for entry in entries]
+    return raw
+
+
+def _sink_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    options = {key: value for key, value in entry.items() if key not in ("name", "type")}
+    if isinstance(options.get("producer"), dict):   # librdkafka's dotted names, as in [kafka.*]
+        options["producer"] = _dotted(options["producer"])
+    return {**{key: entry[key] for key in ("name", "type") if key in entry}, "options": options}
+
+
+def _resolve_sinks(config: Config, *, sink_given: bool) -> Config:
+    """Every sink with its typed options: [sink] as "default" (when given, or when there is no
+    [[sinks]]), then the [[sinks]] entries; and every source's routes checked against them."""
+    specs = [SinkSpec(name=DEFAULT_SINK, type="http", options=config.sink)] if sink_given or not config.sinks else []
+    for index, spec in enumerate(config.sinks):
+        options_type = sink_options_type(spec.type, f"sinks[{index}].type")
+        try:
+            options = msgspec.convert(spec.options or {}, options_type, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_within(f"sinks[{index}]", _describe_validation_error(str(exc)))) from None
+        specs.append(msgspec.structs.replace(spec, options=options))
+    names = [spec.name for spec in specs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"sinks: the name {twice[0]!r} is used twice (\"{DEFAULT_SINK}\" is [sink]'s)")
+    for index, source in enumerate(config.sources):
+        unknown = [name for name in source.sinks if name not in names]
+        if unknown:
+            raise ConfigError(f"sources[{index}] ({source.name}).sinks: no sink named {unknown[0]!r} "
+                              f"(the sinks are {', '.join(names)})")
+    for spec in specs:
+        if spec.type == "kafka" and not (spec.options.bootstrap_servers or config.log.bootstrap_servers):
+            raise ConfigError(f"{sink_where(specs, spec)}.bootstrap_servers: required with the embedded log")
+    return msgspec.structs.replace(config, sinks=specs)
+
+
+def sink_where(specs: list[SinkSpec], spec: SinkSpec) -> str:
+    """How an error names a sink: "sink" for [sink], "sinks[i] (name)" for the i-th [[sinks]] table."""
+    if spec.name == DEFAULT_SINK and spec.type == "http":
+        return "sink"
+    index = [other.name for other in specs if other.name != DEFAULT_SINK].index(spec.name)
+    return f"sinks[{index}] ({spec.name})"
+
+
+def sink_options_type(kind: str, where: str = "type") -> type:
+    """The Struct of a sink type's config keys: a built-in's, or a plugin's (its class's ``Options``)."""
+    if kind in BUILTIN_SINK_OPTIONS:
+        return BUILTIN_SINK_OPTIONS[kind]
+    for entry in entry_points(group=SINK_ENTRY_POINTS):
+        if entry.name == kind:
+            try:
+                return entry.load().Options
+            except Exception as exc:  # a broken plugin is the config's problem, named as such
+                raise ConfigError(f"{where}: the sink plugin {kind!r} cannot be loaded: {exc}") from None
+    known = sorted({*BUILTIN_SINK_OPTIONS, *(entry.name for entry in entry_points(group=SINK_ENTRY_POINTS))})
+    raise ConfigError(f"{where}: unknown sink type {kind!r} (known: {', '.join(known)})")
+
+
+def _within(prefix: str, message: str) -> str:
+    """'dsn: ...' -> 'sinks[0].dsn: ...'; a message without a field name -> 'sinks[0]: ...'."""
+    field, sep, rest = message.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z0-9_.\[\]-]+", field):
+        return f"{prefix}.{field}: {rest}"
+    return f"{prefix}: {message}"
 
 
 def _flatten_kafka_tables(raw: dict[str, Any]) -> dict[str, Any]:
@@ -609,8 +810,8 @@ def _check_secret_sources(config: Config, environ: dict[str, str]) -> None:
             _check_auth(source.auth, environ, f"{where}.auth")
         if source.ca_file and not Path(source.ca_file).is_file():
             raise ConfigError(f"{where}.ca_file: file {source.ca_file!r} does not exist")
-    if config.sink.token_env:
-        _require_env(environ, config.sink.token_env, "sink.token_env")
+    for spec in config.sinks:
+        _check_sink_secrets(spec, environ, sink_where(config.sinks, spec))
     if config.control.token_env:
         _require_env(environ, config.control.token_env, "control.token_env")
     if config.log.backend == "kafka":
@@ -624,6 +825,21 @@ def _check_control_files(control: ControlConfig) -> None:
         name = getattr(control, field)
         if name and (problem := _secret_file_problem(name)):
             raise ConfigError(f"control.{field}: {problem}")
+
+
+def _check_sink_secrets(spec: SinkSpec, environ: dict[str, str], where: str) -> None:
+    """The built-in types' secret sources; a plugin checks its own when it starts."""
+    options = spec.options
+    for field in ("token_env", "dsn_env"):
+        if getattr(options, field, ""):
+            _require_env(environ, getattr(options, field), f"{where}.{field}")
+    if getattr(options, "dsn_file", "") and (problem := _secret_file_problem(options.dsn_file)):
+        raise ConfigError(f"{where}.dsn_file: {problem}")
+    for key, value in getattr(options, "producer", {}).items():
+        if key.endswith("_env"):
+            _require_env(environ, str(value), f"{where}.producer.{key}")
+        elif key.endswith("_file") and (problem := _secret_file_problem(str(value))):
+            raise ConfigError(f"{where}.producer.{key}: {problem}")
 
 
 def _check_kafka_secrets(kafka: KafkaConfig, environ: dict[str, str]) -> None:
@@ -715,6 +931,12 @@ def redacted(config: Config) -> dict[str, Any]:
     """The effective config as plain data, secrets shown as '***', in the shape the file is written in.
     The rules (field names, headers, URLs, librdkafka keys) are conflux.redact's, shared with the logs."""
     data = _redact(msgspec.to_builtins(config))
+    data["sinks"] = [{"name": spec["name"], "type": spec["type"], **spec["options"]}
+                     for spec in data["sinks"] if spec["name"] != DEFAULT_SINK]
+    if not data["sinks"]:
+        del data["sinks"]
+    if not any(spec.name == DEFAULT_SINK for spec in config.sinks):
+        del data["sink"]  # only [[sinks]]: printing [sink] would add the default sink when read back
     for role in ("producer", "consumer", "admin"):
         data["kafka"][role] = {key: MASK if value != "" and kafka_secret_key(key) else value
                                for key, value in data["kafka"][role].items()}

@@ -46,7 +46,8 @@ consumer_lag = Gauge("conflux_consumer_lag", "Messages not yet committed, per pa
                      multiprocess_mode="livemostrecent")
 upstream_request_duration = Histogram("conflux_upstream_request_duration_seconds", "Upstream HTTP requests",
                                       ["source", "status"], buckets=REQUEST_BUCKETS_S)
-sink_request_duration = Histogram("conflux_sink_request_duration_seconds", "Sink HTTP requests", ["status"],
+sink_request_duration = Histogram("conflux_sink_request_duration_seconds",
+                                  "Sink requests by answer (HTTP status, ok, or error) and sink", ["status", "sink"],
                                   buckets=REQUEST_BUCKETS_S)
 circuit_state = Gauge("conflux_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["target"],
                       multiprocess_mode="livemostrecent")
@@ -57,14 +58,17 @@ workers = Gauge("conflux_workers", "Worker slots by role and state", ["role", "s
 queue_depth = Gauge("conflux_queue_depth", "Items waiting in internal queues", ["queue"],
                     multiprocess_mode="livesum")
 upstream_retries = Counter("conflux_upstream_retries_total", "Upstream requests retried", ["source", "reason"])
-sink_retries = Counter("conflux_sink_retries_total", "Sink deliveries retried", ["reason"])
+sink_records = Counter("conflux_sink_records_total",
+                       "Records each sink took or refused for good (to the dead-letter queue)",
+                       ["sink", "source", "result"])
+sink_retries = Counter("conflux_sink_retries_total", "Sink deliveries retried, by reason and sink", ["reason", "sink"])
 dlq_write_failures = Counter("conflux_dlq_write_failures_total",
                              "Failed writes of dead letters (retried with backoff, then the worker exits)", ["source"])
 oldest_unacked = Gauge("conflux_oldest_unacked_seconds",
                        "Age of the oldest log message a consumer has waiting for the sink's acknowledgement",
                        ["consumer"], multiprocess_mode="livemax")
 ack_timeouts = Counter("conflux_ack_timeouts_total",
-                       "Log messages that waited longer than [sink] ack_timeout_s for the sink's acknowledgement",
+                       "Log messages that waited longer than [workers] ack_timeout_s for the sink's acknowledgement",
                        ["topic"])
 webhook_requests = Counter("conflux_webhook_requests_total", "Webhook requests by outcome", ["source", "status"])
 control_status_requests = Counter("conflux_control_status_requests_total",

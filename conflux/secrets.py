@@ -36,6 +36,8 @@ def known_secrets(config: Config) -> list[str]:
     values = [config.sink.token, config.control.token, *url_secrets(config.sink.url)]
     names = [config.sink.token_env, config.control.token_env]
     files: list[str] = []
+    for spec in config.sinks:
+        _sink_secrets(spec.options, values, names, files)
     for source in config.sources:
         values.append(source.webhook_secret)
         names.append(source.webhook_secret_env)
@@ -47,16 +49,30 @@ def known_secrets(config: Config) -> list[str]:
             names.extend([auth.token_env, auth.value_env, auth.password_env, auth.client_secret_env])
             files.extend([auth.token_file, auth.value_file, auth.password_file, auth.client_secret_file])
     for settings in (config.kafka.producer, config.kafka.consumer, config.kafka.admin):
-        for key, value in settings.items():
-            if key.endswith("_env"):
-                names.append(str(value))
-            elif key.endswith("_file"):
-                files.append(str(value))
-            elif kafka_secret_key(key):
-                values.append(str(value))
+        _kafka_secrets(settings, values, names, files)
     values.extend(os.environ.get(name, "") for name in names if name)
     for file in files:
         if file:
             with contextlib.suppress(OSError):
                 values.append(Path(file).read_text().rstrip("\r\n"))
     return sorted({value for value in values if value}, key=len, reverse=True)
+
+
+def _sink_secrets(options: object, values: list[str], names: list[str], files: list[str]) -> None:
+    """A sink's secret sources, whatever its type: tokens, DSNs (their passwords), librdkafka keys."""
+    for field in ("token", "dsn"):
+        values.append(getattr(options, field, ""))
+    values.extend(url_secrets(getattr(options, "url", "")))
+    names.extend(getattr(options, field, "") for field in ("token_env", "dsn_env"))
+    files.append(getattr(options, "dsn_file", ""))
+    _kafka_secrets(getattr(options, "producer", {}), values, names, files)
+
+
+def _kafka_secrets(settings: dict, values: list[str], names: list[str], files: list[str]) -> None:
+    for key, value in settings.items():
+        if key.endswith("_env"):
+            names.append(str(value))
+        elif key.endswith("_file"):
+            files.append(str(value))
+        elif kafka_secret_key(key):
+            values.append(str(value))

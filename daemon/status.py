@@ -55,6 +55,7 @@ def build_status(facts: DaemonFacts) -> dict:
         },
         "ready": _readiness(facts, workers),
         "sources": _sources(facts),
+        "sinks": _sinks(facts),
         "workers": workers,
         "partitions": _partitions(facts),
         "generated_at": now_wall,
@@ -93,11 +94,33 @@ def _sources(facts: DaemonFacts) -> dict:
         data["success_rate"] = round(ok / (ok + failed), 4) if ok + failed else None
         data["topic"] = facts.config.topic_of(source)
         data["pagination"] = source.pagination
+        data["sinks"] = facts.config.sink_names_of(source)
         data["fetcher"] = next((slot.name for slot in facts.slots
                                 if slot.role == "fetcher" and source.name in slot.sources), None)
         data.pop("source", None)
         # Sync errors quote upstream URLs (a next link's ?api_key=, user:pass@): redacted like the logs.
         out[source.name] = {key: redact_text(value) if isinstance(value, str) else value for key, value in data.items()}
+    return out
+
+
+def _sinks(facts: DaemonFacts) -> dict:
+    """Each sink as the mergers see it: the worst breaker, the longest failure, what it last answered
+    (one merger's view), deliveries in flight in all of them, and the sources routed to it."""
+    mergers = [slot.stats for slot in facts.slots if slot.role == "merger" and slot.stats]
+    out = {}
+    for spec in facts.config.sinks:
+        prefix = "sink_" if spec.name == "default" else f"sink.{spec.name}."
+        seen = [stats for stats in mergers if f"{prefix}circuit" in stats]
+        circuit = max((stats[f"{prefix}circuit"] for stats in seen), default=0)
+        out[spec.name] = {
+            "type": spec.type,
+            "sources": [source.name for source in facts.config.sources
+                        if spec.name in facts.config.sink_names_of(source)],
+            "circuit": {0: "closed", 1: "half_open", 2: "open"}.get(int(circuit), "closed"),
+            "failing_s": max((stats[f"{prefix}failing_s"] for stats in seen), default=0.0),
+            "last_status": max((stats[f"{prefix}last_status"] for stats in seen), default=-1),
+            "in_flight": sum(stats.get(f"{prefix}in_flight", 0) for stats in seen),
+        }
     return out
 
 

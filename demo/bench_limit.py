@@ -18,12 +18,12 @@ import aiohttp
 from conflux.config import SourceConfig
 from conflux.ipc.messages import Position
 from conflux.workers.batching import RecordSchema
-from conflux.workers.merge import make_chunk
+from conflux.workers.sinks.base import Chunk
 
 SINK_BATCH = 1000
 
 
-_NOWHERE = Position("bench", 0, 0)  # make_chunk reads each record's log offset (its seq)
+_NOWHERE = Position("bench", 0, 0)  # a chunk's body carries each record's log offset (its seq)
 
 
 class _Merger:
@@ -33,15 +33,15 @@ class _Merger:
 
     def add(self, source: str, columns) -> None:
         self.pending.update(zip(columns.keys, zip(columns.updated_us, columns.hashes, columns.records,
-                                                  columns.updated, repeat(_NOWHERE))))
+                                                  columns.updated, repeat(_NOWHERE), repeat(False))))
         if len(self.pending) >= SINK_BATCH:
             self.flush(source)
 
     def flush(self, source: str) -> None:
         keys, values = list(self.pending), list(self.pending.values())
         for start in range(0, len(keys), SINK_BATCH):
-            self.encoded_bytes += len(make_chunk(source, keys[start:start + SINK_BATCH],
-                                                 values[start:start + SINK_BATCH]).body)
+            self.encoded_bytes += len(Chunk(source, keys[start:start + SINK_BATCH],
+                                            values[start:start + SINK_BATCH]).body)
         self.pending = {}
 
 

@@ -62,6 +62,15 @@ class OffsetTracker:
     def __init__(self) -> None:
         self.partitions: dict[TopicPartition, PartitionTrack] = {}
         self.in_flight = 0
+        self.by_topic: dict[str, int] = {}   # messages in flight per topic (a source's sinks may be down)
+
+    def topics_at(self, limit: int) -> set[str]:
+        """The topics with ``limit`` messages or more in flight."""
+        return {topic for topic, count in self.by_topic.items() if count >= limit}
+
+    def _count(self, topic: str, delta: int) -> None:
+        self.in_flight += delta
+        self.by_topic[topic] = self.by_topic.get(topic, 0) + delta
 
     def own(self, tp: TopicPartition, committed: int) -> None:
         self.partitions[tp] = PartitionTrack(committed)
@@ -70,7 +79,7 @@ class OffsetTracker:
         for tp in tps:
             track = self.partitions.pop(tp, None)
             if track is not None:
-                self.in_flight -= sum(1 for entry in track.pending.values() if not entry.done)
+                self._count(tp[0], -sum(1 for entry in track.pending.values() if not entry.done))
 
     def clear_in_flight(self) -> None:
         """Forget every message not yet done; the caller rewinds the log to the committed offsets."""
@@ -78,6 +87,7 @@ class OffsetTracker:
             track.pending.clear()
             track.read_to = track.committed
         self.in_flight = 0
+        self.by_topic.clear()
 
     def add(self, tp: TopicPartition, entry: InFlight) -> list[InFlight]:
         """Track a message; returns [entry] if it is already done (nothing went to any merger)."""
@@ -85,7 +95,7 @@ class OffsetTracker:
         track.add(entry)
         if entry.done:
             return [entry]
-        self.in_flight += 1
+        self._count(tp[0], 1)
         return []
 
     def ack(self, tp: TopicPartition, offset: int, merger: int) -> InFlight | None:
@@ -99,7 +109,7 @@ class OffsetTracker:
             return None
         entry.waiting_on &= ~(1 << merger)
         if entry.done:
-            self.in_flight -= 1
+            self._count(tp[0], -1)
             return entry
         return None
 

@@ -13,7 +13,7 @@ and commits. The supervisor's ``Drain`` message (sent just before the TERM) says
 deadline is left; the consumer stops waiting early enough to make its final commit before the
 supervisor would kill it.
 
-A message waiting longer than ``[sink] ack_timeout_s`` for its acknowledgement is reported (log,
+A message waiting longer than ``[workers] ack_timeout_s`` for its acknowledgement is reported (log,
 ``conflux_ack_timeouts_total``, ``conflux_oldest_unacked_seconds``, heartbeat stats) and stays in flight:
 its merger still holds it and keeps retrying the sink, and a merger that cannot go on exits, which
 rewinds. Re-reading on a timer would only send the same records again to a sink that is not answering.
@@ -54,7 +54,9 @@ from conflux.workers.dedup import Deduplicator
 logger = logging.getLogger(__name__)
 
 POLL_BATCH = 64
-MAX_IN_FLIGHT_MESSAGES = 512
+# Per topic (source): a source whose sink is down holds this many of its messages, and its partitions
+# pause, while the other sources go on.
+MAX_IN_FLIGHT_PER_TOPIC = 512
 COMMIT_INTERVAL_S = 1.0
 LAG_REPORT_INTERVAL_S = 2.0
 ACK_CHECK_INTERVAL_S = 1.0
@@ -79,7 +81,7 @@ class ConsumerWorker(Worker):
         self.to_mergers: list[RingWriter] = []
         self.from_mergers: list[RingReader] = []
         self.merger_epochs: list[int] = []
-        self.paused = False
+        self.held: set[str] = set()
         self._last_commit = self._last_lag_report = self._last_ack_check = 0.0
         self.oldest_unacked_s = 0.0
         self.overdue_acks = 0
@@ -122,12 +124,10 @@ class ConsumerWorker(Worker):
                     return
                 self._wait_for_acks(0.05)
                 continue
-            if self.tracker.in_flight >= MAX_IN_FLIGHT_MESSAGES:
-                self._set_paused(True)
+            if self._hold(self.tracker.topics_at(MAX_IN_FLIGHT_PER_TOPIC)):
                 self._keep_group_alive()
                 self._wait_for_acks(0.05)
                 continue
-            self._set_paused(False)
             if self.tracker.in_flight:
                 messages = self.log_consumer.poll(POLL_BATCH, 0.0)
                 if not messages:  # nothing new: wait for acks instead of spinning on the log
@@ -332,6 +332,7 @@ class ConsumerWorker(Worker):
         for tp in partitions:
             self.tracker.own(tp, committed[tp])
             self.log_consumer.seek(tp, committed[tp])
+        self.log_consumer.pause([tp for tp in partitions if tp[0] in self.held])
         self._owned = sorted(set(self._owned) | set(partitions))
         self.channel.send(PartitionsOwned(partitions=self._owned))
 
@@ -349,11 +350,15 @@ class ConsumerWorker(Worker):
 
     # -- backpressure, waiting, reporting -------------------------------------------------------------
 
-    def _set_paused(self, paused: bool) -> None:
-        if paused != self.paused:
-            self.paused = paused
+    def _hold(self, topics: set[str]) -> bool:
+        """Pause the partitions of ``topics`` (too many of their messages in flight), resume the others;
+        True when every partition we own is paused, so there is nothing to read."""
+        if topics != self.held:
             owned = list(self.tracker.partitions)
-            (self.log_consumer.pause if paused else self.log_consumer.resume)(owned)
+            self.log_consumer.pause([tp for tp in owned if tp[0] in topics - self.held])
+            self.log_consumer.resume([tp for tp in owned if tp[0] in self.held - topics])
+            self.held = topics
+        return bool(topics) and all(tp[0] in topics for tp in self.tracker.partitions)
 
     def _keep_group_alive(self) -> None:
         """Kafka evicts a member that stops polling; paused partitions make this poll return nothing."""
@@ -395,7 +400,7 @@ class ConsumerWorker(Worker):
         if now - self._last_ack_check < ACK_CHECK_INTERVAL_S:
             return
         self._last_ack_check = now
-        timeout_s = self.config.sink.ack_timeout_s
+        timeout_s = self.config.workers.ack_timeout_s
         self.oldest_unacked_s, self.overdue_acks, crossed = self.tracker.overdue(now, timeout_s)
         metrics.oldest_unacked.labels(str(self.spec.index)).set(self.oldest_unacked_s)
         if not crossed:
@@ -403,7 +408,7 @@ class ConsumerWorker(Worker):
         for tp, _entry in crossed:
             metrics.ack_timeouts.labels(tp[0]).inc()
         (topic, partition), first = crossed[0]
-        logger.warning("%d log messages (first %s/%d@%d) have waited more than [sink] ack_timeout_s = %g s for the "
+        logger.warning("%d log messages (first %s/%d@%d) have waited more than [workers] ack_timeout_s = %g s for the "
                        "sink's acknowledgement; they stay in flight and are committed once the sink takes them "
                        "(the sink breaker and the mergers' sink_last_status in /status say why)",
                        len(crossed), topic, partition, first.offset, timeout_s)

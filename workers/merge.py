@@ -21,10 +21,6 @@ from itertools import repeat
 from operator import add, attrgetter, itemgetter, mul
 from typing import NamedTuple
 
-import msgspec
-from msgspec import Raw
-from xxhash import xxh3_64_hexdigest, xxh3_128_hexdigest
-
 from conflux.ipc.messages import Batch, Position
 
 # A pending record is a plain tuple (fast to build): (updated_us, hash, record, updated text, position,
@@ -45,66 +41,69 @@ class Token(NamedTuple):
     position: Position
 
 
-class SinkRecord(msgspec.Struct, array_like=False, gc=False):
-    source: str
-    key: str
-    op: str
-    updated_at: str
-    hash: str
-    data: Raw | None  # null for a delete: a deleted record's fields never leave Conflux
-    seq: int  # the log offset: breaks ties between versions with the same updated_at
+class FlushUnit(NamedTuple):
+    """Everything pending for one source, taken at once: delivered to each of its sinks, then its tokens
+    are acknowledged."""
 
-
-_sink_encoder = msgspec.json.Encoder()
-# A record's `hash` describes the `data` the sink receives: for a delete that is null.
-NULL_HASH = xxh3_64_hexdigest(b"null")
-
-
-class Chunk(NamedTuple):
-    """One sink request for one source: its stable id, its body, and its records (for DLQ and metrics)."""
-
-    batch_id: str
-    body: bytes
     source: str
     keys: list[str]
     values: list[tuple]
-
-
-class FlushUnit(NamedTuple):
-    chunks: list[Chunk]
     tokens: list[Token]
-    records: int
+
+    @property
+    def records(self) -> int:
+        return len(self.keys)
 
 
-class MergeState:
+class SourceState:
+    """One source's part of a merger: what is pending, what was handed over, and the tokens to acknowledge."""
+
+    __slots__ = ("latest", "oldest_at", "pending", "tokens")
+
     def __init__(self) -> None:
-        self.latest: dict[str, dict[str, int]] = {}   # source -> key -> order() of the newest version handed over
-        self.pending: dict[str, dict[str, tuple]] = {}
-        self.pending_count = 0
+        self.latest: dict[str, int] = {}       # key -> order() of the newest version handed to the sinks
+        self.pending: dict[str, tuple] = {}
         self.tokens: list[Token] = []
         self.oldest_at: float | None = None
 
+    def age_s(self) -> float:
+        return 0.0 if self.oldest_at is None else time.monotonic() - self.oldest_at
+
+
+class MergeState:
+    """Per source: sources merge independently, so one whose sink is down never holds up another."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, SourceState] = {}
+        self.pending_count = 0
+
+    def source(self, name: str) -> SourceState:
+        state = self.sources.get(name)
+        if state is None:
+            state = self.sources[name] = SourceState()
+        return state
+
     def add(self, frame: Batch, token: Token) -> int:
         """Merge a log batch's records, acknowledged with ``token`` once delivered; returns how many were stale."""
-        latest = self.latest.setdefault(frame.source, {})
-        pending = self.pending.setdefault(frame.source, {})
+        state = self.source(frame.source)
+        latest, pending = state.latest, state.pending
         keys = frame.keys
+        before = len(pending)
         if latest.keys().isdisjoint(keys) and pending.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
-            before = len(pending)
             pending.update(zip(keys, zip(frame.updated_us, frame.hashes, frame.records, frame.updated,
                                          repeat(token.position), frame.deleted or repeat(False))))
             stale = 0
-            self.pending_count += len(pending) - before
         else:
             stale = self._add_one_by_one(frame, latest, pending, token.position)
-        self.tokens.append(token)
-        if self.oldest_at is None:
-            self.oldest_at = time.monotonic()
+        self.pending_count += len(pending) - before
+        state.tokens.append(token)
+        if state.oldest_at is None:
+            state.oldest_at = time.monotonic()
         return stale
 
     def _add_one_by_one(self, frame: Batch, latest: dict[str, int], pending: dict[str, tuple],
                         position: Position) -> int:
-        stale = added = 0
+        stale = 0
         offset = position.offset
         for key, updated_us, content_hash, record, updated, deleted in zip(
                 frame.keys, frame.updated_us, frame.hashes, frame.records, frame.updated,
@@ -115,75 +114,45 @@ class MergeState:
                 stale += 1
                 continue
             current = pending.get(key)
-            if current is None:
-                added += 1
-            elif rank < order(current):  # equal: the same message, a later record of it wins
+            if current is not None and rank < order(current):  # equal: the same message, a later record wins
                 stale += 1
                 continue
             pending[key] = (updated_us, content_hash, record, updated, position, deleted)
-        self.pending_count += added
         return stale
 
     def take_idle_tokens(self) -> list[Token]:
-        """Tokens of frames that left nothing pending (every record was stale): there is nothing to
-        deliver for them, so they can be acknowledged at once. Safe for commits: whatever made them
-        stale came from an earlier offset of the same partition, which is still unacknowledged."""
-        if self.pending_count or not self.tokens:
-            return []
-        tokens, self.tokens, self.oldest_at = self.tokens, [], None
-        return tokens
+        """Tokens of frames that left nothing pending in their source (every record was stale): there is
+        nothing to deliver for them, so they can be acknowledged at once. Safe for commits: whatever made
+        them stale came from an earlier offset of the same partition, which is still unacknowledged."""
+        idle: list[Token] = []
+        for state in self.sources.values():
+            if state.tokens and not state.pending:
+                idle.extend(state.tokens)
+                state.tokens, state.oldest_at = [], None
+        return idle
 
-    def age_s(self) -> float:
-        return 0.0 if self.oldest_at is None else time.monotonic() - self.oldest_at
+    def take(self, source: str) -> FlushUnit:
+        """Everything pending for ``source``, with the tokens to acknowledge once every sink has it.
 
-    def take(self, batch_size: int) -> FlushUnit:
-        """Everything pending, cut into per-source sink requests of at most ``batch_size`` records.
-
-        From here on these versions count as handed to the sink: the merger retries them until the
+        From here on these versions count as handed to the sinks: the merger retries them until each
         sink takes them or refuses them for good, so an older version arriving later is stale.
         """
-        chunks = []
-        for source, records in self.pending.items():
-            if not records:
-                continue
-            keys, values = list(records), list(records.values())
-            # order() of every value, without a Python call per record
-            ranks = map(add, map(mul, map(_updated_us_of, values), repeat(OFFSET_SPAN)),
-                        map(_offset_of, map(_position_of, values)))
-            self.latest[source].update(zip(keys, ranks))
-            for start in range(0, len(keys), batch_size):
-                chunks.append(make_chunk(source, keys[start:start + batch_size], values[start:start + batch_size]))
-        unit = FlushUnit(chunks, self.tokens, self.pending_count)
-        self.pending = {}
-        self.pending_count = 0
-        self.tokens = []
-        self.oldest_at = None
+        state = self.sources[source]
+        keys, values = list(state.pending), list(state.pending.values())
+        # order() of every value, without a Python call per record
+        ranks = map(add, map(mul, map(_updated_us_of, values), repeat(OFFSET_SPAN)),
+                    map(_offset_of, map(_position_of, values)))
+        state.latest.update(zip(keys, ranks))
+        unit = FlushUnit(source, keys, values, state.tokens)
+        self.pending_count -= len(keys)
+        state.pending, state.tokens, state.oldest_at = {}, [], None
         return unit
 
     @property
     def keys_known(self) -> int:
-        return sum(len(keys) for keys in self.latest.values())
+        return sum(len(state.latest) for state in self.sources.values())
 
 
 def order(value: tuple) -> int:
     """A pending value's place among the versions of its key: (updated_us, log offset) as one int."""
     return value[UPDATED_US] * OFFSET_SPAN + value[POSITION].offset
-
-
-def make_chunk(source: str, keys: list[str], values: list[tuple]) -> Chunk:
-    """The batch_id is derived from the content (records and their log offsets), so a retry, or a
-    re-read after a crash that rebuilds the same batch, carries the same id and the sink recognises it."""
-    records = _sink_encoder.encode([
-        SinkRecord(source, key, "delete", value[UPDATED], NULL_HASH, None, value[POSITION].offset)
-        if value[DELETED] else
-        SinkRecord(source, key, "upsert", value[UPDATED], value[HASH], value[RECORD], value[POSITION].offset)
-        for key, value in zip(keys, values)])
-    batch_id = xxh3_128_hexdigest(records)
-    return Chunk(batch_id, b'{"batch_id":"%s","records":%s}' % (batch_id.encode(), records), source, keys, values)
-
-
-def split_chunk(chunk: Chunk) -> tuple[Chunk, Chunk]:
-    """The two halves of a request the sink found too large (413), each with its own content-derived id."""
-    half = len(chunk.keys) // 2
-    return (make_chunk(chunk.source, chunk.keys[:half], chunk.values[:half]),
-            make_chunk(chunk.source, chunk.keys[half:], chunk.values[half:]))

@@ -1,15 +1,18 @@
-"""The merger process: keeps the latest version of every key it owns and delivers batches to the sink.
+"""The merger process: keeps the latest version of every key it owns and delivers it to the sinks.
 
-Reads frames from one ring per consumer, merges them (``workers.merge``), and flushes when
-``batch_size`` records are pending, when the oldest has waited ``flush_interval_s``, or, when the sink
-is idle, as soon as ``linger_s`` has passed, so a quiet pipeline delivers within milliseconds and a
-busy one sends full batches. After the sink acknowledges a flush, the merger acknowledges its
+Reads frames from one ring per consumer, merges them per source (``workers.merge``), and flushes a
+source when its sinks' ``batch_size`` records are pending, when the oldest has waited their
+``flush_interval_s``, or, when none of its deliveries is in flight, as soon as ``LINGER_S`` has passed,
+so a quiet pipeline delivers within milliseconds and a busy one sends full batches. Each flush goes to
+every sink of the source (``workers.delivery``); once all of them have it, the merger acknowledges its
 positions to the consumers so they can commit.
 
-Backpressure: when ``max_pending_records`` are waiting (the sink is slow or down), the merger stops
-reading its rings; the rings fill, the consumers stop reading the log, and the backlog stays on disk.
+Backpressure: a source waits while a sink of it has ``max_in_flight`` deliveries out (or is failing);
+its records wait in the log, because each consumer keeps a bounded number of its messages in flight
+per topic. As a last guard, the merger stops reading its rings when everything pending exceeds the
+sum of the sources' ``max_pending_records``; the rings fill and the consumers stop reading the log.
 
-Failures: a batch the sink finds too large (413) is split in halves until it fits. Writing dead letters
+Failures: a chunk a sink finds too large (413) is split in halves until it fits. Writing dead letters
 is retried with backoff ([retry], up to ``max_attempts``). Anything that still escapes a delivery (or
 the ring reader) crashes the merger with exit code 1: the supervisor restarts it and the consumers,
 seeing the ring's reader change, re-read everything it held. A delivery is never dropped silently.
@@ -25,14 +28,13 @@ from collections import defaultdict
 from conflux import metrics
 from conflux.errors import ExitCode
 from conflux.ipc.codec import decode_batch, encode_ack_frame, ring_frame_decoder
-from conflux.ipc.messages import Acks, DeadLetter, FlushNow, MergeBatch
+from conflux.ipc.messages import Acks, FlushNow, MergeBatch
 from conflux.ipc.shm import RingFull, RingReader, RingWriter
 from conflux.log import open_log
 from conflux.workers.base import AsyncWorker
-from conflux.workers.batching import dead_letter_id
-from conflux.workers.merge import DELETED, POSITION, RECORD, Chunk, FlushUnit, MergeState, Token, split_chunk
-from conflux.workers.resilience import Backoff
-from conflux.workers.sinks import Delivery, HttpSink
+from conflux.workers.delivery import Dispatcher, Route
+from conflux.workers.merge import FlushUnit, MergeState, Token
+from conflux.workers.sinks import make_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -54,33 +56,37 @@ class MergerWorker(AsyncWorker):
         self.readers: list[RingReader] = []
         self.ack_writers: list[RingWriter] = []
         self.ack_backlog: dict[int, list[Acks]] = defaultdict(list)
-        self.in_flight = 0
         self.reading = True
         self.flush_now = False
-        self.delivered_records = 0
         self.exit_code = ExitCode.OK
+        self.sinks: dict = {}
+        self.dispatcher: Dispatcher | None = None
 
     async def main_async(self) -> int:
-        sink_config = self.config.sink
         self.quick_stop = asyncio.Event()
         self.wake = asyncio.Event()
-        self.sink = HttpSink(sink_config, self.config.retry, stopping=self.quick_stop)
-        await self.sink.start()
+        self.sinks = make_sinks(self.config, stopping=self.quick_stop)
+        for sink in self.sinks.values():
+            await sink.start()
+        self.routes = {source.name: Route([self.sinks[name] for name in self.config.sink_names_of(source)])
+                       for source in self.config.sources}
+        self.max_pending_total = sum(route.max_pending_records for route in self.routes.values()) or 1
         self.dead_letters = open_log(self.config).dead_letters()
+        self.dispatcher = Dispatcher(self.routes, self.dead_letters, self.config.retry, self._pause)
         self.readers = [RingReader(spec) for spec in self.spec.inbound]
         self.ack_writers = [RingWriter(spec) for spec in self.spec.outbound]
         self._start_reading()
         self.deliveries: set[asyncio.Task] = set()
-        deliveries = self.deliveries
         try:
-            await self._flush_loop(deliveries)
+            await self._flush_loop()
         finally:
             self._stop_reading()
-            if deliveries and not self.stop_quickly:
-                await asyncio.wait(deliveries, timeout=self.config.daemon.shutdown_timeout_s)
-            for task in deliveries:
+            if self.deliveries and not self.stop_quickly:
+                await asyncio.wait(self.deliveries, timeout=self.config.daemon.shutdown_timeout_s)
+            for task in self.deliveries:
                 task.cancel()
-            await self.sink.close()
+            for sink in self.sinks.values():
+                await sink.close()
             self.dead_letters.close()
         return self.exit_code
 
@@ -94,6 +100,14 @@ class MergerWorker(AsyncWorker):
                      type(exc).__name__, exc, exc_info=exc)
         self.exit_code = ExitCode.CRASH
         self._quit()
+
+    async def _pause(self, delay_s: float) -> bool:
+        """Sleep, but wake at once on a quick stop; False if we are stopping quickly."""
+        try:
+            await asyncio.wait_for(self.quick_stop.wait(), timeout=delay_s)
+        except TimeoutError:
+            return True
+        return False
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -126,21 +140,20 @@ class MergerWorker(AsyncWorker):
             if isinstance(frame, MergeBatch):
                 token = Token(frame.consumer, frame.generation, frame.position)
                 stale = self.state.add(decode_batch(frame.batch), token)
+                if stale:
+                    metrics.dedup_skipped.labels("stale").inc(stale)
             elif isinstance(frame, FlushNow):
                 self.flush_now = True
-                continue
-            if stale:
-                metrics.dedup_skipped.labels("stale").inc(stale)
         if reader.used_bytes:  # more than one read's worth: come back on the next loop turn
             asyncio.get_running_loop().call_soon(self._on_frames, reader)
         metrics.processing_duration.labels("merge").observe(time.perf_counter() - started)
-        if self.state.pending_count >= self.config.sink.max_pending_records:
+        if self.state.pending_count >= self.max_pending_total:
             self._stop_reading()
         self.wake.set()
 
     # -- flushing ---------------------------------------------------------------------------------------
 
-    async def _flush_loop(self, deliveries: set[asyncio.Task]) -> None:
+    async def _flush_loop(self) -> None:
         while True:
             idle_tokens = self.state.take_idle_tokens()
             if idle_tokens:
@@ -148,13 +161,13 @@ class MergerWorker(AsyncWorker):
             stopping = self.stopping.is_set()
             if stopping and (self.stop_quickly or self.state.pending_count == 0):
                 return
-            delay_s = self._flush_delay_s(stopping)
-            if delay_s == 0.0:
-                unit = self.state.take(self.config.sink.batch_size)
-                task = asyncio.create_task(self._deliver(unit))
-                deliveries.add(task)
+            due, delay_s = self._due(stopping)
+            for source in due:
+                task = asyncio.create_task(self._deliver(self.state.take(source)))
+                self.deliveries.add(task)
                 task.add_done_callback(self._delivery_done)
-                if not self.reading and not stopping:
+            if due:
+                if not self.reading and not stopping and self.state.pending_count < self.max_pending_total:
                     self._start_reading()
                 continue
             self.wake.clear()
@@ -163,19 +176,26 @@ class MergerWorker(AsyncWorker):
             for waiter in waits:
                 waiter.cancel()
 
-    def _flush_delay_s(self, stopping: bool) -> float | None:
-        """0 to flush now, else how long until a timer would make us flush (None: nothing to wait for)."""
-        state, sink = self.state, self.config.sink
-        if state.pending_count == 0:
-            return None
-        if self.in_flight >= sink.max_in_flight or (self.in_flight and self.sink.failing_since is not None):
-            return None  # a delivery finishing wakes us
-        if stopping or self.flush_now or state.pending_count >= sink.batch_size:
+    def _due(self, stopping: bool) -> tuple[list[str], float | None]:
+        """The sources to flush now, and otherwise how long until a timer would make one due (None:
+        nothing to wait for but a delivery finishing or a frame arriving)."""
+        due, delay_s = [], None
+        for source, state in self.state.sources.items():
+            if not state.pending or self.dispatcher.busy(source):
+                continue
+            route = self.routes[source]
+            if stopping or self.flush_now or len(state.pending) >= route.batch_size:
+                due.append(source)
+                continue
+            linger_s = LINGER_S if self.dispatcher.idle(source) else route.flush_interval_s
+            wait_s = max(0.0, min(linger_s, route.flush_interval_s) - state.age_s())
+            if wait_s == 0.0:
+                due.append(source)
+            else:
+                delay_s = wait_s if delay_s is None else min(delay_s, wait_s)
+        if due:
             self.flush_now = False
-            return 0.0
-        age_s = state.age_s()
-        linger_s = LINGER_S if self.in_flight == 0 else sink.flush_interval_s
-        return max(0.0, min(linger_s, sink.flush_interval_s) - age_s)
+        return due, delay_s
 
     def _delivery_done(self, task: asyncio.Task) -> None:
         self.deliveries.discard(task)
@@ -183,88 +203,13 @@ class MergerWorker(AsyncWorker):
             self._crash("a delivery", task.exception())
 
     async def _deliver(self, unit: FlushUnit) -> None:
-        """Every chunk acknowledged by the sink or dead-lettered, then the unit's tokens acknowledged."""
-        self.in_flight += 1
+        """Every sink of the source takes the unit (or dead-letters what it refuses), then its tokens
+        are acknowledged; if the process stops quickly first, the consumers re-read it."""
         try:
-            todo = list(reversed(unit.chunks))  # a stack: the halves of a split chunk go next
-            while todo:
-                chunk = todo.pop()
-                started = time.perf_counter()
-                outcome = await self.sink.deliver(chunk.batch_id, chunk.body, len(chunk.keys))
-                if outcome is None:
-                    return  # stopping quickly: the consumers re-read these after restart
-                metrics.processing_duration.labels("sink").observe(time.perf_counter() - started)
-                if outcome.too_large and len(chunk.keys) > 1:
-                    halves = split_chunk(chunk)
-                    logger.info("sink answered 413 to batch %s of %d records; sending it as %d and %d", chunk.batch_id,
-                                len(chunk.keys), len(halves[0].keys), len(halves[1].keys))
-                    todo.extend(reversed(halves))
-                    continue
-                if not await self._record_outcome(chunk, _reasons(outcome)):
-                    return
-            self._acknowledge(unit.tokens)
+            if await self.dispatcher.deliver(unit):
+                self._acknowledge(unit.tokens)
         finally:
-            self.in_flight -= 1
             self.wake.set()
-
-    async def _record_outcome(self, chunk: Chunk, rejected: dict[int, str]) -> bool:
-        """Count the delivered records and dead-letter the rejected ones; False if stopping quickly."""
-        if rejected and not await self._dead_letter(chunk, rejected):
-            return False
-        delivered = len(chunk.keys) - len(rejected)
-        metrics.records_delivered.labels(chunk.source).inc(delivered)
-        deletes = sum(value[DELETED] for index, value in enumerate(chunk.values) if index not in rejected)
-        if deletes:
-            metrics.records_deleted.labels(chunk.source).inc(deletes)
-        self.delivered_records += delivered
-        return True
-
-    async def _dead_letter(self, chunk: Chunk, rejected: dict[int, str]) -> bool:
-        now = time.time()
-        entries = []
-        for index, reason in rejected.items():
-            key, value = chunk.keys[index], chunk.values[index]
-            position = value[POSITION]
-            entries.append(DeadLetter(
-                id=dead_letter_id(chunk.source, "sink", value[RECORD]), source=chunk.source, reason=reason,
-                stage="sink", record=value[RECORD], key=key,
-                origin=f"{position.topic}/{position.partition}/{position.offset}", first_seen=now, last_seen=now))
-        if not await self._write_dead_letters(chunk, entries):
-            return False
-        metrics.dlq_records.labels(chunk.source, "sink_rejected").inc(len(entries))
-        logger.warning("sink rejected %d of %d records of batch %s; they are in the dead-letter queue",
-                       len(entries), len(chunk.keys), chunk.batch_id)
-        return True
-
-    async def _write_dead_letters(self, chunk: Chunk, entries: list[DeadLetter]) -> bool:
-        """Retried with backoff; the last failure propagates and crashes the merger (see _crash). The store
-        may fail in any way its backend can (SQLite full or locked, a Kafka error, a missing topic)."""
-        retry = self.config.retry
-        backoff = Backoff.from_config(retry)
-        loop = asyncio.get_running_loop()
-        for attempt in range(1, retry.max_attempts + 1):
-            try:
-                await loop.run_in_executor(None, self.dead_letters.add, entries)
-                return True
-            except Exception as exc:
-                metrics.dlq_write_failures.labels(chunk.source).inc()
-                if attempt == retry.max_attempts:
-                    raise
-                delay_s = backoff.next_delay_s()
-                logger.warning("writing %d dead letters of batch %s failed (%s: %s); attempt %d of %d, next in "
-                               "%.1f s", len(entries), chunk.batch_id, type(exc).__name__, exc, attempt,
-                               retry.max_attempts, delay_s)
-                if not await self._pause(delay_s):
-                    return False
-        return False
-
-    async def _pause(self, delay_s: float) -> bool:
-        """Sleep, but wake at once on a quick stop; False if we are stopping quickly."""
-        try:
-            await asyncio.wait_for(self.quick_stop.wait(), timeout=delay_s)
-        except TimeoutError:
-            return True
-        return False
 
     # -- acknowledging ------------------------------------------------------------------------------------
 
@@ -290,22 +235,21 @@ class MergerWorker(AsyncWorker):
                 backlog.pop(0)
 
     def stats(self) -> dict[str, float]:
+        if self.dispatcher is None:  # a heartbeat before the sinks have started
+            return {}
         self._send_acks()
         pending = self.state.pending_count
         metrics.queue_depth.labels(f"merger-{self.spec.index}-pending").set(pending)
-        failing_since = self.sink.failing_since
-        return {"pending": pending, "in_flight": self.in_flight, "delivered": self.delivered_records,
-                "keys_known": self.state.keys_known, "sink_circuit": metrics.CIRCUIT_VALUES[self.sink.breaker.state],
-                "sink_failing_s": round(time.monotonic() - failing_since, 3) if failing_since is not None else 0.0,
-                "sink_last_status": self.sink.last_status}
-
-
-
-def _reasons(outcome: Delivery) -> dict[int, str]:
-    """A single record that is still too large is refused on its own: say so in its dead letter."""
-    if outcome.too_large:
-        return {index: f"too large even alone: {reason}" for index, reason in outcome.rejected.items()}
-    return outcome.rejected
+        now = time.monotonic()
+        out = {"pending": pending, "in_flight": self.dispatcher.in_flight,
+               "delivered": self.dispatcher.delivered_records, "keys_known": self.state.keys_known}
+        for sink in self.sinks.values():
+            failing_s = round(now - sink.failing_since, 3) if sink.failing_since is not None else 0.0
+            prefix = "sink_" if sink.name == "default" else f"sink.{sink.name}."
+            out.update({f"{prefix}circuit": metrics.CIRCUIT_VALUES[sink.breaker.state],
+                        f"{prefix}failing_s": failing_s, f"{prefix}last_status": sink.last_status,
+                        f"{prefix}in_flight": self.dispatcher.by_sink.get(sink.name, 0)})
+        return out
 
 
 def acks_per_frame(positions: list, max_frame_bytes: int) -> int:

@@ -28,7 +28,7 @@ DOCUMENTED = {
     "conflux_last_sync_timestamp_seconds": {"source"},
     "conflux_consumer_lag": {"topic", "partition"},
     "conflux_upstream_request_duration_seconds_bucket": {"source", "status", "le"},
-    "conflux_sink_request_duration_seconds_bucket": {"status", "le"},
+    "conflux_sink_request_duration_seconds_bucket": {"status", "sink", "le"},
     "conflux_circuit_state": {"target"},
     "conflux_worker_restarts_total": {"role"},
     "conflux_workers": {"role", "state"},

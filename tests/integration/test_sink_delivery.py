@@ -1,4 +1,4 @@
-"""HttpSink (workers/sinks.py) against the real demo analytics sink: an answer that is not the sink's
+"""HttpSink (workers/sinks/http.py) against the real demo analytics sink: an answer that is not the sink's
 acknowledgement (a redirect, an HTML page, 401/403/404) is an outage, retried behind the breaker until
 the fault is lifted, and then the batch arrives exactly once."""
 
@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from conflux.config import RetryConfig, SinkConfig
-from conflux.workers.sinks import Delivery, HttpSink
+from conflux.workers.sinks.base import Delivery
+from conflux.workers.sinks.http import HttpSink
 from tests.fixtures.analytics import batch_body, sink_record
 
 RETRY = RetryConfig(base_s=0.02, max_s=0.1, breaker_failures=2, breaker_cooldown_s=0.2)
@@ -36,19 +37,33 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> dict:
 
 
 def retries(reason: str) -> float:
-    return REGISTRY.get_sample_value("conflux_sink_retries_total", {"reason": reason}) or 0.0
+    return REGISTRY.get_sample_value("conflux_sink_retries_total", {"reason": reason, "sink": "default"}) or 0.0
+
+
+class FixedChunk:
+    """A request body made by the test, delivered as the merger's chunks are (batch_id, body, length)."""
+
+    def __init__(self, batch_id: str, body: bytes, count: int) -> None:
+        self.batch_id, self.body, self.count = batch_id, body, count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def http_sink(url: str) -> HttpSink:
+    return HttpSink("default", SinkConfig(url=f"{url}/ingest", timeout_s=5.0), RETRY)
 
 
 async def deliver_through_fault(url: str, fault_count: str, records: list[dict]) -> tuple[Delivery, list[str]]:
     """Deliver one batch while the sink's fault is on; lift it once the breaker opened; return the outcome
     and the breaker states seen."""
-    sink = HttpSink(SinkConfig(url=f"{url}/ingest", timeout_s=5.0), RETRY)
+    sink = http_sink(url)
     seen: list[str] = []
     sink.breaker.on_change_hooks.append(seen.append)
     await sink.start()
     try:
         async with aiohttp.ClientSession() as admin:
-            task = asyncio.create_task(sink.deliver("b-1", batch_body("b-1", records), len(records)))
+            task = asyncio.create_task(sink.deliver(FixedChunk("b-1", batch_body("b-1", records), len(records))))
             await poll(lambda: _counted(admin, url, fault_count, 3), message=f"3 ingests answered by {fault_count}")
             await poll(lambda: _true(sink.breaker.state == "open"), message="the breaker to open")
             assert not task.done(), f"a fault answer counted as delivered: {task.result()}"
@@ -99,11 +114,11 @@ def test_the_login_page_a_redirect_points_at_is_never_fetched(analytics_factory)
     service = analytics_factory(redirect_to="/login")
 
     async def scenario() -> dict:
-        sink = HttpSink(SinkConfig(url=f"{service.url}/ingest", timeout_s=5.0), RETRY)
+        sink = http_sink(service.url)
         await sink.start()
         try:
             records = [sink_record("k")]
-            task = asyncio.create_task(sink.deliver("b-1", batch_body("b-1", records), 1))
+            task = asyncio.create_task(sink.deliver(FixedChunk("b-1", batch_body("b-1", records), 1)))
             async with aiohttp.ClientSession() as admin:
                 await poll(lambda: _counted(admin, service.url, "redirect", 3), message="3 redirected ingests")
                 task.cancel()

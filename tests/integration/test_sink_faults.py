@@ -59,7 +59,7 @@ def test_nothing_is_committed_until_the_sink_acknowledges(upstream_factory, anal
     upstream = upstream_factory(customers=300, products=200)
     sink = analytics_factory(**fault)
     daemon = daemon_factory(sources=both_sources(upstream.url), sink_url=sink.url, retry=FAST_RETRY,
-                            sink={"ack_timeout_s": 1.0})
+                            workers={"ack_timeout_s": 1.0})
     wait_until(lambda: all(daemon.sync_ok(name) for name in BOTH), timeout_s=60, message="the full sync in the log")
     wait_until(lambda: metric(daemon, "conflux_circuit_state", target="sink") == 2, timeout_s=30,
                message="the sink breaker to open")

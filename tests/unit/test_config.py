@@ -103,7 +103,7 @@ def test_wrong_keys_and_types_name_the_field(text: str, field: str) -> None:
     (SOURCE.replace('"crm"', '"c r m"'), "sources[0]", "name 'c r m' may only hold"),
     (SOURCE + "poll_interval_s = nan", "sources[0]", "poll_interval_s must be >= 0.1 s"),
     ("[sink]\nbatch_size = 100\nmax_pending_records = 10", "sink", "max_pending_records must be >= batch_size"),
-    ("[sink]\nack_timeout_s = 0", "sink", "ack_timeout_s must be > 0"),
+    ("[workers]\nack_timeout_s = 0", "workers", "ack_timeout_s must be > 0"),
     ("[retry]\nbase_s = 5\nmax_s = 1", "retry", "base_s must be > 0 and <= max_s"),
     ("[workers]\nconsumers = 65", "workers", "consumers must be between 1 and 64"),
     ("[workers]\nheartbeat_timeout_s = 1", "workers", "heartbeat_timeout_s must be more than twice"),
@@ -313,7 +313,7 @@ def _same(read: Any, written: Any) -> bool:
 
 
 SECTIONS = {name: list(msgspec.structs.fields(Config)[i].type.__struct_fields__)
-            for i, name in enumerate(Config.__struct_fields__) if name != "sources"}
+            for i, name in enumerate(Config.__struct_fields__) if name not in ("sources", "sinks")}
 SOURCE_KEYS = ["name", "url", "key", "updated", "pagination", "page_size", "poll_interval_s", "max_concurrency",
                "headers", "auth", "webhook_secret_env", "timeout_s", "rate_limit_rps", "colour"]
 toml_value = st.recursive(

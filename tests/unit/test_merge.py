@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conflux.ipc.messages import Batch, Position
-from conflux.workers.merge import HASH, OFFSET_SPAN, UPDATED_US, MergeState, Token, make_chunk, split_chunk
+from conflux.workers.merge import HASH, OFFSET_SPAN, UPDATED_US, MergeState, Token
+from conflux.workers.sinks.base import Chunk
 
 FUZZ = settings(max_examples=100, derandomize=True, deadline=None)
 _offsets = count()
@@ -32,10 +33,16 @@ def frame(source: str, records: list[tuple[str, int, str]], *, consumer: int = 0
     return batch, Token(consumer, generation, position)
 
 
+def take_all(state: MergeState, batch_size: int = 1000) -> list[Chunk]:
+    """Every source's pending records, each source's cut into sink requests of at most ``batch_size``."""
+    return [chunk for source in list(state.sources) if state.sources[source].pending
+            for unit in [state.take(source)] for chunk in Chunk(source, unit.keys, unit.values).cut(batch_size)]
+
+
 def flushed(state: MergeState, batch_size: int = 1000) -> list[tuple[str, list[tuple[str, int, str]]]]:
     """take() as plain data: per chunk, its source and (key, updated_us, hash) of each record."""
     return [(chunk.source, [(key, value[UPDATED_US], value[HASH]) for key, value in zip(chunk.keys, chunk.values)])
-            for chunk in state.take(batch_size).chunks]
+            for chunk in take_all(state, batch_size)]
 
 
 class Model:
@@ -83,12 +90,12 @@ def test_merge_state_follows_the_latest_wins_rule(steps: list) -> None:
     state, model = MergeState(), Model()
     for step in steps:
         if isinstance(step, int):
-            assert flushed(state, step) == model.take(step)
+            assert sorted(flushed(state, step)) == sorted(model.take(step))
         else:
             source, records, offset = step
             assert state.add(*frame(source, records, offset=offset)) == model.add(source, records, offset)
             assert state.pending_count == sum(len(keys) for keys in model.pending.values())
-    assert flushed(state, 3) == model.take(3)
+    assert sorted(flushed(state, 3)) == sorted(model.take(3))
 
 
 @FUZZ
@@ -97,13 +104,14 @@ def test_merge_state_follows_the_latest_wins_rule(steps: list) -> None:
 def test_fast_path_and_one_by_one_path_agree(records: list, known: list) -> None:
     fast, slow = MergeState(), MergeState()
     for state in (fast, slow):  # the same history of versions already handed to the sink
-        state.latest["s"] = {key: updated_us * OFFSET_SPAN + offset for key, updated_us, offset in known}
+        state.source("s").latest = {key: updated_us * OFFSET_SPAN + offset for key, updated_us, offset in known}
     one = frame("s", records, offset=2)
     stale_fast = fast.add(*one)
-    stale_slow = slow._add_one_by_one(one[0], slow.latest["s"], slow.pending.setdefault("s", {}), one[1].position)
+    slow_source = slow.source("s")
+    stale_slow = slow._add_one_by_one(one[0], slow_source.latest, slow_source.pending, one[1].position)
     assert stale_fast == stale_slow
-    assert fast.pending_count == slow.pending_count == len(slow.pending["s"])
-    assert fast.pending == slow.pending
+    assert fast.pending_count == len(fast.source("s").pending) == len(slow_source.pending)
+    assert fast.source("s").pending == slow_source.pending
 
 
 def test_newer_wins_and_an_older_version_arriving_late_is_dropped() -> None:
@@ -145,8 +153,8 @@ def test_a_re_read_at_the_same_offset_is_delivered_again_not_stale() -> None:
     assert flushed(state) == [("s", [("k", 5, "h-v"), ("j", 7, "h-w")])]
     again = frame("s", [("k", 5, "v"), ("j", 7, "w")], offset=4, generation=2)
     assert state.add(*again) == 0 and state.take_idle_tokens() == []
-    unit = state.take(10)
-    assert unit.tokens == [again[1]] and [chunk.keys for chunk in unit.chunks] == [["k", "j"]]
+    unit = state.take("s")
+    assert unit.tokens == [again[1]] and unit.keys == ["k", "j"]
 
 
 def test_records_before_1970_are_not_mistaken_for_stale() -> None:
@@ -168,31 +176,31 @@ def test_take_cuts_per_source_chunks_of_at_most_batch_size() -> None:
     state = MergeState()
     state.add(*frame("a", [(f"k{i}", i, "x") for i in range(7)]))
     state.add(*frame("b", [(f"k{i}", i, "x") for i in range(3)]))
-    unit = state.take(3)
-    assert [(chunk.source, len(chunk.keys)) for chunk in unit.chunks] == [("a", 3), ("a", 3), ("a", 1), ("b", 3)]
-    assert unit.records == 10
-    assert [chunk.keys for chunk in unit.chunks][:3] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6"]]
-    assert state.pending_count == 0 and state.take(3).chunks == []
+    chunks = take_all(state, 3)
+    assert [(chunk.source, len(chunk.keys)) for chunk in chunks] == [("a", 3), ("a", 3), ("a", 1), ("b", 3)]
+    assert [chunk.keys for chunk in chunks][:3] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6"]]
+    assert state.pending_count == 0 and take_all(state, 3) == []
     assert state.keys_known == 10
 
 
 def test_take_hands_back_every_token_in_arrival_order_and_resets_the_age() -> None:
     state = MergeState()
-    assert state.age_s() == 0.0
+    assert state.source("a").age_s() == 0.0
     first = frame("a", [("k", 1, "x")], consumer=0, generation=3, offset=7)
     second = frame("a", [("k", 0, "y")], consumer=1, generation=4, offset=9)  # stale, still acknowledged
     state.add(*first)
     state.add(*second)
-    assert state.age_s() >= 0.0 and state.oldest_at is not None
-    unit = state.take(10)
+    source = state.source("a")
+    assert source.age_s() >= 0.0 and source.oldest_at is not None
+    unit = state.take("a")
     assert unit.tokens == [first[1], second[1]]
-    assert state.tokens == [] and state.oldest_at is None and state.age_s() == 0.0
+    assert source.tokens == [] and source.oldest_at is None and source.age_s() == 0.0
 
 
 def test_chunk_body_is_the_sink_contract() -> None:
     state = MergeState()
     state.add(*frame("s", [("k1", 1, "x"), ("k2", 2, "y")], offset=7))
-    chunk = state.take(10).chunks[0]
+    (chunk,) = take_all(state)
     body = msgspec.json.decode(chunk.body)
     assert body["batch_id"] == chunk.batch_id
     assert body["records"] == [
@@ -207,14 +215,14 @@ def test_batch_id_is_derived_from_content_and_offsets_only() -> None:
     def chunk_for(records: list, offset: int, *, consumer: int = 0, generation: int = 1):
         state = MergeState()
         state.add(*frame("s", records, consumer=consumer, generation=generation, offset=offset))
-        return state.take(10).chunks[0]
+        return take_all(state)[0]
 
     same = [chunk_for([("k1", 1, "x"), ("k2", 2, "y")], 5, consumer=n, generation=n) for n in (1, 2)]
     assert same[0].batch_id == same[1].batch_id and same[0].body == same[1].body  # who read it does not matter
     assert chunk_for([("k1", 1, "x"), ("k2", 2, "z")], 5).batch_id != same[0].batch_id
     assert chunk_for([("k2", 2, "y"), ("k1", 1, "x")], 5).batch_id != same[0].batch_id  # another request
     assert chunk_for([("k1", 1, "x"), ("k2", 2, "y")], 6).batch_id != same[0].batch_id  # another seq
-    rebuilt = make_chunk("s", same[0].keys, same[0].values)  # a retry rebuilds the same request
+    rebuilt = Chunk("s", same[0].keys, same[0].values)  # a retry rebuilds the same request
     assert rebuilt.batch_id == same[0].batch_id and rebuilt.body == same[0].body
 
 
@@ -222,26 +230,27 @@ def test_a_frame_of_only_stale_records_is_acknowledged_without_a_delivery():
     """Nothing to deliver must not mean nothing to acknowledge: the consumer would wait forever."""
     state = MergeState()
     state.add(*frame("crm", [("k", 200, "new")]))
-    unit = state.take(100)
+    unit = state.take("crm")
     assert state.take_idle_tokens() == []
     stale = frame("crm", [("k", 100, "old")])
     assert state.add(*stale) == 1 and state.pending_count == 0
     assert [token.position for token in state.take_idle_tokens()] == [stale[1].position]
-    assert state.tokens == [] and unit.records == 1
+    assert state.source("crm").tokens == [] and unit.records == 1
     state.add(*frame("crm", [("j", 300, "x")]))
     assert state.take_idle_tokens() == []  # something pending: its tokens go with the delivery
 
 
-def test_split_chunk_halves_a_request_into_two_with_their_own_ids() -> None:
+def test_halves_split_a_request_into_two_with_their_own_ids() -> None:
     state = MergeState()
     state.add(*frame("s", [(f"k{i}", i, "x") for i in range(5)]))
-    whole = state.take(10).chunks[0]
-    first, second = split_chunk(whole)
+    (whole,) = take_all(state)
+    first, second = whole.halves()
     assert (first.keys, second.keys) == (["k0", "k1"], ["k2", "k3", "k4"])
     assert first.values + second.values == whole.values and first.source == second.source == "s"
     assert len({whole.batch_id, first.batch_id, second.batch_id}) == 3
-    assert first == make_chunk("s", whole.keys[:2], whole.values[:2])  # a retry rebuilds the same halves
-    one, rest = split_chunk(second)
+    rebuilt = Chunk("s", whole.keys[:2], whole.values[:2])  # a retry rebuilds the same halves
+    assert (rebuilt.batch_id, rebuilt.body) == (first.batch_id, first.body)
+    one, rest = second.halves()
     assert (one.keys, rest.keys) == (["k2"], ["k3", "k4"])
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from conflux.workers.sinks import Delivery, Retry, interpret
+from conflux.workers.sinks.http import Delivery, Retry, interpret
 
 BATCH = "b-42"
 

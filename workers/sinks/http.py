@@ -1,4 +1,4 @@
-"""Delivering merged batches to the sink: the analytics HTTP API.
+"""The HTTP sink: the analytics ingest API (``[sink]``, or ``[[sinks]]`` with ``type = "http"``).
 
 Runs in merger processes. ``HttpSink.deliver`` keeps trying one batch (same batch_id, same body)
 until the sink acknowledges it or refuses it as bad. Only the sink's acknowledgement counts as delivery:
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import NamedTuple
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -25,12 +25,12 @@ import yarl
 from conflux import metrics
 from conflux.config import RetryConfig, SinkConfig
 from conflux.secrets import read_secret
-from conflux.workers.resilience import Backoff, CircuitBreaker, parse_retry_after
+from conflux.workers.resilience import parse_retry_after
+from conflux.workers.sinks.base import TOO_LARGE, Chunk, Delivery, Retry, Sink
 
 logger = logging.getLogger(__name__)
 
 BAD_BATCH = 400
-TOO_LARGE = 413
 UNPROCESSABLE = 422
 EXCERPT_BYTES = 160
 # msgspec raises these two outside its own hierarchy (bad UTF-8 in a string, nesting too deep).
@@ -58,71 +58,32 @@ _ack_decoder = msgspec.json.Decoder(Acknowledgement)
 _rejection_decoder = msgspec.json.Decoder(RejectionBody)
 
 
-class Delivery(NamedTuple):
-    """The sink's final answer to one batch: which record indices it rejected, and why. A 413 for a
-    batch of several records is for the merger to split, not to dead-letter."""
+class HttpSink(Sink):
+    """One per merger process and configured HTTP sink; the aiohttp session is made in ``start``."""
 
-    rejected: dict[int, str]
-    status: int
+    kind = "http"
+    Options = SinkConfig
 
-    @property
-    def too_large(self) -> bool:
-        return self.status == TOO_LARGE
-
-
-class Retry(NamedTuple):
-    """An answer that is not final: why (the metric's reason label), what to log, how long to wait."""
-
-    reason: str
-    message: str
-    retry_after_s: float | None = None
-
-
-class HttpSink:
-    """One per merger process; the aiohttp session is created on first use, inside the running loop."""
-
-    def __init__(self, config: SinkConfig, retry: RetryConfig, *, stopping: asyncio.Event | None = None) -> None:
-        self.config = config
-        self.retry = retry
-        self.breaker = CircuitBreaker.from_config(retry, on_change=self._on_breaker_change)
+    def __init__(self, name: str, options: SinkConfig, retry: RetryConfig, *,
+                 stopping: asyncio.Event | None = None, context: Any = None) -> None:
+        super().__init__(name, options, retry, stopping=stopping, context=context)
+        self.config = options
         self._session: aiohttp.ClientSession | None = None
-        self._stopping = stopping
         self._token = ""
-        self.failing_since: float | None = None
-        self.last_status = -1  # of the last answer: 0 = none (unreachable), -1 = no request yet
 
     async def start(self) -> None:
-        token = read_secret(env=self.config.token_env, literal=self.config.token, what="sink.token")
-        self._token = token
+        await super().start()
+        self._token = read_secret(env=self.config.token_env, literal=self.config.token, what=f"{self._label()}.token")
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s, connect=min(5.0, self.config.timeout_s))
         connector = aiohttp.TCPConnector(limit=self.config.max_in_flight * 2, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
-        metrics.circuit_state.labels("sink").set(0)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
-    async def deliver(self, batch_id: str, body: bytes, count: int) -> Delivery | None:
-        """Deliver until acknowledged or refused as bad; None only if the process is stopping quickly."""
-        backoff = Backoff.from_config(self.retry)
-        while True:
-            if not self.breaker.allow():
-                if not await self._pause(max(self.breaker.wait_s(), backoff.floor_s)):
-                    return None
-                continue
-            outcome = await self._attempt(batch_id, body, count)
-            if isinstance(outcome, Delivery):
-                self.breaker.record_success()
-                self.failing_since = None
-                return outcome
-            metrics.sink_retries.labels(outcome.reason).inc()
-            logger.warning("%s; batch %s (%d records) will be retried", outcome.message, batch_id, count)
-            self.breaker.record_failure()
-            if self.failing_since is None:
-                self.failing_since = time.monotonic()
-            if not await self._pause(backoff.next_delay_s(outcome.retry_after_s)):
-                return None
+    async def attempt(self, chunk: Chunk) -> Delivery | Retry:
+        return await self._attempt(chunk.batch_id, chunk.body, len(chunk))
 
     async def _attempt(self, batch_id: str, body: bytes, count: int) -> Delivery | Retry:
         headers = {"Content-Type": "application/json", "Idempotency-Key": batch_id}
@@ -138,33 +99,18 @@ class HttpSink:
                 status = response.status
                 response_headers = response.headers
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            metrics.sink_request_duration.labels("error").observe(time.perf_counter() - started)
+            metrics.sink_request_duration.labels("error", self.name).observe(time.perf_counter() - started)
             self.last_status = 0
             return Retry(type(exc).__name__, f"sink unreachable ({type(exc).__name__}: {exc})")
-        metrics.sink_request_duration.labels(str(status)).observe(time.perf_counter() - started)
+        metrics.sink_request_duration.labels(str(status), self.name).observe(time.perf_counter() - started)
         self.last_status = status
         outcome = interpret(status, text, count, batch_id, location=response_headers.get("Location", ""))
         if isinstance(outcome, Retry):
             return outcome._replace(retry_after_s=parse_retry_after(response_headers.get("Retry-After")))
         if status in (BAD_BATCH, UNPROCESSABLE):
-            logger.error("sink refused %d records of batch %s with %d: %s", len(outcome.rejected), batch_id,
-                         status, next(iter(outcome.rejected.values())))
+            logger.error("%s refused %d records of batch %s with %d: %s", self._label(), len(outcome.rejected),
+                         batch_id, status, next(iter(outcome.rejected.values())))
         return outcome
-
-    async def _pause(self, delay_s: float) -> bool:
-        """Sleep, but wake at once on a quick stop; False if we are stopping quickly."""
-        if self._stopping is None:
-            await asyncio.sleep(delay_s)
-            return True
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-        except TimeoutError:
-            return True
-        return False
-
-    def _on_breaker_change(self, state: str) -> None:
-        metrics.circuit_state.labels("sink").set(metrics.CIRCUIT_VALUES[state])
-        logger.warning("sink circuit breaker is now %s", state)
 
 
 def interpret(status: int, text: bytes, count: int, batch_id: str, *, location: str = "") -> Delivery | Retry:
