@@ -628,6 +628,13 @@ def test_delete_errors(upstream_factory):
     assert delete(service, "customers", next(iter(malformed))).status_code == 409
     flagged = put(service, "customers", 1, {"deleted": True})
     assert flagged.status_code == 400 and flagged.json()["error"].startswith("deleted:")
+    for body, field in (({"delete_rate_per_s": -1}, "delete_rate_per_s"), ({"delete_style": "some"}, "delete_style"),
+                        ({"delete_rate_per_s": "fast"}, "delete_rate_per_s")):
+        for path in ("/admin/delete-rate", "/admin/faults"):
+            refused = requests.post(f"{service.url}{path}", json=body, timeout=10)
+            assert refused.status_code == 400 and refused.json()["error"].startswith(f"{field}:"), (path, body)
+    assert requests.get(f"{service.url}/admin/delete-rate", timeout=10).json() == {
+        "delete_rate_per_s": 0.0, "delete_style": "soft", "applied": 0}
 
 
 def _malformed_keys(service: Service) -> set:
