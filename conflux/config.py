@@ -111,10 +111,47 @@ class AuthConfig(_Section):
     scope: str = ""
 
 
+class FieldsConfig(_Section):
+    """What of a record reaches the sink: ``select`` keeps only these top-level fields, ``drop`` removes
+    these, ``rename`` maps old names to new ones (applied last). Key and updated are read before."""
+
+    select: list[str] = []
+    drop: list[str] = []
+    rename: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        both = sorted(set(self.select) & set(self.drop))
+        _require(not both, f"{both[0]!r} is in both select and drop" if both else "")
+        targets = list(self.rename.values())
+        twice = sorted({name for name in targets if targets.count(name) > 1})
+        _require(not twice, f"rename: two fields are renamed to {twice[0]!r}" if twice else "")
+        for old, new in self.rename.items():
+            _require(bool(old) and bool(new), "rename: names must not be empty")
+            _require(old not in self.drop, f"rename: {old!r} is dropped, so it is never renamed")
+            _require(not self.select or old in self.select, f"rename: {old!r} is not selected, so it is never renamed")
+            _require(not (self.select and new in self.select and new not in self.rename),
+                     f"rename: {old!r} -> {new!r} would overwrite the selected field {new!r}")
+
+
+FilterValue = str | int | float | bool
+
+
+class FilterConfig(_Section):
+    """``{ field = "status", in = [...] }`` or ``{ field = "status", not_in = [...] }``."""
+
+    field: str
+    in_: list[FilterValue] | None = msgspec.field(default=None, name="in")
+    not_in: list[FilterValue] | None = None
+
+    def __post_init__(self) -> None:
+        _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
+        _require((self.in_ is None) != (self.not_in is None), "give exactly one of in and not_in")
+
+
 class SourceConfig(_Section):
     name: str
     url: str
-    key: str = "id"
+    key: str | list[str] = "id"          # a dotted path into the record, or a list of them (a composite key)
     updated: str = "updated_at"
     pagination: PaginationStyle = "page"
     page_size: int = 500
@@ -139,8 +176,25 @@ class SourceConfig(_Section):
     max_page_bytes: int = 64 << 20            # per response, after decompression
     max_pages_per_sync: int = 100_000
     max_clock_skew_s: float = 300.0           # how far in the future an updated_at may be
+    updated_format: Literal["iso8601", "epoch_s", "epoch_ms", "epoch_us"] = "iso8601"
+    deleted: str = ""                         # a field that marks a deleted record (true, or a timestamp)
+    reconcile: bool = False                   # after a complete full sync, delete the keys it did not list
+    reconcile_max_fraction: float = 0.5       # ... unless that would delete more than this share of them
+    lookup_url: str = ""                      # GET this ("{key}" replaced) for a second look: 404 = deleted
+    fields: FieldsConfig | None = None
+    filter: FilterConfig | None = None
+
+    @property
+    def key_paths(self) -> list[str]:
+        return [self.key] if isinstance(self.key, str) else list(self.key)
+
+    @property
+    def shaped(self) -> bool:
+        """Whether records are rewritten on the way (select, drop, rename)."""
+        return self.fields is not None and bool(self.fields.select or self.fields.drop or self.fields.rename)
 
     def __post_init__(self) -> None:
+        self._check_identity()
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
                  f"name {self.name!r} may only hold letters, digits, '_', '.' and '-'")
         _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
@@ -159,6 +213,21 @@ class SourceConfig(_Section):
         _require(self.max_page_bytes >= 1024, "max_page_bytes must be >= 1024")
         _require(self.max_pages_per_sync >= 1, "max_pages_per_sync must be >= 1")
         _require(0 <= self.max_clock_skew_s < math.inf, "max_clock_skew_s must be a finite number >= 0")
+        _require(0 < self.reconcile_max_fraction <= 1, "reconcile_max_fraction must be > 0 and <= 1")
+        _require(not self.lookup_url or "{key}" in self.lookup_url, "lookup_url must hold {key}")
+        _require(not self.lookup_url or self.lookup_url.startswith(("http://", "https://")),
+                 "lookup_url must start with http:// or https://")
+
+    def _check_identity(self) -> None:
+        """The paths that find a record's key, updated instant and delete marker."""
+        paths = self.key_paths
+        _require(1 <= len(paths) <= 8, "key must name 1 to 8 fields")
+        _require(len(set(paths)) == len(paths), "key names a field twice")
+        for name, path in [*(("key", path) for path in paths), ("updated", self.updated),
+                           *([("deleted", self.deleted)] if self.deleted else [])]:
+            _require(not _path_problem(path), f"{name}: {_path_problem(path)}")
+        _require(not (self.pagination == "watermark" and len(paths) > 1),
+                 "key: the watermark (keyset) style pages by one key field (after_key), not a composite key")
 
 
 class SinkConfig(_Section):
@@ -320,6 +389,13 @@ def _check_webhook_buffer(config: Config) -> None:
         _require(source.webhook_max_bytes <= config.control.webhook_buffer_bytes,
                  f"control.webhook_buffer_bytes ({config.control.webhook_buffer_bytes}) must be >= "
                  f"sources[{index}] ({source.name}).webhook_max_bytes ({source.webhook_max_bytes})")
+
+
+def _path_problem(path: str) -> str:
+    """Why a dotted path into a record is unusable, or ""."""
+    if not path or any(not part for part in path.split(".")):
+        return f"{path!r} is not a dotted path of field names (an empty name)"
+    return ""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -645,8 +721,11 @@ def redacted(config: Config) -> dict[str, Any]:
     for source in data["sources"]:
         source["headers"] = redact_headers(source["headers"])
         source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
-        if source.get("auth") is None:
-            source.pop("auth", None)
+        for table in ("auth", "fields", "filter"):
+            if source.get(table) is None:
+                source.pop(table, None)
+        if isinstance(source.get("filter"), dict):  # `in` / `not_in`: only the one that is set
+            source["filter"] = {name: value for name, value in source["filter"].items() if value is not None}
     return data
 
 

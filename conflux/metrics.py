@@ -23,6 +23,15 @@ REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 records_fetched = Counter("conflux_records_fetched_total", "Records read from upstream pages and webhooks",
                           ["source"])
 records_delivered = Counter("conflux_records_delivered_total", "Records the sink acknowledged", ["source"])
+records_deleted = Counter("conflux_records_deleted_total",
+                          "Deletes the sink acknowledged (delete markers, filtered-out records, reconciles)",
+                          ["source"])
+reconcile_keys = Counter("conflux_reconcile_keys_total",
+                         "Keys a reconcile looked at after a complete full sync, by outcome: checked, deleted, "
+                         "waiting (missed once, deleted at the second look), kept", ["source", "outcome"])
+reconciles_refused = Counter("conflux_reconcile_refused_total",
+                             "Reconciles refused because they would delete more than reconcile_max_fraction of the "
+                             "known keys", ["source"])
 messages_processed = Counter("conflux_messages_processed_total", "Log messages consumed and routed", ["topic"])
 messages_failed = Counter("conflux_messages_failed_total", "Log messages that could not be processed", ["topic"])
 processing_duration = Histogram("conflux_processing_duration_seconds", "Time spent per unit of work, by stage",
@@ -82,6 +91,17 @@ def prepare_directory(path: str) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
+RECONCILE_OUTCOMES = ("checked", "deleted", "waiting", "kept")
+
+
+def declare_reconciled(sources: Iterable[str]) -> None:
+    """Supervisor, before fork: the reconcile series of the sources that reconcile, at 0."""
+    for source in sources:
+        reconciles_refused.labels(source)
+        for outcome in RECONCILE_OUTCOMES:
+            reconcile_keys.labels(source, outcome)
+
+
 def declare(*, roles: Iterable[str], sources: Iterable[str], topics: Iterable[str]) -> None:
     """Supervisor, before fork: every counter whose labels are known up front exists at 0, so dashboards
     and ``rate()`` see it before its first event (a series born at 1 hides that first 1 from rate())."""
@@ -92,6 +112,7 @@ def declare(*, roles: Iterable[str], sources: Iterable[str], topics: Iterable[st
     for source in sources:
         records_fetched.labels(source)
         records_delivered.labels(source)
+        records_deleted.labels(source)
         for reason in ("malformed", "sink_rejected"):
             dlq_records.labels(source, reason)
         dlq_write_failures.labels(source)

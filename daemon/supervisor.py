@@ -168,6 +168,7 @@ class Supervisor:
             return
         self.topology = build(config, topics, self.generation, static_assignment=self.backend.name == "embedded")
         metrics.declare(roles=ROLES, sources=[source.name for source in config.sources], topics=topics)
+        metrics.declare_reconciled(source.name for source in config.sources if source.reconcile)
         counts = {"control": 1, "fetcher": config.workers.fetchers, "consumer": config.workers.consumers,
                   "merger": config.workers.mergers}
         self.slots = {}

@@ -56,10 +56,13 @@ def encode_dead_letter(entry: DeadLetter) -> bytes:
 # Frame limits: how large a Batch may be to travel in one ring frame. Upper bounds, exact enough to
 # cut batches with, computed without encoding the batch.
 
-# Per record, besides the record's own bytes: its key and updated texts (each a value inside the record,
-# so at most the record's length once re-encoded, +2 quotes for an integer key), updated_us and the key
-# hash (at most 20 digits each), the content hash (16 hex digits and quotes) and six commas.
-ROW_OVERHEAD_BYTES = 2 + 2 + 20 + 20 + 18 + 6
+# Per record, besides the record's own bytes: its key (values inside the record, so at most twice the
+# record's length once a composite key's separators are escaped, +2 quotes for an integer key), its
+# updated text (a value of the record, or an epoch number's ISO 8601 text, at most 32 bytes),
+# updated_us and the key hash (at most 20 digits each), the content hash (16 hex digits and quotes),
+# the delete flag ("false") and seven commas.
+RECORD_BYTES_FACTOR = 4
+ROW_OVERHEAD_BYTES = 2 + 32 + 20 + 20 + 18 + 5 + 7
 
 
 # The largest batch Conflux publishes, whatever the ring: Kafka topics are made to take 16 MiB messages
@@ -69,12 +72,12 @@ MAX_LOG_BATCH_BYTES = 8 << 20
 
 def row_bytes_bound(record_bytes: int) -> int:
     """The most bytes a record of ``record_bytes`` adds to an encoded Batch, all its columns included."""
-    return 3 * record_bytes + ROW_OVERHEAD_BYTES
+    return RECORD_BYTES_FACTOR * record_bytes + ROW_OVERHEAD_BYTES
 
 
 def batch_header_bytes(source: str, sync: str) -> int:
     """An encoded Batch of ``source`` with no records, with the longest message id and creation time."""
-    return len(encode_batch(Batch("f" * 12 + "-" + "f" * 16, source, sync, 2**63 - 1, [], [], [], [], [], [])))
+    return len(encode_batch(Batch("f" * 12 + "-" + "f" * 16, source, sync, 2**63 - 1, [], [], [], [], [], [], [])))
 
 
 def merge_frame_overhead_bytes(topic: str) -> int:

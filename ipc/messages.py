@@ -21,7 +21,9 @@ SyncType = Literal["full", "incremental", "webhook", "replay"]
 # ---------------------------------------------------------------------------------------------
 # The record columns: every structure that carries records carries these, in this order.
 
-RECORD_COLUMNS = ("keys", "updated", "updated_us", "hashes", "key_hashes", "records")
+RECORD_COLUMNS = ("keys", "updated", "updated_us", "hashes", "key_hashes", "records", "deleted")
+# Columns left empty when no record sets them: a batch without deletes carries `deleted` as [].
+OPTIONAL_COLUMNS = frozenset({"deleted"})
 
 
 def take(columns: object, indices: Sequence[int]) -> list[list]:
@@ -29,12 +31,13 @@ def take(columns: object, indices: Sequence[int]) -> list[list]:
     fetcher's page columns. C-level ``itemgetter`` per column, no per-record Python."""
     if len(indices) > 1:
         pick = itemgetter(*indices)
-        return [list(pick(getattr(columns, name))) for name in RECORD_COLUMNS]
-    return [[getattr(columns, name)[index] for index in indices] for name in RECORD_COLUMNS]
+        return [list(pick(column)) if column else [] for column in map(columns.__getattribute__, RECORD_COLUMNS)]
+    return [[column[index] for index in indices] if column else []
+            for column in map(columns.__getattribute__, RECORD_COLUMNS)]
 
 
 def cut(columns: object, start: int, stop: int) -> list[list]:
-    """The rows ``start:stop`` of each record column of ``columns``."""
+    """The rows ``start:stop`` of each record column of ``columns`` (an empty optional column stays empty)."""
     return [getattr(columns, name)[start:stop] for name in RECORD_COLUMNS]
 
 
@@ -51,11 +54,14 @@ class Batch(Struct, array_like=True, gc=False, tag="batch"):
     sync: str
     created_us: int
     keys: list[str]
-    updated: list[str]        # the upstream's own timestamp text, forwarded to the sink unchanged
+    updated: list[str]        # the text the sink gets: the upstream's own ISO 8601, or an epoch as ISO 8601 UTC
     updated_us: list[int]     # the same instant as microseconds since the epoch, for ordering
     hashes: list[str]         # xxh3-64 of each record's bytes, 16 hex digits: the content hash
     key_hashes: list[int]     # xxh3-64 of each key: picks the partition and the merger
     records: list[Raw]
+    # True where the version is a delete (a delete marker, a filtered-out record, a reconcile); [] when
+    # none is. Readers of batches written before this column simply see none.
+    deleted: list[bool] = []
 
     @property
     def count(self) -> int:
@@ -183,6 +189,20 @@ class LagReport(Struct, tag="lag"):
     lags: list[PartitionLag]
 
 
+class ReconcileReport(Struct, kw_only=True):
+    """The outcome of the last reconcile of a source: keys live before it, not listed by the full sync
+    (checked), deleted, waiting for a second look, kept (newer than the sync, or found by lookup)."""
+
+    at: float = 0.0
+    live: int = 0
+    checked: int = 0
+    deleted: int = 0
+    waiting: int = 0
+    kept: int = 0
+    refused: bool = False
+    detail: str = ""
+
+
 class SourceReport(Struct, kw_only=True, tag="source"):
     """A fetcher's view of one source after each sync or state change."""
 
@@ -197,6 +217,8 @@ class SourceReport(Struct, kw_only=True, tag="source"):
     watermark: str = ""
     breaker: str = "closed"
     syncing: bool = False
+    deletes_published: int = 0              # delete versions published: markers, filtered out, reconciles
+    reconcile: ReconcileReport | None = None
 
 
 class SourcesOwned(Struct, tag="sources"):
@@ -239,6 +261,7 @@ ControlMessage = (
 )
 
 __all__ = [
+    "OPTIONAL_COLUMNS",
     "RECORD_COLUMNS",
     "AckFrame",
     "Acks",
@@ -255,6 +278,7 @@ __all__ = [
     "PartitionLag",
     "PartitionsOwned",
     "Position",
+    "ReconcileReport",
     "RingFrame",
     "SourceReport",
     "SourcesOwned",

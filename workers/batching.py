@@ -19,25 +19,31 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from itertools import count, repeat
-from operator import mul
-from typing import Annotated, Any, NamedTuple
+from itertools import count
+from typing import Any, NamedTuple
 
 import msgspec
 from msgspec import Raw
-from xxhash import xxh3_64_hexdigest, xxh3_64_intdigest
+from xxhash import xxh3_64_hexdigest
 
 from conflux.config import MAX_TOPIC_CHARS, MIN_RING_BYTES, SourceConfig
 from conflux.errors import PageFormatError
-from conflux.ipc.codec import MAX_LOG_BATCH_BYTES, ROW_OVERHEAD_BYTES, batch_header_bytes, batch_room_bytes
-from conflux.ipc.messages import RECORD_COLUMNS, Batch, DeadLetter, cut, take
+from conflux.ipc.codec import (
+    MAX_LOG_BATCH_BYTES,
+    RECORD_BYTES_FACTOR,
+    ROW_OVERHEAD_BYTES,
+    batch_header_bytes,
+    batch_room_bytes,
+)
+from conflux.ipc.messages import OPTIONAL_COLUMNS, RECORD_COLUMNS, Batch, DeadLetter, cut, take
 from conflux.log.base import partitions_for
 from conflux.redact import redact_text
 from conflux.workers import jsonscan
+from conflux.workers.columns import Columns, Undecodable, build_columns
+from conflux.workers.shaping import SourceShape
 
 _message_counter = count()
 _stamps_encoder = msgspec.json.Encoder()
-_aware_stamps_decoder = msgspec.json.Decoder(list[Annotated[datetime, msgspec.Meta(tz=True)]])
 # What a frame of the smallest ring carries for the longest topic name (each character escaped): the
 # batch limit of callers that do not pass the ring's own, so their batches fit any ring.
 SAFE_BATCH_BYTES = batch_room_bytes(MIN_RING_BYTES, "\0" * MAX_TOPIC_CHARS)
@@ -76,50 +82,15 @@ class PageMeta(NamedTuple):
     next_cursor: Any = None
 
 
-class Undecodable(msgspec.Struct, gc=False):
-    """In place of a record's key fields when msgspec cannot decode the record: the fields when they
-    could be read on their own (for the dead letter), and why the record is refused."""
-
-    key: Any = None
-    updated: Any = None
-    reason: str = ""
-
-
-class Columns(msgspec.Struct, gc=False):
-    """The valid records of a page in the record columns (``ipc.messages.RECORD_COLUMNS``), plus what
-    was wrong with the others."""
-
-    keys: list[str]
-    updated: list[str]
-    updated_us: list[int]
-    hashes: list[str]
-    key_hashes: list[int]
-    records: list[Raw]
-    dead: list[tuple[Raw, str, str]]  # (record, key or "", reason)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def max_updated(self) -> tuple[int, str]:
-        """The newest instant in these records and its text; (0, "") if there are none."""
-        if not self.updated_us:
-            return 0, ""
-        best = max(range(len(self.updated_us)), key=self.updated_us.__getitem__)
-        return self.updated_us[best], self.updated[best]
-
-
 class RecordSchema:
-    """Per-source decoders, built once: where the records are and which fields identify them."""
+    """Per-source decoders, built once: where the records are, which fields identify them, and how
+    they are shaped (``workers.shaping``)."""
 
     def __init__(self, source: SourceConfig) -> None:
         self.source = source.name
-        self.key_field = source.key
-        self.updated_field = source.updated
+        self.shape = SourceShape(source)
         self.max_clock_skew_s = source.max_clock_skew_s
-        self._fields_type = fields = msgspec.defstruct(
-            "KeyFields", [("key", Any, None), ("updated", Any, None)],
-            rename={"key": source.key, "updated": source.updated},
-        )
+        self._fields_type = fields = self.shape.identity.struct
         self._fields_decoder = msgspec.json.Decoder(list[fields])
         self._one_fields_decoder = msgspec.json.Decoder(fields)
         self._raw_list_decoder = msgspec.json.Decoder(list[Raw])
@@ -217,8 +188,8 @@ class RecordSchema:
             if type(field) is Undecodable:  # its own key fields, for the dead letter, if they can be read
                 record = bytes(records[index])
                 node = jsonscan.parse(record, 1)
-                fields[index] = Undecodable(_member_value(record, node, self.key_field),
-                                            _member_value(record, node, self.updated_field), field.reason)
+                fields[index] = Undecodable(_member_value(record, node, self.shape.key_names[0]),
+                                            _member_value(record, node, self.shape.updated_name), field.reason)
         return records, fields
 
     def _meta_value(self, body: bytes, root: jsonscan.Node, name: str) -> Any:
@@ -233,76 +204,12 @@ class RecordSchema:
     # -- columns --------------------------------------------------------------------------------
 
     def columns(self, records: Sequence[Raw], fields: Sequence[Any]) -> Columns:
-        """Check each record's key and timestamp, hash it, and keep the good ones as columns.
-
-        The common page is all good: then every step below is a C-level map over the page, and
-        Python only parses each distinct timestamp once. A page with a bad record takes the slow
-        path, which sorts the records one by one.
-        """
-        plain = set(map(type, fields)) <= {self._fields_type}  # no None (not an object), no Undecodable
-        keys = [field.key for field in fields] if plain else None
-        stamps = [field.updated for field in fields] if keys is not None else None
-        if keys is None or not _plain_keys(keys) or set(map(type, stamps)) != {str}:
-            return self._columns_one_by_one(records, fields)
-        parsed = _parse_stamps(stamps)
-        if parsed is None or (parsed and max(parsed.values()) > self._latest_us()):
-            return self._columns_one_by_one(records, fields)
-        if type(keys[0]) is not str:
-            keys = list(map(str, keys))
-        return Columns(keys=keys, updated=stamps, updated_us=list(map(parsed.__getitem__, stamps)),
-                       hashes=list(map(xxh3_64_hexdigest, records)), key_hashes=_key_hashes(keys),
-                       records=list(records), dead=[])
-
-    def _columns_one_by_one(self, records: Sequence[Raw], fields: Sequence[Any]) -> Columns:
-        out = Columns([], [], [], [], [], [], [])
-        stamp_cache: dict[str, int] = {}
-        latest_us = self._latest_us()
-        for record, field in zip(records, fields, strict=True):
-            problem = self._problem(field)
-            if problem is None:
-                instant, problem = self._instant(field.updated, stamp_cache, latest_us)
-            if problem is not None:
-                out.dead.append((record, _key_text(field), problem))
-                continue
-            out.keys.append(field.key if type(field.key) is str else str(field.key))
-            out.updated.append(field.updated)
-            out.updated_us.append(instant)
-            out.records.append(record)
-        out.hashes = list(map(xxh3_64_hexdigest, out.records))
-        out.key_hashes = _key_hashes(out.keys)
-        return out
+        """Check, shape and hash each record (``workers.columns``); the bad ones go aside with why."""
+        return build_columns(self.shape, records, fields, self._latest_us())
 
     def _latest_us(self) -> int:
-        """The newest updated_at accepted now: the clock plus the allowed skew."""
+        """The newest updated instant accepted now: the clock plus the allowed skew."""
         return time.time_ns() // 1000 + round(self.max_clock_skew_s * 1_000_000)
-
-    def _instant(self, stamp: str, cache: dict[str, int], latest_us: int) -> tuple[int, str | None]:
-        """(microseconds, None) for a usable timestamp, else (0, why not)."""
-        try:
-            instant = cache.get(stamp) or parse_timestamp_us(stamp)
-        except (ValueError, OverflowError):
-            return 0, f"{self.updated_field!r} is not an ISO 8601 timestamp: {stamp!r}"
-        cache[stamp] = instant
-        if instant > latest_us:
-            return 0, (f"{self.updated_field!r} is {stamp!r}, more than max_clock_skew_s = "
-                       f"{self.max_clock_skew_s:g} s in the future")
-        return instant, None
-
-    def _problem(self, field: Any) -> str | None:
-        if field is None:
-            return "record is not a JSON object"
-        if type(field) is Undecodable:
-            return field.reason
-        key = field.key
-        if key is None:
-            return f"missing key field {self.key_field!r}"
-        if type(key) not in (str, int) or key == "":
-            return f"key field {self.key_field!r} must be a non-empty string or an integer, got {key!r}"
-        if field.updated is None:
-            return f"missing updated field {self.updated_field!r}"
-        if type(field.updated) is not str:
-            return f"{self.updated_field!r} must be an ISO 8601 string, got {field.updated!r}"
-        return None
 
 
 def _scan(body: bytes, keep_depth: int, problem: str) -> jsonscan.Node:
@@ -321,27 +228,6 @@ def _member_value(body: bytes, node: jsonscan.Node, name: str) -> Any:
         return msgspec.json.decode(body[member.start:member.end])
     except _DECODE_ERRORS:
         return None
-
-
-def _plain_keys(keys: list[Any]) -> bool:
-    """All keys are non-empty strings, or all are integers (bools are not keys)."""
-    kinds = set(map(type, keys))
-    return kinds == {int} or (kinds == {str} and "" not in keys)
-
-
-def _parse_stamps(stamps: list[str]) -> dict[str, int] | None:
-    """Each distinct timestamp parsed once, all in C: msgspec reads RFC 3339 with an offset. None if any
-    does not (no offset, another ISO 8601 form, or garbage); the slow path then sorts them out."""
-    unique = list(set(stamps))
-    try:
-        moments = _aware_stamps_decoder.decode(_stamps_encoder.encode(unique))
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return dict(zip(unique, map(round, map(mul, map(datetime.timestamp, moments), repeat(1e6)))))
-
-
-def _key_hashes(keys: list[str]) -> list[int]:
-    return list(map(xxh3_64_intdigest, map(str.encode, keys)))
 
 
 def split_by_partition(columns: Columns, source: str, sync: str, partitions: int, *,
@@ -380,7 +266,7 @@ def _pieces(columns: Columns | Batch, start: int, stop: int, room: int) -> list[
     """Consecutive row ranges of ``start:stop`` whose rows take at most ``room`` bytes each (a row
     larger than ``room`` is a range of its own). One range, without measuring rows one by one, when the
     bound on the whole share fits: the usual case."""
-    if 3 * sum(map(len, columns.records[start:stop])) + ROW_OVERHEAD_BYTES * (stop - start) <= room:
+    if RECORD_BYTES_FACTOR * sum(map(len, columns.records[start:stop])) + ROW_OVERHEAD_BYTES * (stop - start) <= room:
         return [(start, stop)]
     ranges, used, piece_start = [], 0, start
     for index, size in enumerate(row_bytes(columns, start, stop), start):
@@ -395,16 +281,17 @@ def _pieces(columns: Columns | Batch, start: int, stop: int, room: int) -> list[
 def row_bytes(columns: Columns | Batch, start: int = 0, stop: int | None = None) -> list[int]:
     """What each row of ``start:stop`` adds to an encoded Batch, exactly (a comma per column included)."""
     encode = _stamps_encoder.encode
-    sizes = [list(map(len, map(encode, getattr(columns, name)[start:stop])))
-             for name in RECORD_COLUMNS if name != "records"]
-    return [total + 6 for total in map(sum, zip(*sizes, map(len, columns.records[start:stop])))]
+    sizes = [list(map(len, map(encode, column[start:stop]))) for name in RECORD_COLUMNS if name != "records"
+             for column in [getattr(columns, name)] if column or name not in OPTIONAL_COLUMNS]
+    commas = len(sizes) + 1
+    return [total + commas for total in map(sum, zip(*sizes, map(len, columns.records[start:stop])))]
 
 
 def set_aside_oversized(columns: Columns, source: str, sync: str, max_batch_bytes: int) -> Columns:
     """The columns without the records too large for a batch of ``max_batch_bytes`` even alone; those
     join ``dead`` with their size as the reason. Run by the fetcher before it splits a page."""
     room = max_batch_bytes - batch_header_bytes(source, sync)
-    if not columns.records or 3 * max(map(len, columns.records)) + ROW_OVERHEAD_BYTES <= room:
+    if not columns.records or RECORD_BYTES_FACTOR * max(map(len, columns.records)) + ROW_OVERHEAD_BYTES <= room:
         return columns
     sizes = row_bytes(columns)
     if max(sizes) <= room:
@@ -412,7 +299,8 @@ def set_aside_oversized(columns: Columns, source: str, sync: str, max_batch_byte
     keep = [index for index, size in enumerate(sizes) if size <= room]
     dead = [(columns.records[index], columns.keys[index], oversized_reason(len(columns.records[index]), size, room))
             for index, size in enumerate(sizes) if size > room]
-    return Columns(*take(columns, keep), dead=[*columns.dead, *dead])
+    native = [columns.native[index] for index in keep] if columns.native else []
+    return Columns(*take(columns, keep), dead=[*columns.dead, *dead], native=native)
 
 
 def fit_batch(batch: Batch, max_batch_bytes: int) -> tuple[list[Batch], dict[int, str]]:
@@ -480,9 +368,3 @@ def _dig(value: Any, path: list[str]) -> Any:
     for _ in path:
         value = value.inner
     return value
-
-
-def _key_text(field: Any) -> str:
-    if field is None or field.key is None:
-        return ""
-    return field.key if isinstance(field.key, str) else msgspec.json.encode(field.key).decode()

@@ -43,6 +43,7 @@ from conflux.workers.control_security import (
     server_ssl_context,
     signature_matches,
 )
+from conflux.workers.keyindex import KeyIndex, key_index_dir
 from conflux.workers.status_page import STATUS_PAGE_HTML, Throughput
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class ControlWorker(AsyncWorker):
         self.producer = backend.producer(durable=True)  # a webhook answered 202 must survive power loss
         self.dead_letters = backend.dead_letters()
         self.schemas = {source.name: RecordSchema(source) for source in self.config.sources}
+        self.key_indexes = {source.name: KeyIndex(key_index_dir(self.config), source.name)
+                            for source in self.config.sources if source.reconcile}
         self.secrets = {source.name: read_secret(env=source.webhook_secret_env, literal=source.webhook_secret,
                                                  what=f"sources.{source.name}.webhook_secret")
                         for source in self.config.sources}
@@ -89,6 +92,8 @@ class ControlWorker(AsyncWorker):
         await runner.cleanup()
         await self.producer.close()
         self.dead_letters.close()
+        for index in self.key_indexes.values():
+            index.close()
         return 0
 
     async def _serve(self, runner: web.AppRunner) -> asyncio.Server:
@@ -283,6 +288,10 @@ class ControlWorker(AsyncWorker):
                                      max_batch_bytes=publish_limit_bytes(self.config.workers.ring_bytes, topic))
         await self.producer.publish([OutgoingMessage(topic, partition, batch.keys[0].encode(), encode_batch(batch))
                                      for partition, batch in batches])
+        index = self.key_indexes.get(source)
+        if index is not None and len(columns):  # a reconciled source: these keys are live (or deleted) now
+            await asyncio.to_thread(index.seen, columns.keys, columns.key_hashes, columns.updated_us,
+                                    columns.deleted or [False] * len(columns), time.time_ns() // 1000)
         if columns.dead:
             received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             entries = dead_letters(columns, source, "fetch", f"webhook received {received}")

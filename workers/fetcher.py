@@ -20,7 +20,7 @@ from conflux import metrics
 from conflux.config import SourceConfig
 from conflux.errors import LogError, PageFormatError, UpstreamError
 from conflux.ipc.codec import encode_batch
-from conflux.ipc.messages import DeadLetter, SourceReport, SourcesOwned, SyncNow
+from conflux.ipc.messages import DeadLetter, ReconcileReport, SourceReport, SourcesOwned, SyncNow
 from conflux.log import open_log
 from conflux.log.base import Checkpoint, CheckpointStore, DeadLetterStore, LogProducer, OutgoingMessage
 from conflux.workers.base import AsyncWorker
@@ -31,8 +31,11 @@ from conflux.workers.batching import (
     set_aside_oversized,
     split_by_partition,
 )
+from conflux.workers.columns import Columns
+from conflux.workers.keyindex import KeyIndex, key_index_dir
 from conflux.workers.ownership import ownership_for
 from conflux.workers.paging import STYLES, PageInfo
+from conflux.workers.reconcile import Reconciler
 from conflux.workers.upstream import Response, UpstreamClient
 
 logger = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ class SyncPass:
         self.publishing: set[asyncio.Task] = set()
         self.room = asyncio.Semaphore(MAX_PAGES_PUBLISHING)
         self.dead: list[DeadLetter] = []
-        self.records = self.valid = 0
+        self.records = self.valid = self.deletes = 0
         self.newest: tuple[int, str] = (0, "")
         self.failure: BaseException | None = None
 
@@ -74,20 +77,19 @@ class SyncPass:
                                       syncer.max_batch_bytes)
         self.records += len(records)
         self.valid += len(columns)
+        self.deletes += sum(columns.deleted)
         if columns.dead:
             self.dead.extend(dead_letters(columns, syncer.source.name, "fetch", response.url))
         if len(columns):
             self.newest = max(self.newest, columns.max_updated())
-        batches = split_by_partition(columns, syncer.source.name, self.sync_type, syncer.partitions,
-                                     max_batch_bytes=syncer.max_batch_bytes)
-        messages = [OutgoingMessage(syncer.topic, partition, batch.keys[0].encode(), encode_batch(batch))
-                    for partition, batch in batches]
-        task = asyncio.create_task(self._publish(messages))
+        if syncer.reconciler is not None:
+            await syncer.reconciler.seen(columns, time.time_ns() // 1000)
+        task = asyncio.create_task(self._publish(syncer.messages(columns, self.sync_type)))
         self.publishing.add(task)
         task.add_done_callback(self.publishing.discard)
         metrics.records_fetched.labels(syncer.source.name).inc(len(records))
         metrics.processing_duration.labels("decode").observe(time.perf_counter() - started)
-        last = (columns.updated[-1], columns.keys[-1]) if len(columns) else None
+        last = (columns.native_text(-1), columns.keys[-1]) if len(columns) else None
         return PageInfo(len(records), meta, last)
 
     async def _publish(self, messages: list[OutgoingMessage]) -> None:
@@ -135,6 +137,20 @@ class SourceSyncer:
         self.force_full = False
         self.checkpoint: Checkpoint | None = None
         self.report = SourceReport(source=source.name)
+        self.reconciler = Reconciler(source, worker.key_index(source.name), self.client, self.publish_columns) \
+            if source.reconcile else None
+
+    def messages(self, columns: Columns, sync_type: str) -> list[OutgoingMessage]:
+        """The log messages of a page's (or a reconcile's) columns: per partition, cut to fit a ring frame."""
+        batches = split_by_partition(columns, self.source.name, sync_type, self.partitions,
+                                     max_batch_bytes=self.max_batch_bytes)
+        return [OutgoingMessage(self.topic, partition, batch.keys[0].encode(), encode_batch(batch))
+                for partition, batch in batches]
+
+    async def publish_columns(self, columns: Columns, sync_type: str) -> None:
+        """Publish and wait until durable (a reconcile's deletes)."""
+        await self.producer.publish(self.messages(columns, sync_type))
+        self.report.deletes_published += sum(columns.deleted)
 
     def request(self, full: bool) -> None:
         self.force_full = self.force_full or full
@@ -185,6 +201,17 @@ class SourceSyncer:
         logger.info("%s: %s sync ok: %d pages, %d records (%d dead-lettered) in %.2f s, watermark %s",
                     self.source.name, sync_type, pages, sync.records, len(sync.dead), time.monotonic() - started,
                     self.report.watermark or "-")
+        if sync_type == "full" and self.reconciler is not None:
+            await self._reconcile(round(wall_started * 1_000_000))
+
+    async def _reconcile(self, started_us: int) -> None:
+        """Only after a complete full sync whose records are all durable: see workers.reconcile."""
+        try:
+            self.report.reconcile = await self.reconciler.run(started_us)
+        except LogError as exc:
+            self.report.reconcile = ReconcileReport(at=time.time(), detail=f"failed: {exc}")
+            logger.warning("%s: reconcile failed, nothing was deleted for good: %s", self.source.name, exc)
+        self._send_report()
 
     async def _save_checkpoint(self, sync: SyncPass, wall_started: float) -> None:
         previous = self.checkpoint
@@ -208,6 +235,7 @@ class SourceSyncer:
         report.last_sync_result = result
         report.last_sync_records = sync.records
         report.breaker = self.client.breaker.state
+        report.deletes_published += sync.deletes
         if result == "ok":
             report.syncs_ok += 1
             report.records_synced += sync.valid
@@ -237,6 +265,7 @@ class FetcherWorker(AsyncWorker):
         self.checkpoints = backend.checkpoints()
         self.dead_letters = backend.dead_letters()
         self.syncers: dict[str, SourceSyncer] = {}
+        self.key_indexes: dict[str, KeyIndex] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.failure: BaseException | None = None
         ownership = ownership_for(backend, list(self.spec.sources))
@@ -256,6 +285,8 @@ class FetcherWorker(AsyncWorker):
         await self.producer.close()
         self.checkpoints.close()
         self.dead_letters.close()
+        for index in self.key_indexes.values():
+            index.close()
         if self.failure is not None:
             raise self.failure
         return 0
@@ -266,6 +297,11 @@ class FetcherWorker(AsyncWorker):
         if not task.cancelled() and task.exception() is not None:
             self.failure = self.failure or task.exception()
             self.stopping.set()
+
+    def key_index(self, source: str) -> KeyIndex:
+        if source not in self.key_indexes:
+            self.key_indexes[source] = KeyIndex(key_index_dir(self.config), source)
+        return self.key_indexes[source]
 
     def gain(self, sources: list[str]) -> None:
         """Ownership handed us these sources: start syncing them (from their saved checkpoints)."""

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from conflux.config import Config
 from conflux.errors import LogError
 
 BUSY_TIMEOUT_S = 30.0
@@ -35,6 +36,11 @@ SELECT key_hash, key, seen_us, packed >> 1 AS updated_us, packed & 1 AS deleted,
     SELECT key_hash, key, max(seen_us) AS seen_us, max(updated_us * 2 + deleted) AS packed, min(missed) AS missed
     FROM rows WHERE rowid <= ? GROUP BY key_hash)
 """
+
+
+def key_index_dir(config: Config) -> Path:
+    """Where the key indexes of the reconciled sources live: ``<state_dir>/keys``."""
+    return Path(config.daemon.state_dir) / "keys"
 
 
 class Candidate(NamedTuple):

@@ -23,12 +23,13 @@ from typing import NamedTuple
 
 import msgspec
 from msgspec import Raw
-from xxhash import xxh3_128_hexdigest
+from xxhash import xxh3_64_hexdigest, xxh3_128_hexdigest
 
 from conflux.ipc.messages import Batch, Position
 
-# A pending record is a plain tuple (fast to build): (updated_us, hash, record, updated text, position).
-UPDATED_US, HASH, RECORD, UPDATED, POSITION = range(5)
+# A pending record is a plain tuple (fast to build): (updated_us, hash, record, updated text, position,
+# is a delete). A delete is a version like any other: ordered, deduplicated and merged the same way.
+UPDATED_US, HASH, RECORD, UPDATED, POSITION, DELETED = range(6)
 # A version's place in the order as one int: updated_us, then the log offset (< 2**63, Kafka's int64).
 OFFSET_SPAN = 1 << 63
 _updated_us_of = itemgetter(UPDATED_US)
@@ -50,11 +51,13 @@ class SinkRecord(msgspec.Struct, array_like=False, gc=False):
     op: str
     updated_at: str
     hash: str
-    data: Raw
+    data: Raw | None  # null for a delete: a deleted record's fields never leave Conflux
     seq: int  # the log offset: breaks ties between versions with the same updated_at
 
 
 _sink_encoder = msgspec.json.Encoder()
+# A record's `hash` describes the `data` the sink receives: for a delete that is null.
+NULL_HASH = xxh3_64_hexdigest(b"null")
 
 
 class Chunk(NamedTuple):
@@ -89,7 +92,7 @@ class MergeState:
         if latest.keys().isdisjoint(keys) and pending.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
             before = len(pending)
             pending.update(zip(keys, zip(frame.updated_us, frame.hashes, frame.records, frame.updated,
-                                         repeat(token.position))))
+                                         repeat(token.position), frame.deleted or repeat(False))))
             stale = 0
             self.pending_count += len(pending) - before
         else:
@@ -103,8 +106,9 @@ class MergeState:
                         position: Position) -> int:
         stale = added = 0
         offset = position.offset
-        for key, updated_us, content_hash, record, updated in zip(
-                frame.keys, frame.updated_us, frame.hashes, frame.records, frame.updated, strict=True):
+        for key, updated_us, content_hash, record, updated, deleted in zip(
+                frame.keys, frame.updated_us, frame.hashes, frame.records, frame.updated,
+                frame.deleted or repeat(False, len(frame.keys)), strict=True):
             rank = updated_us * OFFSET_SPAN + offset
             handed = latest.get(key)  # not a -1 default: instants before 1970 are negative
             if handed is not None and rank < handed:
@@ -116,7 +120,7 @@ class MergeState:
             elif rank < order(current):  # equal: the same message, a later record of it wins
                 stale += 1
                 continue
-            pending[key] = (updated_us, content_hash, record, updated, position)
+            pending[key] = (updated_us, content_hash, record, updated, position, deleted)
         self.pending_count += added
         return stale
 
@@ -170,6 +174,8 @@ def make_chunk(source: str, keys: list[str], values: list[tuple]) -> Chunk:
     """The batch_id is derived from the content (records and their log offsets), so a retry, or a
     re-read after a crash that rebuilds the same batch, carries the same id and the sink recognises it."""
     records = _sink_encoder.encode([
+        SinkRecord(source, key, "delete", value[UPDATED], NULL_HASH, None, value[POSITION].offset)
+        if value[DELETED] else
         SinkRecord(source, key, "upsert", value[UPDATED], value[HASH], value[RECORD], value[POSITION].offset)
         for key, value in zip(keys, values)])
     batch_id = xxh3_128_hexdigest(records)

@@ -30,7 +30,7 @@ from conflux.ipc.shm import RingFull, RingReader, RingWriter
 from conflux.log import open_log
 from conflux.workers.base import AsyncWorker
 from conflux.workers.batching import dead_letter_id
-from conflux.workers.merge import POSITION, RECORD, Chunk, FlushUnit, MergeState, Token, split_chunk
+from conflux.workers.merge import DELETED, POSITION, RECORD, Chunk, FlushUnit, MergeState, Token, split_chunk
 from conflux.workers.resilience import Backoff
 from conflux.workers.sinks import Delivery, HttpSink
 
@@ -213,6 +213,9 @@ class MergerWorker(AsyncWorker):
             return False
         delivered = len(chunk.keys) - len(rejected)
         metrics.records_delivered.labels(chunk.source).inc(delivered)
+        deletes = sum(value[DELETED] for index, value in enumerate(chunk.values) if index not in rejected)
+        if deletes:
+            metrics.records_deleted.labels(chunk.source).inc(deletes)
         self.delivered_records += delivered
         return True
 

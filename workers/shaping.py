@@ -53,7 +53,9 @@ class Identity:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise ValueError(f"path {'.'.join(path)!r} runs through another field's value")
-            node[path[-1]] = name
+            if isinstance(node.get(path[-1]), dict):
+                raise ValueError(f"path {'.'.join(path)!r} is an object on another field's path")
+            node.setdefault(path[-1], []).append(name)  # one field may serve twice (a filter on the key)
         self.struct, python_names = _struct_for(tree, "Identity")
         self.getters = {name: attrgetter(".".join(python_names[name])) for name in leaves}
         self.page_decoder = msgspec.json.Decoder(list[self.struct])
@@ -87,8 +89,40 @@ def _struct_for(tree: dict[str, Any], name: str, prefix: tuple[str, ...] = ()) -
             python_names.update(inner_names)
         else:
             fields.append((attribute, Any, None))
-            python_names[child] = (*prefix, attribute)
+            python_names.update(dict.fromkeys(child, (*prefix, attribute)))
     return msgspec.defstruct(name, fields, rename=rename, gc=False), python_names
+
+
+class SourceShape:
+    """Everything shaping needs of one source, built once from its config: the identity paths (a key
+    of one or more fields, updated, the delete marker, the filter field), the timestamp format, the
+    filter and the reshaper (None when the source keeps records as they are)."""
+
+    def __init__(self, source: Any) -> None:
+        self.key_names = source.key_paths
+        self.updated_name = source.updated
+        self.max_clock_skew_s = source.max_clock_skew_s
+        self.deleted_name = source.deleted
+        leaves = {f"key{index}": split_path(path) for index, path in enumerate(self.key_names)}
+        leaves["updated"] = split_path(source.updated)
+        if source.deleted:
+            leaves["deleted"] = split_path(source.deleted)
+        if source.filter is not None:
+            leaves["filter"] = split_path(source.filter.field)
+        self.identity = Identity(leaves)
+        self.key_columns = [f"key{index}" for index in range(len(self.key_names))]
+        self.timestamps = Timestamps(source.updated_format)
+        self.filter = None if source.filter is None else RecordFilter(
+            source.filter.in_ if source.filter.in_ is not None else source.filter.not_in,
+            keep_listed=source.filter.in_ is not None)
+        fields = source.fields
+        self.reshaper = Reshaper(select=fields.select, drop=fields.drop, rename=fields.rename) \
+            if source.shaped else None
+
+    @property
+    def deletes(self) -> bool:
+        """Whether any record of this source can be a delete."""
+        return bool(self.deleted_name) or self.filter is not None
 
 
 class Timestamps:

@@ -77,8 +77,10 @@ class UpstreamClient:
         self.allowed_origins = frozenset(origin_of(URL(text)) for text in source.allowed_origins)
         metrics.circuit_state.labels(f"upstream:{source.name}").set(0)
 
-    async def get(self, url: str, params: dict[str, str] | None = None) -> Response:
-        """One successful (2xx) response, or UpstreamError after the retries are spent."""
+    async def get(self, url: str, params: dict[str, str] | None = None, *,
+                  accept: frozenset[int] = frozenset()) -> Response:
+        """One successful (2xx) response, or one whose status is in ``accept`` (a by-key lookup's 404),
+        or UpstreamError after the retries are spent."""
         backoff = Backoff.from_config(self.retry)
         refreshed_auth = False
         last_problem = "no attempt made"
@@ -91,7 +93,7 @@ class UpstreamClient:
                 if await self.auth.refresh(self.session, attempt.credentials):
                     self.breaker.record_success()  # the server answered; the credentials were stale
                     attempt = await self._attempt(url, params)
-            if self._settled(attempt, url):
+            if self._settled(attempt, url, accept):
                 return attempt.response
             self.breaker.record_failure()
             last_problem = attempt.problem
@@ -100,7 +102,7 @@ class UpstreamClient:
         raise UpstreamError(f"{self.source.name}: giving up on {url} after {self.retry.max_attempts} attempts "
                             f"({last_problem})")
 
-    def _settled(self, attempt: Attempt, url: str) -> bool:
+    def _settled(self, attempt: Attempt, url: str, accept: frozenset[int] = frozenset()) -> bool:
         """True on success; raises for an answer no retry can change; False when worth retrying."""
         response = attempt.response
         if attempt.reason == "tls":  # a certificate that does not verify will not verify next time
@@ -108,7 +110,7 @@ class UpstreamClient:
         if response is None or _retryable(response.status):
             return False
         self.breaker.record_success()
-        if 200 <= response.status < 300:
+        if 200 <= response.status < 300 or response.status in accept:
             return True
         raise UpstreamError(f"{self.source.name}: {url} answered {response.status}: "
                             f"{response.body[:200].decode('utf-8', 'replace')}")

@@ -69,7 +69,7 @@ class FakeUpstream:
         records, fields, meta = self.schema.page_records(response.body)
         columns = self.schema.columns(records, fields)
         self.handled += columns.keys
-        last = (columns.updated[-1], columns.keys[-1]) if len(columns) else None
+        last = (columns.native_text(-1), columns.keys[-1]) if len(columns) else None
         return PageInfo(len(records), meta, last)
 
     # -- the upstream ------------------------------------------------------------------------------
