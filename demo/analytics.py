@@ -7,6 +7,11 @@ everything in SQLite. Faults can be injected to exercise Conflux's retries. One 
 event loop; modules: analytics_wire (body format and record checks), analytics_store (state),
 analytics_db (SQLite), analytics_faults (fault injection), analytics_http (routes).
 
+A delete is a version like any other: it leaves a tombstone (key, updated_at, seq), so a late, older
+upsert never brings the key back, while a newer one recreates it. A repeated delete changes nothing,
+and a delete of a key the sink never held is not an error: it stores the tombstone. Checksums cover
+live records only, so they match the upstream's when the same keys are live with the same content.
+
 Exit codes: 0 after a clean stop; 2 for a bad flag, an unusable --db or an address in use; 3 when SQLite
 fails mid-run (memory is then ahead of the file, and a restart reloads the last committed state).
 """
@@ -53,7 +58,9 @@ endpoints:
                               "updated_at", "hash", "data"}]} with Idempotency-Key: <batch_id>;
                               200 applied | duplicate, 207 partial, 422 all rejected, 400 malformed,
                               413 too large; 200/207/422 answer a JSON object with the batch_id
-  GET  /stats, /stats/SOURCE  per-source count and checksum (demo/checksum.py), counters, fault counts
+  GET  /stats, /stats/SOURCE  per source: count and checksum of the live records (demo/checksum.py),
+                              tombstones held (deleted keys, kept so an older upsert stays dead) and
+                              deletes_applied since start; counters, fault counts
   GET  /records/SOURCE/KEY    the stored record (data byte for byte), 404 if absent or deleted
   GET  /health                {"status": "ok"}
   GET  /login                 an HTML sign-in page (where --redirect-to /login sends ingests)

@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 from conflux.demo.analytics_faults import Faults, FaultSpecError, decode_outage_request, patched_settings
-from conflux.demo.analytics_store import BatchOutcome, Store, StoreFailed
+from conflux.demo.analytics_store import BatchOutcome, SourceState, Store, StoreFailed
 from conflux.demo.analytics_wire import REASON_REJECT_RATE, MalformedBody, check_batch, decode_batch
 
 log = logging.getLogger("conflux.analytics")
@@ -200,10 +200,10 @@ class Sink:
         })
 
     async def source_stats(self, request: web.Request) -> web.Response:
-        """One source; a source never seen is an empty collection (count 0, checksum 0)."""
+        """One source; a source never seen is an empty collection (count 0, checksum 0, no tombstones)."""
         source = request.match_info["source"]
         state = self.store.sources.get(source)
-        summary = state.checksum.as_dict() if state else {"checksum": f"{0:016x}", "count": 0}
+        summary = (state or SourceState()).as_dict()
         return json_response({"source": source, **summary})
 
     async def record(self, request: web.Request) -> web.Response:

@@ -66,13 +66,39 @@ class Freshness:
 
 
 class SourceState:
-    """One source's keys and its running checksum."""
+    """One source's keys, its running checksum (live records only), how many of its keys are tombstones,
+    and how many deletes it applied since the process started."""
 
-    __slots__ = ("checksum", "entries")
+    __slots__ = ("checksum", "deletes_applied", "entries", "tombstones")
 
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
         self.checksum = Checksum()
+        self.tombstones = 0
+        self.deletes_applied = 0
+
+    def put(self, change: Change, entry: Entry | None) -> None:
+        """Make ``change`` the key's version (the caller checked it is not older than ``entry``)."""
+        record = change.record
+        old_digest = None if entry is None else entry[DIGEST]
+        if record.op == "upsert":
+            self.entries[record.key] = (change.updated, record.seq, change.digest)
+            if old_digest is not None:
+                self.checksum.replace(old_digest, change.digest)
+                return
+            self.checksum.add(change.digest)
+            if entry is not None:  # a newer upsert recreates a deleted key
+                self.tombstones -= 1
+        else:
+            self.entries[record.key] = (change.updated, record.seq, None)
+            self.deletes_applied += 1
+            if old_digest is not None:
+                self.checksum.remove(old_digest)
+            if entry is None or old_digest is not None:  # a repeated delete leaves one tombstone
+                self.tombstones += 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {**self.checksum.as_dict(), "tombstones": self.tombstones, "deletes_applied": self.deletes_applied}
 
 
 class BatchOutcome(msgspec.Struct, gc=False):
@@ -86,20 +112,6 @@ def _older(change: Change, entry: Entry) -> bool:
     applies (the same record again, or a later arrival the producer could not tell apart)."""
     updated = change.updated
     return updated < entry[INSTANT] or (updated == entry[INSTANT] and change.record.seq < entry[SEQ])
-
-
-def _replace(entries: dict[str, Entry], checksum: Checksum, change: Change, old_digest: int | None) -> None:
-    record = change.record
-    if record.op == "upsert":
-        entries[record.key] = (change.updated, record.seq, change.digest)
-        if old_digest is None:
-            checksum.add(change.digest)
-        else:
-            checksum.replace(old_digest, change.digest)
-    else:
-        entries[record.key] = (change.updated, record.seq, None)
-        if old_digest is not None:
-            checksum.remove(old_digest)
 
 
 class Store:
@@ -118,6 +130,8 @@ class Store:
             state.entries[key] = (parse_instant(updated_at), seq, digest)
             if digest is not None:
                 state.checksum.add(digest)
+            else:
+                state.tombstones += 1
         # Cumulative byte counts of journaled and folded bodies; the difference is the backlog.
         self._journaled_bytes = self._folded_bytes = 0
 
@@ -137,13 +151,13 @@ class Store:
             if record.source != source:  # batches rarely mix sources: look the source up once per run
                 source = record.source
                 state = self._source(source)
-                entries, checksum = state.entries, state.checksum
+                entries = state.entries
             entry = entries.get(record.key)
             if entry is not None and _older(change, entry):
                 ignored_stale += 1
                 continue
             applied += 1
-            _replace(entries, checksum, change, None if entry is None else entry[DIGEST])
+            state.put(change, entry)
         outcome = BatchOutcome(applied, ignored_stale, rejected)
         self._journal(batch_id, body, outcome)
         if self.freshness.enabled:
@@ -199,7 +213,8 @@ class Store:
         self._folded_bytes = self._folded_bytes + folded_bytes if folded_bytes else self._journaled_bytes
 
     def source_stats(self) -> dict[str, dict[str, object]]:
-        return {name: state.checksum.as_dict() for name, state in self.sources.items()}
+        """Per source: checksum and count of live records, tombstones held, deletes applied since start."""
+        return {name: state.as_dict() for name, state in self.sources.items()}
 
     def close(self) -> None:
         self._db.close()

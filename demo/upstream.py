@@ -25,28 +25,50 @@ Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
   GET /api/{c}/keyset?updated_since=W&limit=100[&after_key=K]          (keyset by watermark)
       -> {"data": [...], "has_more": b}; without after_key: updated_at >= W; with it:
          (updated_at, key) > (W, K). Advance W and K to the last record of each page.
-  GET /api/{c}/checksum -> {"collection": c, "checksum": "<16 hex>", "count": n} (valid records)
-  POST /api/{c}          body: JSON object; the key is assigned if absent -> 201 + the record
-  PUT /api/{c}/{key}     body: JSON object merged into the record -> 200 + the record; 404 if unknown
-      Both stamp updated_at = now (never before the newest stamp) and move the record to the end.
+  GET /api/{c}/checksum -> {"collection": c, "checksum": "<16 hex>", "count": n} (live valid records:
+      neither malformed nor deleted)
+  GET /api/{c}/{key}     -> 200 + the record (a soft-deleted one with "deleted": true); 404 when the
+      key is unknown or hard-deleted
+  POST /api/{c}          body: JSON object; the key is assigned if absent -> 201 + the record; naming
+      a hard-deleted key creates it anew (409 for a key that is listed, soft-deleted ones included)
+  PUT /api/{c}/{key}     body: JSON object merged into the record -> 200 + the record; 404 if unknown.
+      A PUT of a deleted key (soft or hard) restores it: the record without "deleted", plus the body.
+  DELETE /api/{c}/{key}[?style=soft|hard] -> 200 + the deleted record, "deleted": true; without
+      style, as --delete-style says. 404 if unknown, 410 if deleted already (a soft-deleted record
+      can still be deleted hard: it then leaves the listings), 409 for a malformed record.
+      Each stamps updated_at = now (never before the newest stamp) and moves the record to the end.
       Many changes share a second, so a change can sort just before a cursor or watermark that
       sits in that same last second; that is why updated_since is inclusive: an incremental
       sync should start from its last watermark, not after it.
   GET /health -> {"status": "ok"}
-  GET /stats[?timestamps=1] -> per collection: records, valid, malformed, requests per style,
-      status codes, max_in_flight; with timestamps=1 the arrival times (unix seconds) of the last
-      100000 page requests, and in throttled_at when each injected 429 was answered. Also changes
-      (api, background), webhook counters and auth counters.
+  GET /stats[?timestamps=1] -> per collection: records (listed), valid (live valid records, as in
+      the checksum), malformed, live (listed, not soft-deleted), deleted, soft_deleted,
+      hard_deleted, requests per kind, status codes, max_in_flight; with timestamps=1 the arrival
+      times (unix seconds) of the last 100000 page requests, and in throttled_at when each injected
+      429 was answered. Also changes (api, background), deletes (api, background, soft, hard),
+      webhook counters and auth counters.
   GET /admin/faults, POST /admin/faults -> latency_ms, latency_jitter_ms, error_rate,
-      throttle_rate, retry_after_s, change_rate_per_s (settable) and malformed_rate (fixed at start)
+      throttle_rate, retry_after_s, change_rate_per_s, delete_rate_per_s, delete_style (settable)
+      and malformed_rate (fixed at start)
   GET /admin/change-rate, POST /admin/change-rate {"change_rate_per_s": R}
+  GET /admin/delete-rate, POST /admin/delete-rate {"delete_rate_per_s": R, "delete_style": S}
   GET /admin/malformed -> {c: [{"key": k, "reason": "missing_key" | "bad_updated_at", "record": {...}}]}
 
 Errors are JSON {"error": "<parameter>: <problem>"}: 400 for a bad parameter, cursor or body, 404
 for an unknown collection or key, 409 for a duplicate key or a change to a malformed record, and
 the injected 429 (with Retry-After) and 500. Page faults apply to GET page requests of every style.
 
-Webhooks (--webhook-url U --webhook-secret S): every change (API or background) is POSTed to U,
+Deletes (--delete-rate R, --delete-style soft|hard|mixed, and DELETE above): R random live records
+a second are deleted in the background (chosen by --seed). A delete is a version: the record gets
+"deleted": true and a new updated_at. Soft: it stays in every listing, sorted as the newest change,
+so an incremental sync sees it. Hard: it leaves every listing of every style and GET /api/{c}/{key}
+answers 404. Mixed: each background delete is soft or hard with even odds. Deleted records never
+count in the checksum, and background changes and deletes only pick live records, so a deleted
+record comes back only by a PUT (or a POST of a hard-deleted key).
+
+Webhooks (--webhook-url U --webhook-secret S): every change and delete (API or background) is
+POSTed to U (a delete's body is the record with "deleted": true and its new updated_at, hard
+deletes included: the webhook is their only sign besides their absence),
 `{collection}` in U replaced by the collection name; the body is the record's JSON,
 `X-Conflux-Timestamp: <unix seconds>` and `X-Conflux-Signature: sha256=<hex HMAC-SHA256 with S of
 "<timestamp>." + the body>`. Deliveries are queued (bounded),
@@ -170,7 +192,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     changes = parser.add_argument_group("changes and webhooks")
     changes.add_argument("--change-rate", type=number, default=0.0, metavar="PER_S",
                          help="random record updates per second in the background (default 0)")
-    changes.add_argument("--webhook-url", help="POST every change here; {collection} is replaced")
+    changes.add_argument("--delete-rate", type=number, default=0.0, metavar="PER_S",
+                         help="random live records deleted per second in the background (default 0)")
+    changes.add_argument("--delete-style", choices=("soft", "hard", "mixed"), default="soft",
+                         help="soft: listed with \"deleted\": true; hard: gone from listings; mixed: either, "
+                              "at random (default %(default)s)")
+    changes.add_argument("--webhook-url", help="POST every change and delete here; {collection} is replaced")
     changes.add_argument("--webhook-secret", help="HMAC-SHA256 key of X-Conflux-Signature (over timestamp and body)")
     changes.add_argument("--webhook-batch", type=int, default=100, metavar="N",
                          help="when changes queue up, send up to N of one collection in one POST as a JSON "
@@ -295,7 +322,8 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
     return UpstreamApp(collections=collections, faults=FaultInjector(faults, seed=args.seed),
                        seed=args.seed, change_rate_per_s=args.change_rate,
                        malformed_rate=args.malformed_rate, webhooks=webhooks, auth=AuthGate(auth),
-                       count_headers=tuple(args.count_header), hostile=_hostile_settings(args))
+                       count_headers=tuple(args.count_header), hostile=_hostile_settings(args),
+                       delete_rate_per_s=args.delete_rate, delete_style=args.delete_style)
 
 
 def _hostile_settings(args: argparse.Namespace) -> HostileSettings:

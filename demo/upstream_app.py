@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import socket
 import ssl
@@ -24,7 +25,7 @@ from conflux.demo.faults import Fault, FaultInjector
 from conflux.demo.paging_styles import STYLES, BadParameter
 from conflux.demo.store import Collection, StoreError
 from conflux.demo.upstream_auth import AuthGate
-from conflux.demo.upstream_changes import ChangeGenerator
+from conflux.demo.upstream_changes import ChangeGenerator, DeleteGenerator, check_delete_style
 from conflux.demo.upstream_hostile import Hostile, HostileSettings
 from conflux.demo.upstream_stats import Stats
 from conflux.demo.upstream_time import now_us
@@ -59,7 +60,8 @@ class UpstreamApp:
     def __init__(self, *, collections: dict[str, Collection], faults: FaultInjector, seed: int,
                  change_rate_per_s: float, malformed_rate: float, webhooks: WebhookSender | None,
                  auth: AuthGate, count_headers: tuple[str, ...] = (),
-                 hostile: HostileSettings | None = None) -> None:
+                 hostile: HostileSettings | None = None, delete_rate_per_s: float = 0.0,
+                 delete_style: str = "soft") -> None:
         self.collections = collections
         self.hostile = Hostile(hostile or HostileSettings())
         self.faults = faults
@@ -71,7 +73,11 @@ class UpstreamApp:
         self.changes = ChangeGenerator(collections=list(collections.values()),
                                        apply=self.apply_background_change,
                                        rate_per_s=change_rate_per_s, seed=seed)
-        self._changes_task: asyncio.Task | None = None
+        self.delete_counts: Counter[str] = Counter()
+        self.deletes = DeleteGenerator(collections=list(collections.values()),
+                                       apply=self.apply_background_delete, rate_per_s=delete_rate_per_s,
+                                       seed=seed, style=delete_style)
+        self._tasks: list[asyncio.Task] = []
 
     def build(self) -> web.Application:
         app = web.Application(middlewares=[self._hostile, self._count_status, self._require_credentials],
@@ -85,6 +91,8 @@ class UpstreamApp:
         router.add_post("/admin/faults", self.set_faults)
         router.add_get("/admin/change-rate", self.change_rate_view)
         router.add_post("/admin/change-rate", self.set_change_rate)
+        router.add_get("/admin/delete-rate", self.delete_rate_view)
+        router.add_post("/admin/delete-rate", self.set_delete_rate)
         router.add_get("/admin/malformed", self.malformed_view)
         router.add_get("/admin/auth", self.auth_view)
         router.add_get("/admin/requests", self.requests_view)
@@ -96,18 +104,22 @@ class UpstreamApp:
         router.add_get("/api/{collection}", self._page_handler("page"))
         router.add_post("/api/{collection}", self.create)
         router.add_put("/api/{collection}/{key}", self.update)
+        # After the style and checksum routes, which win over a key of the same name.
+        router.add_get("/api/{collection}/{key}", self.lookup)
+        router.add_delete("/api/{collection}/{key}", self.delete)
         return app
 
     async def _start(self, _app: web.Application) -> None:
         if self.webhooks is not None:
             await self.webhooks.start()
-        self._changes_task = asyncio.create_task(self.changes.run(), name="changes")
+        self._tasks = [asyncio.create_task(self.changes.run(), name="changes"),
+                       asyncio.create_task(self.deletes.run(), name="deletes")]
 
     async def _stop(self, _app: web.Application) -> None:
-        if self._changes_task is not None:
-            self._changes_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._changes_task
+                await task
         if self.webhooks is not None:
             await self.webhooks.close()
 
@@ -203,25 +215,58 @@ class UpstreamApp:
         return web.Response(body=data, status=201, content_type=JSON)
 
     async def update(self, request: web.Request) -> web.Response:
+        """Merge the body into the record; a deleted record (soft or hard) is restored."""
         collection = self._collection(request)
         self.stats.record_request(collection.name, "update", page=False)
         fields = await _json_object(request)
         try:
-            key = collection.parse_key(request.match_info["key"])
-        except ValueError:
-            return error_response(404, f"key: no record {request.match_info['key']!r} in {collection.name}")
-        try:
-            data = collection.update(key, fields, now_us())
+            data = collection.update(_key(collection, request), fields, now_us())
         except StoreError as exc:
             return error_response(exc.status, str(exc))
         self._changed(collection, data, origin="api")
         return web.Response(body=data, content_type=JSON)
 
+    async def lookup(self, request: web.Request) -> web.Response:
+        """One record by key: 200 with it (soft-deleted ones carry ``"deleted": true``), 404 when it
+        was never created or is hard-deleted."""
+        collection = self._collection(request)
+        self.stats.record_request(collection.name, "lookup", page=False)
+        try:
+            data = collection.lookup(_key(collection, request))
+        except StoreError as exc:
+            return error_response(exc.status, str(exc))
+        return web.Response(body=data, content_type=JSON)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """Delete a record now, by ``?style=soft|hard`` or else by --delete-style; answers the deleted record."""
+        collection = self._collection(request)
+        self.stats.record_request(collection.name, "delete", page=False)
+        style = request.query.get("style")
+        if style not in (None, "soft", "hard"):
+            return error_response(400, f"style: must be soft or hard, got {style!r}")
+        hard = self.deletes.draw_hard() if style is None else style == "hard"
+        try:
+            data = collection.delete(_key(collection, request), now_us(), hard=hard)
+        except StoreError as exc:
+            return error_response(exc.status, str(exc))
+        self._deleted(collection, data, origin="api", hard=hard)
+        return web.Response(body=data, content_type=JSON)
+
     def apply_background_change(self, collection: Collection, key: Key, fields: dict[str, object]) -> None:
         self._changed(collection, collection.update(key, fields, now_us()), origin="background")
 
+    def apply_background_delete(self, collection: Collection, key: Key, hard: bool) -> None:
+        self._deleted(collection, collection.delete(key, now_us(), hard=hard), origin="background", hard=hard)
+
     def _changed(self, collection: Collection, data: bytes, *, origin: str) -> None:
         self.change_counts[origin] += 1
+        if self.webhooks is not None:
+            self.webhooks.offer(collection.name, data)
+
+    def _deleted(self, collection: Collection, data: bytes, *, origin: str, hard: bool) -> None:
+        """Count a delete and announce it: for a hard delete the webhook is the only sign besides its absence."""
+        self.delete_counts[origin] += 1
+        self.delete_counts["hard" if hard else "soft"] += 1
         if self.webhooks is not None:
             self.webhooks.offer(collection.name, data)
 
@@ -231,17 +276,18 @@ class UpstreamApp:
         return json_response({"status": "ok"})
 
     async def stats_view(self, request: web.Request) -> web.Response:
-        counts = {name: {"records": len(c), "valid": c.checksum.count, "malformed": len(c) - c.checksum.count}
-                  for name, c in self.collections.items()}
+        counts = {name: collection.counts() for name, collection in self.collections.items()}
         view = self.stats.as_dict(counts, timestamps=request.query.get("timestamps") in ("1", "true"))
         view["changes"] = {"api": self.change_counts["api"], "background": self.change_counts["background"]}
+        view["deletes"] = {name: self.delete_counts[name] for name in ("api", "background", "soft", "hard")}
         view["webhooks"] = self.webhooks.stats() if self.webhooks is not None else None
         view["auth"] = self.auth.view()
         return json_response(view)
 
     def _faults_dict(self) -> dict[str, object]:
         return {**msgspec.structs.asdict(self.faults.settings), "malformed_rate": self.malformed_rate,
-                "change_rate_per_s": self.changes.rate_per_s}
+                "change_rate_per_s": self.changes.rate_per_s, "delete_rate_per_s": self.deletes.rate_per_s,
+                "delete_style": self.deletes.style}
 
     async def faults_view(self, _request: web.Request) -> web.Response:
         return json_response(self._faults_dict())
@@ -250,7 +296,9 @@ class UpstreamApp:
         """Apply any of the fields ``GET /admin/faults`` shows; all are validated before any applies."""
         changes = await _json_object(request)
         try:
-            rate_per_s = _change_rate(changes.pop("change_rate_per_s", self.changes.rate_per_s))
+            rate_per_s = _rate("change_rate_per_s", changes.pop("change_rate_per_s", self.changes.rate_per_s))
+            delete_rate_per_s = _rate("delete_rate_per_s", changes.pop("delete_rate_per_s", self.deletes.rate_per_s))
+            delete_style = check_delete_style(changes.pop("delete_style", self.deletes.style))
             if changes.pop("malformed_rate", self.malformed_rate) != self.malformed_rate:
                 raise ValueError("malformed_rate: fixed when the data is generated; restart to change it")
             settings = self.faults.settings.updated(changes)
@@ -258,6 +306,8 @@ class UpstreamApp:
             return error_response(400, str(exc))
         self.faults.settings = settings
         self.changes.set_rate(rate_per_s)
+        self.deletes.style = delete_style
+        self.deletes.set_rate(delete_rate_per_s)
         return json_response(self._faults_dict())
 
     async def change_rate_view(self, _request: web.Request) -> web.Response:
@@ -266,10 +316,26 @@ class UpstreamApp:
     async def set_change_rate(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
         try:
-            self.changes.set_rate(_change_rate(body.get("change_rate_per_s")))
+            self.changes.set_rate(_rate("change_rate_per_s", body.get("change_rate_per_s")))
         except ValueError as exc:
             return error_response(400, str(exc))
         return await self.change_rate_view(request)
+
+    async def delete_rate_view(self, _request: web.Request) -> web.Response:
+        return json_response({"delete_rate_per_s": self.deletes.rate_per_s, "delete_style": self.deletes.style,
+                              "applied": self.deletes.applied})
+
+    async def set_delete_rate(self, request: web.Request) -> web.Response:
+        """``{"delete_rate_per_s": R}`` and/or ``{"delete_style": "soft|hard|mixed"}``; both checked first."""
+        body = await _json_object(request)
+        try:
+            rate_per_s = _rate("delete_rate_per_s", body.get("delete_rate_per_s", self.deletes.rate_per_s))
+            style = check_delete_style(body.get("delete_style", self.deletes.style))
+        except ValueError as exc:
+            return error_response(400, str(exc))
+        self.deletes.style = style
+        self.deletes.set_rate(rate_per_s)
+        return await self.delete_rate_view(request)
 
     async def malformed_view(self, request: web.Request) -> web.Response:
         """?records=0 leaves the records out (a too_deep one is more than most JSON parsers take)."""
@@ -307,10 +373,19 @@ class UpstreamApp:
         return json_response(self.auth.view())
 
 
-def _change_rate(value: object) -> float:
-    if type(value) not in (int, float) or value < 0:
-        raise ValueError(f"change_rate_per_s: must be a number >= 0, got {value!r}")
+def _rate(name: str, value: object) -> float:
+    if type(value) not in (int, float) or not 0 <= value < math.inf:  # also refuses nan
+        raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def _key(collection: Collection, request: web.Request) -> Key:
+    """The key in the URL, as the collection's key type; a key of the wrong type is unknown (404)."""
+    text = request.match_info["key"]
+    try:
+        return collection.parse_key(text)
+    except ValueError:
+        raise _client_error(web.HTTPNotFound, f"key: no record {text!r} in {collection.name}") from None
 
 
 async def _json_object(request: web.Request) -> dict[str, object]:

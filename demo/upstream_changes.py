@@ -1,9 +1,11 @@
-"""Background changes of the demo upstream: ``--change-rate`` random record updates per second.
+"""Background changes of the demo upstream: ``--change-rate`` random record updates and
+``--delete-rate`` random deletes per second.
 
-A task in the upstream process's event loop. Changes are spread evenly over each second by keeping
-to a schedule (change n is due at start + n / rate) rather than sleeping a fixed interval, so the
-rate holds however long each wake-up takes. Which record changes, and how, comes from an RNG
-seeded from ``--seed``.
+Each is a task in the upstream process's event loop. Steps are spread evenly over each second by
+keeping to a schedule (step n is due at start + n / rate) rather than sleeping a fixed interval, so
+the rate holds however long each wake-up takes. Which record changes or goes, and how, comes from an
+RNG seeded from ``--seed`` (one stream for changes, another for deletes). Both pick live valid records
+only, so a deleted record never comes back by itself.
 """
 
 from __future__ import annotations
@@ -24,17 +26,18 @@ MIN_SLEEP_S = 0.005
 MAX_BACKLOG_S = 1.0
 
 ApplyChange = Callable[[Collection, Key, dict[str, object]], object]
+# (collection, key, hard) -> deletes the record
+ApplyDelete = Callable[[Collection, Key, bool], object]
+DELETE_STYLES = ("soft", "hard", "mixed")
 
 
-class ChangeGenerator:
-    """Updates random valid records across ``collections`` through ``apply`` at ``rate_per_s``."""
+class Schedule:
+    """Calls ``step()`` ``rate_per_s`` times a second until cancelled; subclasses say what a step does."""
 
-    def __init__(self, *, collections: Sequence[Collection], apply: ApplyChange, rate_per_s: float,
-                 seed: int) -> None:
+    def __init__(self, *, collections: Sequence[Collection], rate_per_s: float, rng: random.Random) -> None:
         self._collections = list(collections)
-        self._apply = apply
         self._rate_per_s = rate_per_s
-        self._rng = random.Random(f"{seed}:changes")
+        self._rng = rng
         self._rate_changed: asyncio.Event | None = None
         self.applied = 0
 
@@ -69,15 +72,56 @@ class ChangeGenerator:
                 done += skipped
                 due -= skipped
             for _ in range(due):
-                self.change_one()
+                self.step()
             done += due
             sleep_s = max(MIN_SLEEP_S, started + (done + 1) / rate_per_s - time.monotonic())
             with contextlib.suppress(TimeoutError):  # a rate change wakes us early
                 await asyncio.wait_for(self._rate_changed.wait(), sleep_s)
 
-    def change_one(self) -> None:
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class ChangeGenerator(Schedule):
+    """Updates random live valid records across ``collections`` through ``apply`` at ``rate_per_s``."""
+
+    def __init__(self, *, collections: Sequence[Collection], apply: ApplyChange, rate_per_s: float,
+                 seed: int) -> None:
+        super().__init__(collections=collections, rate_per_s=rate_per_s, rng=random.Random(f"{seed}:changes"))
+        self._apply = apply
+
+    def step(self) -> None:
         collection = self._rng.choice(self._collections)
-        key = collection.random_valid_key(self._rng)
+        key = collection.random_live_key(self._rng)
         if key is not None:
             self._apply(collection, key, collection.spec.mutation(self._rng))
             self.applied += 1
+
+
+class DeleteGenerator(Schedule):
+    """Deletes random live valid records across ``collections`` through ``apply`` at ``rate_per_s``;
+    ``style`` soft or hard, or mixed: each delete soft or hard with even odds."""
+
+    def __init__(self, *, collections: Sequence[Collection], apply: ApplyDelete, rate_per_s: float,
+                 seed: int, style: str = "soft") -> None:
+        super().__init__(collections=collections, rate_per_s=rate_per_s, rng=random.Random(f"{seed}:deletes"))
+        self._apply = apply
+        self.style = check_delete_style(style)
+
+    def draw_hard(self) -> bool:
+        """Whether the next delete is hard, by ``style``."""
+        return self.style == "hard" or (self.style == "mixed" and self._rng.random() < 0.5)
+
+    def step(self) -> None:
+        collection = self._rng.choice(self._collections)
+        key = collection.random_live_key(self._rng)
+        if key is not None:
+            self._apply(collection, key, self.draw_hard())
+            self.applied += 1
+
+
+def check_delete_style(style: object) -> str:
+    """``style`` if it is one of DELETE_STYLES; else ValueError naming delete_style."""
+    if style not in DELETE_STYLES:
+        raise ValueError(f"delete_style: must be one of {', '.join(DELETE_STYLES)}, got {style!r}")
+    return str(style)

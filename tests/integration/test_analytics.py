@@ -37,11 +37,17 @@ def stored_data(url: str, key: str, source: str = SOURCE) -> bytes | None:
     return bytes(msgspec.json.decode(response.content, type=dict[str, msgspec.Raw])["data"])
 
 
-def expected_checksum(records: dict[str, bytes]) -> dict:
+def expected_checksum(records: dict[str, bytes], *, tombstones: int = 0, deletes_applied: int = 0) -> dict:
+    """What /stats shows for a source whose live records are ``records``."""
     checksum = Checksum()
     for key, data in records.items():
         checksum.add(record_digest(key, data))
-    return checksum.as_dict()
+    return {**checksum.as_dict(), "tombstones": tombstones, "deletes_applied": deletes_applied}
+
+
+def lasting(sources: dict[str, dict]) -> dict[str, dict]:
+    """Per-source stats without deletes_applied, which counts since the process started."""
+    return {name: {k: v for k, v in fields.items() if k != "deletes_applied"} for name, fields in sources.items()}
 
 
 # --- ingest and checksums -------------------------------------------------------------------------
@@ -70,7 +76,8 @@ def test_sources_are_counted_separately(analytics):
     assert sources["crm"] == expected_checksum({"k": b'{"a":1}'})
     assert sources["erp"] == expected_checksum({"k": b'{"b":2}'})
     unknown = requests.get(f"{analytics.url}/stats/nowhere", timeout=10).json()
-    assert unknown == {"source": "nowhere", "count": 0, "checksum": "0000000000000000"}
+    assert unknown == {"source": "nowhere", "count": 0, "checksum": "0000000000000000", "tombstones": 0,
+                       "deletes_applied": 0}
 
 
 def test_older_upserts_are_ignored_and_equal_instants_apply(analytics):
@@ -119,7 +126,7 @@ def test_deletes_remove_records_and_leave_tombstones(analytics):
     assert stored_data(url, "a") == b'{"a":1}'
     post_batch(url, "b-3", [sink_record("a", None, op="delete", updated_at="2024-01-02T00:00:00Z")])
     assert stored_data(url, "a") is None
-    assert source_stats(url) == expected_checksum({"b": b'{"b":1}'})
+    assert source_stats(url) == expected_checksum({"b": b'{"b":1}'}, tombstones=1, deletes_applied=1)
 
     gone = requests.get(f"{url}/records/{SOURCE}/a", timeout=10)
     assert gone.status_code == 404 and gone.json()["deleted_at"] == "2024-01-02T00:00:00Z"
@@ -127,7 +134,7 @@ def test_deletes_remove_records_and_leave_tombstones(analytics):
     stale = post_batch(url, "b-4", [sink_record("a", b'{"a":0}', updated_at="2024-01-01T12:00:00Z")])
     assert stale.json()["ignored_stale"] == 1 and stored_data(url, "a") is None
     post_batch(url, "b-5", [sink_record("a", b'{"a":2}', updated_at="2024-01-03T00:00:00Z")])
-    assert source_stats(url) == expected_checksum({"a": b'{"a":2}', "b": b'{"b":1}'})
+    assert source_stats(url) == expected_checksum({"a": b'{"a":2}', "b": b'{"b":1}'}, deletes_applied=1)
 
 
 def test_a_delete_of_an_unknown_key_blocks_older_upserts(analytics):
@@ -136,6 +143,35 @@ def test_a_delete_of_an_unknown_key_blocks_older_upserts(analytics):
     post_batch(url, "b-2", [sink_record("ghost", b'{"g":1}', updated_at="2024-01-04T00:00:00Z")])
     assert stored_data(url, "ghost") is None
     assert source_stats(url)["count"] == 0
+
+
+def test_stats_count_deletes_and_tombstones_per_source_and_a_kill_keeps_the_tombstones(analytics_factory,
+                                                                                        tmp_path):
+    db = tmp_path / "sink.db"
+    first = analytics_factory(db=db)
+    day = "2024-01-02T00:00:00Z"
+    post_batch(first.url, "b-1", [sink_record("a", b'{"a":1}'), sink_record("b", b'{"b":1}'),
+                                  sink_record("a", b'{"a":9}', source="erp")])
+    deletes = post_batch(first.url, "b-2", [
+        sink_record("a", None, op="delete", updated_at=day),
+        sink_record("a", None, op="delete", updated_at=day),  # repeated: idempotent
+        sink_record("ghost", None, op="delete", updated_at=day),  # never held: not an error
+        sink_record("a", None, op="delete", source="erp", updated_at="2023-12-31T00:00:00Z")])  # older: stale
+    assert deletes.status_code == 200 and deletes.json()["ignored_stale"] == 1
+    sources = stats(first.url)["sources"]
+    assert sources[SOURCE] == expected_checksum({"b": b'{"b":1}'}, tombstones=2, deletes_applied=3)
+    assert sources["erp"] == expected_checksum({"a": b'{"a":9}'})
+    assert requests.get(f"{first.url}/stats/{SOURCE}", timeout=10).json() == {"source": SOURCE, **sources[SOURCE]}
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    second = analytics_factory(db=db)
+    assert stats(second.url)["sources"][SOURCE] == expected_checksum({"b": b'{"b":1}'}, tombstones=2)
+    late = post_batch(second.url, "b-3", [sink_record("a", b'{"a":0}', updated_at="2024-01-01T12:00:00Z"),
+                                          sink_record("ghost", b'{"g":0}', updated_at="2024-01-01T12:00:00Z")])
+    assert late.json()["ignored_stale"] == 2 and stored_data(second.url, "ghost") is None
+    post_batch(second.url, "b-4", [sink_record("a", b'{"a":2}', updated_at="2024-01-03T00:00:00Z")])
+    assert stats(second.url)["sources"][SOURCE] == expected_checksum({"a": b'{"a":2}', "b": b'{"b":1}'},
+                                                                     tombstones=1)
 
 
 # --- idempotency ----------------------------------------------------------------------------------
@@ -400,7 +436,8 @@ def test_a_restart_with_the_same_db_keeps_records_checksums_and_batch_ids(analyt
 
     second = analytics_factory(db=db)
     after = stats(second.url)
-    assert after["sources"] == before["sources"] and after["batches"] == 3
+    assert lasting(after["sources"]) == lasting(before["sources"]) and after["batches"] == 3
+    assert after["sources"][SOURCE]["tombstones"] == 1
     assert stored_data(second.url, "k4") == b'{"i":"four"}'
     assert stored_data(second.url, "k3") is None
     # The tombstone survived too: an older upsert of k3 stays dead.
@@ -408,7 +445,7 @@ def test_a_restart_with_the_same_db_keeps_records_checksums_and_batch_ids(analyt
     assert stored_data(second.url, "k3") is None
     for batch_id in ("b-1", "b-2", "b-3"):
         assert post_batch(second.url, batch_id, []).json()["status"] == "duplicate"
-    assert stats(second.url)["sources"] == before["sources"]
+    assert lasting(stats(second.url)["sources"]) == lasting(before["sources"])
 
 
 def test_records_are_readable_while_batches_are_still_journaled(analytics):

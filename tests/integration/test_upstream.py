@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from conflux.demo.checksum import Checksum, record_digest
+from tests.fixtures.analytics import post_batch, sink_record
 from tests.fixtures.upstream import start_upstream, stop_upstream
 from tests.support import Service, wait_until
 
@@ -554,6 +555,195 @@ def test_webhook_failures_are_counted_and_never_block(upstream_factory):
     assert time.monotonic() - started < 2.0
     wait_until(lambda: requests.get(f"{service.url}/stats", timeout=10).json()["webhooks"]["failed"] >= 1,
                timeout_s=20, message="a failed webhook delivery")
+
+
+# -- deletes ----------------------------------------------------------------------------------
+
+def delete(service: Service, collection: str, key: object, style: str | None = None) -> requests.Response:
+    params = {} if style is None else {"style": style}
+    return requests.delete(f"{service.url}/api/{collection}/{key}", params=params, timeout=10)
+
+
+def lookup(service: Service, collection: str, key: object) -> requests.Response:
+    return requests.get(f"{service.url}/api/{collection}/{key}", timeout=10)
+
+
+def live_checksum(records: list[bytes], collection: str) -> dict[str, object]:
+    """The checksum a client computes from a full listing: every record not marked deleted."""
+    return client_checksum([raw for raw in records if not decode(raw).get("deleted")], collection)
+
+
+def collection_stats(service: Service, collection: str) -> dict:
+    return requests.get(f"{service.url}/stats", timeout=10).json()["collections"][collection]
+
+
+def test_delete_soft_and_hard_then_restore(upstream_factory):
+    service = upstream_factory(customers=300, products=20)
+    original = lookup(service, "customers", 8).content
+    soft = delete(service, "customers", 7)  # --delete-style defaults to soft
+    assert soft.status_code == 200
+    assert decode(soft.content)["deleted"] is True and decode(soft.content)["updated_at"] > "2026-02"
+    hard = delete(service, "customers", 8, style="hard")
+    assert hard.status_code == 200
+    stamp = decode(hard.content)["updated_at"]
+    assert decode(hard.content) == {**decode(original), "deleted": True, "updated_at": stamp}
+    assert lookup(service, "customers", 7).content == soft.content
+    assert lookup(service, "customers", 8).status_code == 404
+    for style in STYLES:
+        records = fetch_all(service, "customers", style, size=70)
+        assert records[-1] == soft.content and records.count(soft.content) == 1, style
+        assert 8 not in keys_of(records, "customers") and len(records) == 299, style
+        assert live_checksum(records, "customers") == server_checksum(service, "customers"), style
+    assert server_checksum(service, "customers")["count"] == 298
+    counts = collection_stats(service, "customers")
+    assert {name: counts[name] for name in ("records", "valid", "live", "deleted", "soft_deleted",
+                                            "hard_deleted")} == {"records": 299, "valid": 298, "live": 298,
+                                                                 "deleted": 2, "soft_deleted": 1, "hard_deleted": 1}
+    restored = put(service, "customers", 8, {"tier": "gold"})
+    assert restored.status_code == 200 and "deleted" not in decode(restored.content)
+    assert lookup(service, "customers", 8).content == restored.content
+    records = fetch_all(service, "customers", "cursor")
+    assert records[-1] == restored.content and len(records) == 300
+    assert live_checksum(records, "customers") == server_checksum(service, "customers")
+    assert server_checksum(service, "customers")["count"] == 299
+    deletes = requests.get(f"{service.url}/stats", timeout=10).json()["deletes"]
+    assert deletes == {"api": 2, "background": 0, "soft": 1, "hard": 1}
+
+
+def test_delete_errors(upstream_factory):
+    service = upstream_factory(customers=20, products=20, malformed_rate=0.2)
+    assert delete(service, "customers", 999).status_code == 404
+    assert delete(service, "customers", "abc").status_code == 404
+    assert delete(service, "nope", 1).status_code == 404
+    assert lookup(service, "customers", 999).status_code == 404
+    bad_style = delete(service, "customers", 1, style="sometimes")
+    assert bad_style.status_code == 400 and bad_style.json()["error"].startswith("style:")
+    malformed = _malformed_keys(service)
+    assert malformed
+    live = next(key for key in range(1, 21) if key not in malformed)
+    assert delete(service, "customers", live).status_code == 200
+    assert delete(service, "customers", live).status_code == 410  # soft again: deleted already
+    assert delete(service, "customers", live, style="hard").status_code == 200  # purged
+    assert delete(service, "customers", live, style="hard").status_code == 410
+    assert delete(service, "customers", next(iter(malformed))).status_code == 409
+    flagged = put(service, "customers", 1, {"deleted": True})
+    assert flagged.status_code == 400 and flagged.json()["error"].startswith("deleted:")
+    for body, field in (({"delete_rate_per_s": -1}, "delete_rate_per_s"), ({"delete_style": "some"}, "delete_style"),
+                        ({"delete_rate_per_s": "fast"}, "delete_rate_per_s")):
+        for path in ("/admin/delete-rate", "/admin/faults"):
+            refused = requests.post(f"{service.url}{path}", json=body, timeout=10)
+            assert refused.status_code == 400 and refused.json()["error"].startswith(f"{field}:"), (path, body)
+    assert requests.get(f"{service.url}/admin/delete-rate", timeout=10).json() == {
+        "delete_rate_per_s": 0.0, "delete_style": "soft", "applied": 0}
+
+
+def _malformed_keys(service: Service) -> set:
+    listed = requests.get(f"{service.url}/admin/malformed", params={"records": 0}, timeout=10).json()
+    return {entry["key"] for entry in listed["customers"]}
+
+
+def webhook_records(receiver: Receiver) -> list[tuple[str, bytes]]:
+    """(collection, record JSON) of every delivery, batched ones split, as the upstream encoded them."""
+    out = []
+    for path, _headers, body in list(receiver.received):
+        batched = body[:1] == b"["  # a lone change is an object, a batch of them a list
+        for raw in msgspec.json.decode(body, type=list[msgspec.Raw]) if batched else [body]:
+            out.append((path.rsplit("/", 1)[-1], bytes(raw)))
+    return out
+
+
+def settle_webhooks(service: Service) -> dict:
+    def settled() -> dict | None:
+        hooks = requests.get(f"{service.url}/stats", timeout=10).json()["webhooks"]
+        return hooks if hooks["pending"] == 0 and hooks["delivered"] + hooks["failed"] == hooks["queued"] else None
+    return wait_until(settled, timeout_s=30, message="every webhook delivered")
+
+
+def test_delete_rate_deletes_at_about_the_rate_and_webhooks_announce_them(upstream_factory, receiver):
+    service = upstream_factory(customers=400, products=400, delete_rate=40, delete_style="mixed",
+                               webhook_url=f"{receiver.url}/hooks/{{collection}}", webhook_secret="s")
+    started = time.monotonic()
+
+    def applied() -> int:
+        return requests.get(f"{service.url}/admin/delete-rate", timeout=10).json()["applied"]
+
+    wait_until(lambda: applied() >= 60, timeout_s=30, message="60 background deletes")
+    elapsed_s = time.monotonic() - started
+    count = applied()
+    print(f"background deletes: {count} after {elapsed_s:.2f}s at 40/s")
+    assert elapsed_s > 1.0  # 60 deletes at 40/s take 1.5 s
+    assert count <= 40 * (elapsed_s + 0.5) + 1
+    stopped = requests.post(f"{service.url}/admin/delete-rate", json={"delete_rate_per_s": 0}, timeout=10).json()
+    assert stopped["delete_rate_per_s"] == 0 and stopped["delete_style"] == "mixed"
+    assert settle_webhooks(service)["failed"] == 0
+    announced = webhook_records(receiver)
+    assert len(announced) == stopped["applied"] and all(decode(raw)["deleted"] is True for _c, raw in announced)
+    totals = {"soft": 0, "hard": 0}
+    for name in ("customers", "products"):
+        listing = fetch_all(service, name, "cursor")
+        gone = [raw for collection, raw in announced if collection == name]
+        for raw in gone:
+            key = decode(raw)[KEY_FIELDS[name]]
+            if raw in listing:
+                totals["soft"] += 1
+                assert lookup(service, name, key).content == raw
+            else:
+                totals["hard"] += 1
+                assert key not in keys_of(listing, name) and lookup(service, name, key).status_code == 404
+        assert live_checksum(listing, name) == server_checksum(service, name)
+        assert server_checksum(service, name)["count"] == 400 - len(gone)
+    assert totals["soft"] > 0 and totals["hard"] > 0
+    deletes = requests.get(f"{service.url}/stats", timeout=10).json()["deletes"]
+    assert deletes == {"api": 0, "background": stopped["applied"], **totals}
+
+
+def sink_batch(records: list[bytes], collection: str) -> list[dict]:
+    """Sink records as Conflux sends them: a record marked deleted is a delete with data null."""
+    out = []
+    for raw in records:
+        record = decode(raw)
+        deleted = bool(record.get("deleted"))
+        out.append(sink_record(str(record[KEY_FIELDS[collection]]), None if deleted else raw,
+                               updated_at=record["updated_at"], source=collection,
+                               op="delete" if deleted else "upsert"))
+    return out
+
+
+def sink_checksum(url: str, source: str) -> dict:
+    stats = requests.get(f"{url}/stats/{source}", timeout=10).json()
+    return {"checksum": stats["checksum"], "count": stats["count"]}
+
+
+def test_the_sink_fed_the_same_records_and_deletes_agrees_on_the_checksum(upstream_factory, analytics, receiver):
+    service = upstream_factory(customers=500, products=300, webhook_url=f"{receiver.url}/hooks/{{collection}}",
+                               webhook_secret="s")
+    snapshot = {name: fetch_all(service, name, "offset", size=1000) for name in ("customers", "products")}
+    for name, records in snapshot.items():
+        post_batch(analytics.url, f"full-{name}", sink_batch(records, name)).raise_for_status()
+        assert sink_checksum(analytics.url, name) == server_checksum(service, name)
+    requests.post(f"{service.url}/admin/faults", json={"change_rate_per_s": 100, "delete_rate_per_s": 100,
+                                                      "delete_style": "mixed"}, timeout=10).raise_for_status()
+    wait_until(lambda: requests.get(f"{service.url}/admin/delete-rate", timeout=10).json()["applied"] >= 80,
+               timeout_s=30, message="80 background deletes")
+    requests.post(f"{service.url}/admin/faults", json={"change_rate_per_s": 0, "delete_rate_per_s": 0},
+                  timeout=10).raise_for_status()
+    settle_webhooks(service)
+    assert requests.get(f"{service.url}/stats", timeout=10).json()["deletes"]["hard"] > 0
+    # What an incremental sync and the webhooks carry: changes and soft deletes in the listing, hard
+    # deletes only in the webhooks. Fed in any order, the newest version of each key wins.
+    since = max(decode(raw)["updated_at"] for records in snapshot.values() for raw in records)
+    for name in ("customers", "products"):
+        hooked = [raw for collection, raw in webhook_records(receiver) if collection == name]
+        changed = fetch_all(service, name, "keyset", since=since)
+        post_batch(analytics.url, f"changes-{name}", sink_batch(changed, name)).raise_for_status()
+        post_batch(analytics.url, f"hooks-{name}", sink_batch(hooked, name)).raise_for_status()
+        assert sink_checksum(analytics.url, name) == server_checksum(service, name)
+        # A late replay of the first full sync: older upserts never bring a deleted key back.
+        late = post_batch(analytics.url, f"late-{name}", sink_batch(snapshot[name], name)).json()
+        assert late["ignored_stale"] > 0
+        assert sink_checksum(analytics.url, name) == server_checksum(service, name)
+        tombstones = requests.get(f"{analytics.url}/stats/{name}", timeout=10).json()["tombstones"]
+        assert tombstones == collection_stats(service, name)["deleted"] > 0
 
 
 # -- operations -------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import tempfile
+from collections import Counter
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -36,24 +39,46 @@ def ingest(store: Store, batch_id: str, records: list[dict]):
 
 
 class Model:
-    """The rules spelled out as simply as possible: last writer wins by (instant, seq), ties to the later."""
+    """The rules spelled out as simply as possible: last writer wins by (instant, seq), ties to the later;
+    a delete is a version whose data is None (a tombstone)."""
 
     def __init__(self) -> None:
         self.latest: dict[tuple[str, str], tuple[object, int, bytes | None]] = {}
+        self.deletes_applied: Counter[str] = Counter()
 
     def apply(self, rec: dict) -> None:
         key = (rec["source"], rec["key"])
         version = (parse_instant(rec["updated_at"]), rec.get("seq", 0))
         if key not in self.latest or version >= self.latest[key][:2]:
             self.latest[key] = (*version, bytes(rec["data"]) if rec["op"] == "upsert" else None)
+            self.deletes_applied[rec["source"]] += rec["op"] == "delete"
 
     def checksums(self) -> dict[str, dict]:
+        """What Store.source_stats holds that survives a restart: checksum, count and tombstones."""
         sums: dict[str, Checksum] = {}
+        tombstones: Counter[str] = Counter()
         for (source, key), (_, _, data) in self.latest.items():
             checksum = sums.setdefault(source, Checksum())
             if data is not None:
                 checksum.add(record_digest(key, data))
-        return {source: checksum.as_dict() for source, checksum in sums.items()}
+            else:
+                tombstones[source] += 1
+        return {source: {**checksum.as_dict(), "tombstones": tombstones[source]} for source, checksum in sums.items()}
+
+    @staticmethod
+    def one(data: bytes, key: str) -> dict:
+        checksum = Checksum()
+        checksum.add(record_digest(key, data))
+        return checksum.as_dict()
+
+    def stats(self) -> dict[str, dict]:
+        return {source: {**sums, "deletes_applied": self.deletes_applied[source]}
+                for source, sums in self.checksums().items()}
+
+
+def lasting(stats: dict[str, dict]) -> dict[str, dict]:
+    """Per-source stats without deletes_applied, which counts since the process started."""
+    return {source: {k: v for k, v in fields.items() if k != "deletes_applied"} for source, fields in stats.items()}
 
 
 operations = st.lists(st.lists(st.builds(
@@ -76,10 +101,72 @@ def test_checksums_and_fold_agree_with_a_simple_model(batches):
         ingest(store, f"b{n}", records)
         for rec in records:
             model.apply(rec)
-    assert store.source_stats() == model.checksums()
+    assert store.source_stats() == model.stats()
     for (source, key), (_, seq, data) in model.latest.items():
         stored = asyncio.run(store.record(source, key))  # folds the journal first
         assert stored is not None and stored[1:] == (seq, data)
+
+
+@settings(max_examples=40, deadline=None)
+@given(operations, operations, st.booleans())
+def test_a_restart_between_batches_keeps_every_rule(before, after, fold_first):
+    """The same model across a stop and start of the sink, with the journal folded first or replayed
+    on start: tombstones keep older upserts out, newer upserts recreate keys, counts survive."""
+    model = Model()
+
+    def run(store: Store, prefix: str, batches: list[list[dict]]) -> None:
+        try:
+            for n, records in enumerate(batches):
+                ingest(store, f"{prefix}{n}", records)
+                for rec in records:
+                    model.apply(rec)
+            if fold_first:
+                asyncio.run(store.fold_all())
+            assert lasting(store.source_stats()) == model.checksums()
+        finally:
+            store.close()  # also stops its checkpointer thread before the directory goes
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = str(Path(directory) / "sink.db")
+        run(Store(db=Database(path=path)), "a", before)
+        run(Store(db=Database(path=path)), "b", after)  # the journal, folded or not, replays on start
+        store = Store(db=Database(path=path))
+        try:
+            assert lasting(store.source_stats()) == model.checksums()
+            for (source, key), (_, seq, data) in model.latest.items():
+                assert asyncio.run(store.record(source, key))[1:] == (seq, data)
+        finally:
+            store.close()
+
+
+@pytest.mark.parametrize("fold_first", [False, True], ids=["journaled", "folded"])
+def test_tombstones_keep_older_upserts_out_and_newer_ones_in_across_restarts(tmp_path, fold_first):
+    path = str(tmp_path / "sink.db")
+    store = Store(db=Database(path=path))
+    ingest(store, "b1", [record("a", b'{"v":1}', TIMES[0]), record("b", b'{"b":1}', TIMES[0])])
+    deletes = ingest(store, "b2", [record("a", b"null", TIMES[2], op="delete"),
+                                   record("ghost", b"null", TIMES[2], op="delete"),  # never held: no error
+                                   record("a", b"null", TIMES[2], op="delete")])  # repeated: idempotent
+    assert (deletes.applied, deletes.ignored_stale, deletes.rejected) == (3, 0, [])
+    assert store.source_stats()["s"] == {**Model.one(b'{"b":1}', "b"), "tombstones": 2, "deletes_applied": 3}
+    if fold_first:
+        asyncio.run(store.fold_all())
+    # No close: as after kill -9.
+    store = Store(db=Database(path=path))
+    assert store.source_stats()["s"] == {**Model.one(b'{"b":1}', "b"), "tombstones": 2, "deletes_applied": 0}
+    late = ingest(store, "b3", [record("a", b'{"v":0}', TIMES[1]), record("ghost", b'{"g":0}', TIMES[0])])
+    assert (late.applied, late.ignored_stale) == (0, 2)
+    assert asyncio.run(store.record("s", "a")) == (TIMES[2], 0, None)
+    assert ingest(store, "b4", [record("a", b'{"v":2}', TIMES[3])]).applied == 1  # a restore upstream
+    assert store.source_stats()["s"]["tombstones"] == 1
+    store.close()
+    store = Store(db=Database(path=path))
+    assert asyncio.run(store.record("s", "a")) == (TIMES[3], 0, b'{"v":2}')
+    expected = Checksum()
+    for key, data in (("a", b'{"v":2}'), ("b", b'{"b":1}')):
+        expected.add(record_digest(key, data))
+    assert store.source_stats()["s"] == {**expected.as_dict(), "tombstones": 1, "deletes_applied": 0}
+    store.close()
 
 
 def test_outcomes_count_applied_and_stale():
@@ -103,7 +190,7 @@ def test_reopening_the_db_restores_state_including_an_unfolded_journal(tmp_path)
     expected = store.source_stats()
     # No close and no fold: as after kill -9, batch b2 exists only in the journal.
     reopened = Store(db=Database(path=path))
-    assert reopened.source_stats() == expected
+    assert lasting(reopened.source_stats()) == lasting(expected)
     assert reopened.batch_ids == {"b1", "b2"}
     assert asyncio.run(reopened.record("s", "a")) == (TIMES[2], 0, None)
     # The tombstone's instant came back too: an older upsert stays dead.
