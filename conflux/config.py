@@ -321,15 +321,23 @@ class KafkaSinkConfig(_SinkSection):
     replication_factor: int = 0       # 0: min(3, number of brokers)
     batch_size: int = 5000
     timeout_s: float = 30.0
+    # One Kafka transaction per chunk: read_committed consumers see all of a chunk or none of it.
+    transactional: bool = True
     # librdkafka settings for this sink's clients (security.*, sasl.*, ...); *_env / *_file name secrets.
     producer: dict[str, str | int | float | bool] = {}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require("{source}" in self.topic, "topic must hold {source}: every source gets its own changelog topic")
+        _require(set(re.findall(r"{[^}]*}", self.topic)) <= {"{source}", "{prefix}"},
+                 f"topic {self.topic!r} may only hold the placeholders {{prefix}} and {{source}}")
         _require(self.partitions >= 0, "partitions must be >= 0")
         _require(self.replication_factor >= 0, "replication_factor must be >= 0")
         _require(self.timeout_s > 0, "timeout_s must be > 0")
+
+    def topic_of(self, source: str, prefix: str) -> str:
+        """The changelog topic of a source: ``topic`` with {prefix} ([log] topic_prefix) and {source} replaced."""
+        return self.topic.replace("{prefix}", prefix).replace("{source}", source)
 
 
 class SinkSpec(_Section):
@@ -685,7 +693,29 @@ def _resolve_sinks(config: Config, *, sink_given: bool) -> Config:
     for spec in specs:
         if spec.type == "kafka" and not (spec.options.bootstrap_servers or config.log.bootstrap_servers):
             raise ConfigError(f"{sink_where(specs, spec)}.bootstrap_servers: required with the embedded log")
+        if spec.type == "kafka":
+            _check_changelog_topics(config, spec, sink_where(specs, spec))
     return msgspec.structs.replace(config, sinks=specs)
+
+
+def _check_changelog_topics(config: Config, spec: SinkSpec, where: str) -> None:
+    """A Kafka sink's topics must be valid Kafka names and, on the log's own cluster, not the log's topics:
+    the consumers would read changelog records as batches."""
+    options = spec.options
+    same_cluster = config.log.backend == "kafka" and options.bootstrap_servers in ("", config.log.bootstrap_servers)
+    prefix = config.log.topic_prefix
+    log_topics = {f"{prefix}conflux.checkpoints", f"{prefix}conflux.sources"}
+    for source in config.sources:
+        log_topics.update((config.topic_of(source), config.topic_of(source) + ".dlq"))
+    for source in config.sources:
+        if spec.name not in config.sink_names_of(source):
+            continue
+        topic = options.topic_of(source.name, prefix)
+        if len(topic) > MAX_TOPIC_CHARS or re.fullmatch(r"[A-Za-z0-9._-]+", topic) is None:
+            raise ConfigError(f"{where}.topic: {topic!r} (for source {source.name}) is not a Kafka topic name: "
+                              f"at most {MAX_TOPIC_CHARS} letters, digits, '.', '_' and '-'")
+        if same_cluster and topic in log_topics:
+            raise ConfigError(f"{where}.topic: {topic!r} (for source {source.name}) is one of the log's own topics")
 
 
 def sink_where(specs: list[SinkSpec], spec: SinkSpec) -> str:

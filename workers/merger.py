@@ -65,7 +65,7 @@ class MergerWorker(AsyncWorker):
     async def main_async(self) -> int:
         self.quick_stop = asyncio.Event()
         self.wake = asyncio.Event()
-        self.sinks = make_sinks(self.config, stopping=self.quick_stop)
+        self.sinks = make_sinks(self.config, stopping=self.quick_stop, instance=self.spec.name)
         for sink in self.sinks.values():
             await sink.start()
         self.routes = {source.name: Route([self.sinks[name] for name in self.config.sink_names_of(source)])

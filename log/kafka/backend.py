@@ -12,7 +12,16 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from conflux.config import Config
 from conflux.log.base import TopicPartition, dlq_topic
-from conflux.log.kafka.client import call, create_topics, high_watermark, metadata, partitions_of, wait_for_topics
+from conflux.log.kafka.client import (
+    call,
+    create_topics,
+    durable_config,
+    high_watermark,
+    metadata,
+    partitions_of,
+    replication_for,
+    wait_for_topics,
+)
 from conflux.log.kafka.consumer import KafkaConsumer
 from conflux.log.kafka.producer import KafkaProducer
 from conflux.log.kafka.settings import (
@@ -48,7 +57,7 @@ class KafkaLog(KafkaSettings):
         admin = AdminClient(self.settings("admin", {}, {}))
         try:
             cluster = metadata(admin)
-            replication = self.replication_factor or min(3, len(cluster.brokers))
+            replication = replication_for(cluster, self.replication_factor)
             wanted = self._topic_specs(topics, replication)
             missing = [NewTopic(name, num_partitions=count, replication_factor=replication, config=config)
                        for name, (count, config) in wanted.items() if name not in cluster.topics]
@@ -65,12 +74,8 @@ class KafkaLog(KafkaSettings):
 
     def _topic_specs(self, topics: dict[str, int], replication: int) -> dict[str, tuple[int, dict[str, str]]]:
         """name -> (partitions, topic config). One DLQ partition: few entries, and one order per id.
-
-        min.insync.replicas = replication - 1 (at least 1): with acks=all a write is acknowledged only
-        once that many replicas have it, so one broker can fail without losing an acknowledged record,
-        and one can be down without stopping writes. The broker's default of 1 would acknowledge a
-        write held by the leader alone."""
-        durable = {"min.insync.replicas": str(max(1, replication - 1))}
+        Every topic is durable (``client.durable_config``)."""
+        durable = durable_config(replication)
         big = {**durable, "max.message.bytes": str(MAX_MESSAGE_BYTES)}
         specs: dict[str, tuple[int, dict[str, str]]] = {}
         for topic, partitions in topics.items():

@@ -11,7 +11,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from conflux.errors import LogError, LogUnavailable
 from conflux.log.base import TopicPartition
@@ -107,3 +107,28 @@ def wait_for_topics(admin: AdminClient, names: list[str]) -> dict[str, int]:
         if time.monotonic() > deadline:
             raise LogError(f"topics not ready within {TOPIC_READY_TIMEOUT_S:.0f} s: {sorted(set(names) - set(ready))}")
         time.sleep(0.1)
+
+
+def replication_for(cluster, configured: int) -> int:
+    """The replication factor of topics Conflux creates: the configured one, or min(3, brokers)."""
+    return configured or min(3, len(cluster.brokers))
+
+
+def durable_config(replication: int) -> dict[str, str]:
+    """min.insync.replicas = replication - 1 (at least 1): with acks=all a write is acknowledged only
+    once that many replicas have it, so one broker can fail without losing an acknowledged record,
+    and one can be down without stopping writes. The broker's default of 1 would acknowledge a
+    write held by the leader alone."""
+    return {"min.insync.replicas": str(max(1, replication - 1))}
+
+
+def topic_setting(admin: AdminClient, topic: str, name: str) -> str | None:
+    """One setting of a topic as the broker applies it (its own, or the broker's default)."""
+    futures = call(admin.describe_configs, [ConfigResource(ResourceType.TOPIC, topic)],
+                   request_timeout=METADATA_TIMEOUT_S)
+    try:
+        entries = next(iter(futures.values())).result(timeout=METADATA_TIMEOUT_S + 5)
+    except KafkaException as exc:
+        raise translated(exc) from None
+    entry = entries.get(name)
+    return None if entry is None else entry.value

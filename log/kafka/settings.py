@@ -72,24 +72,18 @@ class KafkaSettings:
 
     def settings(self, role: str, defaults: dict[str, Any], required: dict[str, Any]) -> dict[str, Any]:
         """librdkafka settings of a client: ours, then the shared security keys, then its [kafka.<role>] table."""
+        return {"bootstrap.servers": self.config.log.bootstrap_servers, "log.connection.close": False, **defaults,
+                **self.connection(), **self._table(role), **required, **CALLBACKS}
+
+    def connection(self) -> dict[str, Any]:
+        """The security.*, sasl.* and ssl.* keys of every [kafka.*] table: how to reach the log's cluster."""
         shared: dict[str, Any] = {}
         for table in ("admin", "consumer", "producer"):
-            shared.update({k: v for k, v in self._table(table).items() if k.startswith(CONNECTION_PREFIXES)})
-        return {"bootstrap.servers": self.config.log.bootstrap_servers, "log.connection.close": False, **defaults,
-                **shared, **self._table(role), **required, "logger": librdkafka_logger, "error_cb": log_client_error}
+            shared.update(connection_keys(self._table(table)))
+        return shared
 
     def _table(self, role: str) -> dict[str, Any]:
-        """A [kafka.<role>] table with ``x_env`` / ``x_file`` keys replaced by ``x`` and the secret's value."""
-        out: dict[str, Any] = {}
-        for key, value in getattr(self.config.kafka, role).items():
-            what = f"kafka.{role}.{key}"
-            if key.endswith("_env"):
-                out[key[:-4]] = read_secret(env=str(value), what=what)
-            elif key.endswith("_file"):
-                out[key[:-5]] = read_secret(file=str(value), what=what)
-            else:
-                out[key] = value
-        return out
+        return resolve_secrets(getattr(self.config.kafka, role), f"kafka.{role}")
 
     def group_settings(self, group: str) -> dict[str, Any]:
         return self.settings("consumer", CONSUMER_DEFAULTS, {**GROUP_REQUIRED, "group.id": group})
@@ -98,6 +92,25 @@ class KafkaSettings:
         """A consumer that never joins its group: it assigns partitions itself and commits nothing."""
         return self.settings("consumer", {"auto.offset.reset": "earliest"},
                              {**READER_REQUIRED, "group.id": group or f"{self.group}.readers"})
+
+
+def resolve_secrets(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """A table of librdkafka settings with ``x_env`` / ``x_file`` keys replaced by ``x`` and the secret's
+    value; ``where`` names the table in errors (``kafka.producer``, ``sinks[0] (events).producer``)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        what = f"{where}.{key}"
+        if key.endswith("_env"):
+            out[key[:-4]] = read_secret(env=str(value), what=what)
+        elif key.endswith("_file"):
+            out[key[:-5]] = read_secret(file=str(value), what=what)
+        else:
+            out[key] = value
+    return out
+
+
+def connection_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key.startswith(CONNECTION_PREFIXES)}
 
 
 def log_client_error(error: KafkaError) -> None:
@@ -109,3 +122,7 @@ def log_client_error(error: KafkaError) -> None:
     elif now - _last_logged.get(error.code(), 0.0) >= ERROR_LOG_INTERVAL_S:
         _last_logged[error.code()] = now
         logger.warning("Kafka: %s", error.str())
+
+
+# Every client logs through our logger and reports errors through log_client_error.
+CALLBACKS = {"logger": librdkafka_logger, "error_cb": log_client_error}

@@ -26,8 +26,13 @@ def sink_class(kind: str) -> type[Sink]:
     raise ConfigError(f"unknown sink type {kind!r}: no entry point in {SINK_ENTRY_POINTS}")
 
 
-def make_sinks(config: Config, *, stopping: asyncio.Event | None = None) -> dict[str, Sink]:
-    """One instance of every configured sink, by name (opened by their ``start``)."""
-    return {spec.name: sink_class(spec.type)(spec.name, spec.options, config.retry, stopping=stopping,
-                                             context=config)
-            for spec in config.sinks}
+def make_sinks(config: Config, *, stopping: asyncio.Event | None = None, instance: str = "") -> dict[str, Sink]:
+    """One instance of every configured sink, by name (opened by their ``start``). ``instance`` names the
+    worker slot that runs them: a sink that needs a stable identity per slot (a Kafka transactional id)
+    takes it from there."""
+    sinks = {spec.name: sink_class(spec.type)(spec.name, spec.options, config.retry, stopping=stopping,
+                                              context=config)
+             for spec in config.sinks}
+    for sink in sinks.values():
+        sink.instance = instance
+    return sinks

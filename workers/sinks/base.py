@@ -145,6 +145,7 @@ class Sink:
         self._stopping = stopping
         self.failing_since: float | None = None
         self.last_status = -1             # of the last answer: 0 = none (unreachable), -1 = no request yet
+        self.instance = ""                # the worker slot running it ("merger-0"), set by make_sinks
 
     @property
     def target(self) -> str:
