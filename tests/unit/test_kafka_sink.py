@@ -201,3 +201,15 @@ def test_a_topic_named_like_a_log_topic_is_fine_on_another_cluster_or_for_source
                             + SOURCES.replace('name = "customers"\n', 'name = "customers"\nsinks = ["web"]\n')
                             + f'[[sinks]]\nname = "events"\ntype = "kafka"\n{text}\n')
     assert [spec.name for spec in routed_elsewhere.sinks] == ["web", "events"]
+
+
+def test_the_readme_example_loads_with_every_key():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Kafka changelog sink", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = load(f'[log]\nbootstrap_servers = "k1:9092"\n{SOURCES}{example}', {"EVENTS_KAFKA_PASSWORD": "pw"})
+    options = config.sink_spec("events").options
+    documented = {line.split("=", 1)[0].strip() for line in example.splitlines() if "=" in line}
+    assert set(type(options).__struct_fields__) <= documented | {"producer"}
+    assert options.producer == {"sasl.password_env": "EVENTS_KAFKA_PASSWORD"}
+    assert options.topic == "{prefix}{source}.records" and options.transactional is True
