@@ -968,8 +968,10 @@ def redacted(config: Config) -> dict[str, Any]:
     if not any(spec.name == DEFAULT_SINK for spec in config.sinks):
         del data["sink"]  # only [[sinks]]: printing [sink] would add the default sink when read back
     for role in ("producer", "consumer", "admin"):
-        data["kafka"][role] = {key: MASK if value != "" and kafka_secret_key(key) else value
-                               for key, value in data["kafka"][role].items()}
+        data["kafka"][role] = _mask_kafka_secrets(data["kafka"][role])
+    for spec in data.get("sinks", []):
+        if isinstance(spec.get("producer"), dict):  # a Kafka sink's librdkafka settings
+            spec["producer"] = _mask_kafka_secrets(spec["producer"])
     for source in data["sources"]:
         source["headers"] = redact_headers(source["headers"])
         source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
@@ -979,6 +981,10 @@ def redacted(config: Config) -> dict[str, Any]:
         if isinstance(source.get("filter"), dict):  # `in` / `not_in`: only the one that is set
             source["filter"] = {name: value for name, value in source["filter"].items() if value is not None}
     return data
+
+
+def _mask_kafka_secrets(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: MASK if value != "" and kafka_secret_key(key) else value for key, value in settings.items()}
 
 
 def _redact(value: Any, key: str = "") -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import KafkaError
 
-from conflux.config import Config, load_config
+from conflux.config import Config, load_config, redacted
 from conflux.errors import ConfigError
 from conflux.ipc.messages import Position
 from conflux.log.kafka.producer import DeliveryReports
@@ -213,3 +213,11 @@ def test_the_readme_example_loads_with_every_key():
     assert set(type(options).__struct_fields__) <= documented | {"producer"}
     assert options.producer == {"sasl.password_env": "EVENTS_KAFKA_PASSWORD"}
     assert options.topic == "{prefix}{source}.records" and options.transactional is True
+
+
+def test_the_printed_config_masks_the_sinks_librdkafka_secrets():
+    config = load(f'[log]\nbootstrap_servers = "k1:9092"\n{SOURCES}[[sinks]]\nname = "events"\ntype = "kafka"\n'
+                  '[sinks.producer]\n"ssl.key.pem" = "-----BEGIN PRIVATE KEY-----k"\n"sasl.password" = "pw"\n'
+                  '"linger.ms" = 5\n')
+    events = next(spec for spec in redacted(config)["sinks"] if spec["name"] == "events")
+    assert events["producer"] == {"ssl.key.pem": "***", "sasl.password": "***", "linger.ms": 5}
