@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.fixtures.daemon import source, wait_converged
-from tests.fixtures.kafka_sink import latest_per_key, read_topic, topic_checksum
+from tests.fixtures.kafka_sink import Forwarder, free_port, latest_per_key, read_topic, topic_checksum
 from tests.support import wait_until
 
 pytestmark = pytest.mark.kafka
@@ -29,7 +29,8 @@ def stop_changes_after_some_deletes(upstream_url: str) -> int:
     return applied
 
 
-def wait_topics_equal_upstream(bootstrap: str, prefix: str, upstream_url: str, timeout_s: float = 120.0) -> dict:
+def wait_topics_equal_upstream(bootstrap: str, prefix: str, upstream_url: str, daemon,
+                               timeout_s: float = 120.0) -> dict:
     """Poll until each source's changelog topic, read back, has the upstream's checksum and count."""
     def equal():
         upstream = {name: requests.get(f"{upstream_url}/api/{name}/checksum", timeout=10).json()
@@ -44,7 +45,9 @@ def wait_topics_equal_upstream(bootstrap: str, prefix: str, upstream_url: str, t
     try:
         return wait_until(equal, timeout_s=timeout_s, interval_s=1.0, message="the topics to equal the upstream")
     except AssertionError:
-        raise AssertionError(f"not converged (upstream, topic): {equal.last}") from None
+        status = daemon.status()
+        raise AssertionError(f"not converged (upstream, topic): {equal.last}\nsinks: {status['sinks']}\nworkers: "
+                             f"{status['workers']}\nlog:\n{daemon.log()[-6000:]}") from None
 
 
 def assert_deletes_are_tombstones(topics: dict) -> None:
@@ -63,7 +66,7 @@ def test_embedded_log_to_kafka_and_http_sinks_both_equal_the_upstream(upstream_f
     daemon = daemon_factory(sources=sources, sink_url=analytics.url, log={"topic_prefix": prefix},
                             sinks=[{"name": "events", "type": "kafka", "bootstrap_servers": kafka_bootstrap}])
     stop_changes_after_some_deletes(upstream.url)
-    topics = wait_topics_equal_upstream(kafka_bootstrap, prefix, upstream.url)
+    topics = wait_topics_equal_upstream(kafka_bootstrap, prefix, upstream.url, daemon)
     wait_converged(upstream.url, analytics.url, COLLECTIONS, timeout_s=60)
     assert_deletes_are_tombstones(topics)
     assert set(daemon.status()["sinks"]) == {"default", "events"}
@@ -83,9 +86,44 @@ def test_kafka_log_to_the_kafka_sink_alone_equals_the_upstream(upstream_factory,
     daemon = daemon_factory(sources=sources, sink_url="http://127.0.0.1:9", log=log,
                             sinks=[{"name": "events", "type": "kafka", "partitions": 3}])
     stop_changes_after_some_deletes(upstream.url)
-    topics = wait_topics_equal_upstream(kafka_bootstrap, prefix, upstream.url)
+    topics = wait_topics_equal_upstream(kafka_bootstrap, prefix, upstream.url, daemon)
     assert_deletes_are_tombstones(topics)
     for name in COLLECTIONS:  # the sink's topics are its own, beside the log's
         assert {m.partition() for m in topics[name]} == {0, 1, 2}
     assert daemon.status()["sinks"]["events"]["sources"] == list(COLLECTIONS)
     assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def test_a_kafka_sink_that_is_down_holds_back_only_its_sources_and_catches_up(upstream_factory, analytics,
+                                                                              daemon_factory, kafka_bootstrap,
+                                                                              kafka_group_id):
+    """customers go to the Kafka sink, whose bootstrap address answers nothing at first; products go to
+    the HTTP sink. Products converge meanwhile; customers wait in the log (lag) behind the open breaker,
+    with nothing dead-lettered; once the address forwards to the broker, customers catch up."""
+    upstream = upstream_factory(customers=1500, products=800)
+    prefix, port = f"{kafka_group_id}.", free_port()
+    sources = [source("customers", upstream.url, sinks=["events"]), source("products", upstream.url, sinks=["default"])]
+    daemon = daemon_factory(sources=sources, sink_url=analytics.url, log={"topic_prefix": prefix},
+                            retry={"max_s": 1.0, "breaker_cooldown_s": 1.0, "breaker_failures": 2},
+                            sinks=[{"name": "events", "type": "kafka", "bootstrap_servers": f"127.0.0.1:{port}",
+                                    "timeout_s": 3.0}])
+    wait_converged(upstream.url, analytics.url, {"products": "products"}, timeout_s=60)
+    wait_until(lambda: daemon.status()["sinks"]["events"]["failing_s"] > 0, timeout_s=60,
+               message="the Kafka sink failing")
+    customers_log = f"{prefix}customers"
+    lag = sum(p["lag"] or 0 for p in daemon.status()["partitions"] if p["topic"] == customers_log)
+    assert lag > 0, daemon.status()["partitions"]
+    assert daemon.metric("conflux_sink_retries_total", sink="events") > 0
+    assert daemon.metric("conflux_dlq_records_total") in (None, 0.0)
+
+    forwarder = Forwarder(port, kafka_bootstrap)
+    try:
+        upstream_side = requests.get(f"{upstream.url}/api/customers/checksum", timeout=10).json()
+        wait_until(lambda: topic_checksum(latest_per_key(read_topic(kafka_bootstrap, f"{prefix}customers.records")))
+                   == {k: upstream_side[k] for k in ("checksum", "count")}, timeout_s=90, interval_s=1.0,
+                   message="customers caught up in the Kafka topic")
+        wait_until(lambda: daemon.status()["sinks"]["events"]["failing_s"] == 0, timeout_s=30,
+                   message="the Kafka sink healthy again")
+        assert daemon.stop() == 0, daemon.log()[-3000:]
+    finally:
+        forwarder.close()
