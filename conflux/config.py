@@ -320,6 +320,9 @@ class KafkaSinkConfig(_SinkSection):
     partitions: int = 0               # for topics it creates; 0: [log] partitions
     replication_factor: int = 0       # 0: min(3, number of brokers)
     batch_size: int = 5000
+    # One delivery at a time: a second one in flight (or a retried one) could put an older version of a
+    # key after a newer one, and on a compacted topic the last record of a key is what remains.
+    max_in_flight: int = 1
     timeout_s: float = 30.0
     # One Kafka transaction per chunk: read_committed consumers see all of a chunk or none of it.
     transactional: bool = True
@@ -329,6 +332,8 @@ class KafkaSinkConfig(_SinkSection):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require("{source}" in self.topic, "topic must hold {source}: every source gets its own changelog topic")
+        _require(self.max_in_flight == 1, "max_in_flight must be 1 for a Kafka sink: with two deliveries in flight "
+                                          "an older version of a key could land after a newer one")
         _require(set(re.findall(r"{[^}]*}", self.topic)) <= {"{source}", "{prefix}"},
                  f"topic {self.topic!r} may only hold the placeholders {{prefix}} and {{source}}")
         _require(self.partitions >= 0, "partitions must be >= 0")

@@ -221,3 +221,10 @@ def test_the_printed_config_masks_the_sinks_librdkafka_secrets():
                   '"linger.ms" = 5\n')
     events = next(spec for spec in redacted(config)["sinks"] if spec["name"] == "events")
     assert events["producer"] == {"ssl.key.pem": "***", "sasl.password": "***", "linger.ms": 5}
+
+
+def test_one_delivery_in_flight_at_most_so_versions_of_a_key_stay_in_order():
+    assert kafka_sink().options.max_in_flight == 1
+    found = error(f'[log]\nbootstrap_servers = "k1:9092"\n{SOURCES}[[sinks]]\nname = "events"\ntype = "kafka"\n'
+                  'max_in_flight = 2\n')
+    assert "sinks[1]: max_in_flight must be 1 for a Kafka sink" in found, found

@@ -108,8 +108,8 @@ class KafkaSink(Sink):
         apply first, as for the log's clients; then this sink's own ``producer`` table."""
         options, log = self.options, self.context.log
         own = resolve_secrets(options.producer, f"sink {self.name!r}: producer")
-        shared = KafkaSettings(self.context).connection() if options.bootstrap_servers in ("", log.bootstrap_servers) \
-            else {}
+        on_log_cluster = options.bootstrap_servers in ("", log.bootstrap_servers)
+        shared = KafkaSettings(self.context).connection() if on_log_cluster else {}
         base = {"bootstrap.servers": options.bootstrap_servers or log.bootstrap_servers, "log.connection.close": False,
                 **shared}
         timeout_ms = int(options.timeout_s * 1000)
