@@ -5,17 +5,19 @@ tests/integration/test_kafka_sink.py."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, Producer
 
 from conflux.config import Config, load_config, redacted
 from conflux.errors import ConfigError
 from conflux.ipc.messages import Position
-from conflux.log.kafka.producer import DeliveryReports
+from conflux.log.kafka.producer import DeliveryReports, produce
 from conflux.workers.sinks import make_sinks
 from conflux.workers.sinks.base import NULL_HASH, Delivery, Retry
 from conflux.workers.sinks.kafka import BATCH_OVERHEAD_BYTES, KafkaSink, Message, judge, to_messages
@@ -228,3 +230,22 @@ def test_one_delivery_in_flight_at_most_so_versions_of_a_key_stay_in_order():
     found = error(f'[log]\nbootstrap_servers = "k1:9092"\n{SOURCES}[[sinks]]\nname = "events"\ntype = "kafka"\n'
                   'max_in_flight = 2\n')
     assert "sinks[1]: max_in_flight must be 1 for a Kafka sink" in found, found
+
+
+def test_a_full_queue_that_does_not_drain_by_the_deadline_is_a_timeout_not_a_drop():
+    """A real librdkafka producer with room for one message and no broker to send it to."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    producer = Producer({"bootstrap.servers": closed, "queue.buffering.max.messages": 1, "log_level": 0})
+
+    async def scenario() -> float:
+        await produce(producer, "t", b"first", b"k", on_delivery=lambda *_: None)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await produce(producer, "t", b"second", b"k", on_delivery=lambda *_: None, deadline=started + 0.3)
+        return time.monotonic() - started
+
+    waited_s = asyncio.run(scenario())
+    assert 0.3 <= waited_s < 2.0
+    producer.purge()
