@@ -132,6 +132,7 @@ class Sink:
     """Base of every sink type. ``__init__`` runs in the merger after fork and opens nothing;
     ``start`` opens clients inside the running loop; ``attempt`` makes one try."""
 
+    api_version: ClassVar[int] = 1   # the plugin API this class implements (conflux.plugins.API_VERSION)
     kind: ClassVar[str] = ""
     Options: ClassVar[type] = msgspec.Struct
 
