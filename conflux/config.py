@@ -149,6 +149,22 @@ class FilterConfig(_Section):
         _require((self.in_ is None) != (self.not_in is None), "give exactly one of in and not_in")
 
 
+class WebhookDeleteWhen(_Section):
+    """``{ field = "type", in = ["customer.deleted"] }``: a webhook event whose ``field`` (a dotted path in
+    the envelope) holds one of these values deletes the record(s) it carries."""
+
+    field: str
+    in_: list[FilterValue] = msgspec.field(name="in")
+
+    def __post_init__(self) -> None:
+        _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
+        _require(bool(self.in_), "in: give at least one value")
+
+
+WebhookSignature = Literal["conflux", "github", "stripe", "hmac"]
+HTTP_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # what an HTTP header name may hold (RFC 9110)
+
+
 class SourceConfig(_Section):
     name: str
     url: str
@@ -185,6 +201,13 @@ class SourceConfig(_Section):
     fields: FieldsConfig | None = None
     filter: FilterConfig | None = None
     sinks: list[str] = []                     # where this source's records go; [] = every sink
+    # Vendor webhooks: how POST /webhook/{source} is signed, where its records are, which events delete.
+    webhook_signature: WebhookSignature = "conflux"
+    webhook_signature_header: str = ""        # "hmac": the header that carries the signature
+    webhook_signature_prefix: str = ""        # "hmac": text before the signature, such as "sha256="
+    webhook_signature_encoding: Literal["hex", "base64"] = "hex"   # "hmac": how the digest is written
+    webhook_records_path: str = ""            # a dotted path to the record(s) in the body; "" = the body
+    webhook_delete_when: WebhookDeleteWhen | None = None
 
     @property
     def key_paths(self) -> list[str]:
@@ -219,6 +242,26 @@ class SourceConfig(_Section):
         _require(not self.lookup_url or "{key}" in self.lookup_url, "lookup_url must hold {key}")
         _require(not self.lookup_url or self.lookup_url.startswith(("http://", "https://")),
                  "lookup_url must start with http:// or https://")
+        self._check_webhook()
+
+    def _check_webhook(self) -> None:
+        """The vendor webhook keys: the generic "hmac" scheme needs its header; the others take no options."""
+        if self.webhook_signature == "hmac":
+            _require(bool(self.webhook_signature_header),
+                     'webhook_signature_header is required with webhook_signature = "hmac"')
+            _require(HTTP_TOKEN.fullmatch(self.webhook_signature_header) is not None,
+                     f"webhook_signature_header {self.webhook_signature_header!r} is not an HTTP header name")
+            _require(len(self.webhook_signature_prefix) <= 64 and self.webhook_signature_prefix.isascii()
+                     and self.webhook_signature_prefix.isprintable(),
+                     "webhook_signature_prefix must be at most 64 printable ASCII characters")
+        else:
+            given = [name for name in ("webhook_signature_header", "webhook_signature_prefix")
+                     if getattr(self, name)] + (["webhook_signature_encoding"]
+                                                if self.webhook_signature_encoding != "hex" else [])
+            _require(not given, f"{', '.join(given)}: only for webhook_signature = \"hmac\" "
+                                f"(this source's is {self.webhook_signature!r})")
+        _require(not self.webhook_records_path or not _path_problem(self.webhook_records_path),
+                 f"webhook_records_path: {_path_problem(self.webhook_records_path)}")
 
     def _check_identity(self) -> None:
         """The paths that find a record's key, updated instant and delete marker."""
@@ -936,7 +979,7 @@ def redacted(config: Config) -> dict[str, Any]:
     for source in data["sources"]:
         source["headers"] = redact_headers(source["headers"])
         source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
-        for table in ("auth", "fields", "filter"):
+        for table in ("auth", "fields", "filter", "webhook_delete_when"):
             if source.get(table) is None:
                 source.pop(table, None)
         if isinstance(source.get("filter"), dict):  # `in` / `not_in`: only the one that is set

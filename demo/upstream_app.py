@@ -268,7 +268,7 @@ class UpstreamApp:
         self.delete_counts[origin] += 1
         self.delete_counts["hard" if hard else "soft"] += 1
         if self.webhooks is not None:
-            self.webhooks.offer(collection.name, data)
+            self.webhooks.offer(collection.name, data, deleted=True)
 
     # -- operations ---------------------------------------------------------------------------
 
