@@ -96,20 +96,12 @@ class PaginationConfig(_Section):
 
 
 class AuthConfig(_Section):
-    type: Literal["bearer", "header", "basic", "oauth2"]
-    token_env: str = ""
-    token_file: str = ""
-    header: str = ""
-    value_env: str = ""
-    value_file: str = ""
-    username: str = ""
-    password_env: str = ""
-    password_file: str = ""
-    token_url: str = ""
-    client_id: str = ""
-    client_secret_env: str = ""
-    client_secret_file: str = ""
-    scope: str = ""
+    """``[sources.auth]``: ``type`` names an auth method registered in the ``conflux.auth`` entry-point group
+    (the built-in bearer, header, basic and oauth2, or a plugin's), and the table's other keys are that
+    method's ``Options``, validated by its Struct when the config is loaded (``_resolve_auth``)."""
+
+    type: str
+    options: Any = None
 
 
 class FieldsConfig(_Section):
@@ -650,12 +642,14 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
     _apply_env_overrides(raw, environ)
     sink_given = "sink" in raw
     raw = _sink_entries(raw)
+    raw = _auth_tables(raw)
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_mention_env_source(_describe_validation_error(str(exc)), environ)) from None
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     config = _resolve_sinks(config, sink_given=sink_given)
+    config = _resolve_auth(config)
     config = _resolve_paths(config, base_dir)
     if secrets == "all":
         _check_secret_sources(config, environ)
@@ -703,6 +697,30 @@ def _sink_entry(entry: dict[str, Any]) -> dict[str, Any]:
     if isinstance(options.get("producer"), dict):   # librdkafka's dotted names, as in [kafka.*]
         options["producer"] = _dotted(options["producer"])
     return {**{key: entry[key] for key in ("name", "type") if key in entry}, "options": options}
+
+
+def _auth_tables(raw: dict[str, Any]) -> dict[str, Any]:
+    """`[sources.auth]` is flat (type, then the method's own keys); the method's keys go under `options`,
+    validated by the method's Struct once the type is known (``_resolve_auth``)."""
+    for source in raw.get("sources", []) if isinstance(raw.get("sources"), list) else []:
+        table = source.get("auth") if isinstance(source, dict) else None
+        if isinstance(table, dict):
+            source["auth"] = {**({"type": table["type"]} if "type" in table else {}),
+                              "options": {key: value for key, value in table.items() if key != "type"}}
+    return raw
+
+
+def _resolve_auth(config: Config) -> Config:
+    """Every source's auth options, typed by its method's ``Options`` (a ``conflux.auth`` plugin; the
+    built-in methods are registered there too)."""
+    sources = []
+    for index, source in enumerate(config.sources):
+        if source.auth is not None:
+            method = plugins.load("auth", source.auth.type, f"sources[{index}].auth.type")
+            options = plugins.options(method, source.auth.options or {}, f"sources[{index}].auth")
+            source = msgspec.structs.replace(source, auth=msgspec.structs.replace(source.auth, options=options))
+        sources.append(source)
+    return msgspec.structs.replace(config, sources=sources)
 
 
 def _resolve_sinks(config: Config, *, sink_given: bool) -> Config:
@@ -888,26 +906,20 @@ def _check_kafka_secrets(kafka: KafkaConfig, environ: dict[str, str]) -> None:
 
 
 def _check_auth(auth: AuthConfig, environ: dict[str, str], where: str) -> None:
-    needed = {
-        "bearer": [("token_env", "token_file")],
-        "header": [("value_env", "value_file")],
-        "basic": [("password_env", "password_file")],
-        "oauth2": [("client_secret_env", "client_secret_file")],
-    }[auth.type]
-    for env_field, file_field in needed:
-        env_name, file_name = getattr(auth, env_field), getattr(auth, file_field)
-        if not env_name and not file_name:
-            raise ConfigError(f"{where}: type {auth.type!r} needs {env_field} or {file_field}")
-        if env_name:
-            _require_env(environ, env_name, f"{where}.{env_field}")
-        elif problem := _secret_file_problem(file_name):
-            raise ConfigError(f"{where}.{file_field}: {problem}")
-    if auth.type == "header" and not auth.header:
-        raise ConfigError(f"{where}.header: required for type 'header'")
-    if auth.type == "basic" and not auth.username:
-        raise ConfigError(f"{where}.username: required for type 'basic'")
-    if auth.type == "oauth2" and not (auth.token_url and auth.client_id):
-        raise ConfigError(f"{where}: type 'oauth2' needs token_url and client_id")
+    """Whatever the method, an option ending in _env names a variable that must be set, and one ending in
+    _file a file that must be readable and not empty (which of them a method needs, its Options say)."""
+    for field, value in secret_sources(auth.options):
+        if field.endswith("_env"):
+            _require_env(environ, value, f"{where}.{field}")
+        elif problem := _secret_file_problem(value):
+            raise ConfigError(f"{where}.{field}: {problem}")
+
+
+def secret_sources(options: Any) -> list[tuple[str, str]]:
+    """(field, value) of every non-empty ``*_env`` and ``*_file`` string option of a plugin's options."""
+    fields = getattr(options, "__struct_fields__", ())
+    return [(field, value) for field in fields if field.endswith(("_env", "_file"))
+            for value in [getattr(options, field)] if isinstance(value, str) and value]
 
 
 def _secret_file_problem(name: str) -> str:
@@ -949,8 +961,9 @@ def _resolve_source_paths(source: SourceConfig, base_dir: Path) -> SourceConfig:
 
     auth = source.auth
     if auth is not None:
-        auth = msgspec.structs.replace(auth, **{name: resolved(getattr(auth, name)) for name in (
-            "token_file", "value_file", "password_file", "client_secret_file")})
+        files = {field: resolved(value) for field, value in secret_sources(auth.options) if field.endswith("_file")}
+        if files:
+            auth = msgspec.structs.replace(auth, options=msgspec.structs.replace(auth.options, **files))
     return msgspec.structs.replace(source, ca_file=resolved(source.ca_file), auth=auth)
 
 
@@ -982,6 +995,8 @@ def redacted(config: Config) -> dict[str, Any]:
         for table in ("auth", "fields", "filter", "webhook_delete_when"):
             if source.get(table) is None:
                 source.pop(table, None)
+        if isinstance(source.get("auth"), dict):  # written flat, as in the file: type, then the method's keys
+            source["auth"] = {"type": source["auth"]["type"], **(source["auth"]["options"] or {})}
         if isinstance(source.get("filter"), dict):  # `in` / `not_in`: only the one that is set
             source["filter"] = {name: value for name, value in source["filter"].items() if value is not None}
     return data
