@@ -268,6 +268,7 @@ class PostgresColumn(_Section):
 
     field: str
     type: str = "text"
+    index: bool = False               # create an index on the column (with create_tables)
 
     def __post_init__(self) -> None:
         _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
@@ -290,9 +291,13 @@ class PostgresSinkConfig(_SinkSection):
     timeout_s: float = 30.0
     # source name -> column name -> {field, type}: typed columns beside `data`, for indexes and queries.
     columns: dict[str, dict[str, PostgresColumn]] = {}
+    # Ledger rows older than this are deleted; a chunk replayed later is still applied once in effect,
+    # because a version only replaces an older (or the same) version of its key.
+    ledger_retention_s: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(self.ledger_retention_s >= 3600, "ledger_retention_s must be >= 3600 s")
         _require(sum(map(bool, (self.dsn, self.dsn_env, self.dsn_file))) == 1,
                  "give exactly one of dsn, dsn_env and dsn_file")
         _require(not dsn_password(self.dsn),

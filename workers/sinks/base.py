@@ -114,6 +114,7 @@ class Delivery(NamedTuple):
     applied: int = 0         # records that changed the destination (where the sink says)
     stale: int = 0           # records it ignored as older than what it holds
     duplicate: bool = False  # the whole chunk was applied before (a retry after a lost answer)
+    deleted: int = 0         # of the applied records, the deletes (where the sink says)
 
     @property
     def too_large(self) -> bool:
