@@ -243,12 +243,12 @@ def _escaped(fields: list, refused: dict[int, str], what: str) -> list[bytes]:
     if len(escaped) == len(fields):
         return escaped
     out = []
-    for index, field in enumerate(fields):
+    for index, field in enumerate(map(bytes, fields)):
         if b"\x00" in field:
             refused[index] = f"the {what} holds a NUL character (U+0000), which PostgreSQL text cannot store"
             out.append(b"")
         else:
-            out.append(_escape(bytes(field)))
+            out.append(_escape(field))
     return out
 
 
