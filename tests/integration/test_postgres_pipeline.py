@@ -1,17 +1,26 @@
 """End to end into PostgreSQL: demo upstream -> daemon -> a [[sinks]] postgres sink, with deletes, typed
 columns and the server stopped mid-way. The backlog waits in the log while the server is down (nothing is
 dead-lettered), and once it is back the tables hold exactly the upstream's live records (the upstream's
-canonical checksum equals the one computed over the tables' data)."""
+canonical checksum equals the one computed over the tables' data). And `conflux demo --sink postgres`."""
 
 from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import requests
 
+from conflux.demo.demo_command import DSN_ENV
 from conflux.demo.pg_tables import table_checksum
 from tests.fixtures.daemon import source
-from tests.fixtures.postgres import query
-from tests.support import wait_until
+from tests.fixtures.postgres import query, run_pg_local
+from tests.support import conflux_argv, wait_until
 
 COLLECTIONS = ("customers", "products")
 TYPED = {"products": {"price": {"field": "price", "type": "numeric(12,2)"},
@@ -76,3 +85,26 @@ def test_upstream_to_postgres_with_deletes_and_an_outage(upstream_factory, daemo
     assert not daemon.metric("conflux_dlq_records_total"), "an outage must never dead-letter records"
     ledger = query(server.dsn, "SELECT count(DISTINCT batch_id), count(*) FROM public.conflux_batches")[0]
     assert ledger[0] == ledger[1] > 0
+
+
+@pytest.mark.slow
+def test_the_demo_starts_pg_local_without_a_dsn_and_prints_a_working_psql_line(tmp_path):
+    """`conflux demo --sink postgres --once`: no DSN, so deploy/postgres/pg-local starts a server (in a state
+    dir of the test's own here); the summary says the tables equal the upstream, and the printed psql line runs."""
+    state_dir = Path(tempfile.mkdtemp(prefix="conflux-pg-demo-"))
+    env = {**os.environ, "PG_STATE_DIR": str(state_dir)}
+    env.pop(DSN_ENV, None)
+    try:
+        proc = subprocess.run(conflux_argv("demo", "--sink", "postgres", "--once", "--customers", "600",
+                                           "--products", "400", "--dir", str(tmp_path / "demo")),
+                              env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "checksums equal" in proc.stdout
+        assert re.search(r"customers +upstream (\w+) \(600\) +sink \1 \(600\) +equal", proc.stdout)
+        look = [line for line in proc.stdout.splitlines() if "look at them:" in line][-1]
+        psql = subprocess.run(shlex.split(look.split("look at them:", 1)[1]), capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+        assert psql.returncode == 0 and "(5 rows)" in psql.stdout, psql.stdout + psql.stderr
+    finally:
+        run_pg_local("stop", state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
