@@ -690,7 +690,21 @@ def _resolve_sinks(config: Config, *, sink_given: bool) -> Config:
     for spec in specs:
         if spec.type == "kafka" and not (spec.options.bootstrap_servers or config.log.bootstrap_servers):
             raise ConfigError(f"{sink_where(specs, spec)}.bootstrap_servers: required with the embedded log")
+    _check_postgres_tables(config, specs)
     return msgspec.structs.replace(config, sinks=specs)
+
+
+def _check_postgres_tables(config: Config, specs: list[SinkSpec]) -> None:
+    """PostgreSQL truncates names past 63 bytes silently, so two sources' tables could become one."""
+    for spec in specs:
+        if spec.type != "postgres":
+            continue
+        suffix = "" if spec.options.delete_mode == "soft" else "_deleted"
+        for source in config.sources:
+            table = spec.options.table.replace("{source}", source.name) + suffix
+            if spec.name in (source.sinks or [s.name for s in specs]) and len(table.encode()) > 63:
+                raise ConfigError(f"{sink_where(specs, spec)}.table: {table!r} (for source {source.name!r}) is "
+                                  "longer than PostgreSQL's 63 bytes; choose a shorter table name")
 
 
 def sink_where(specs: list[SinkSpec], spec: SinkSpec) -> str:

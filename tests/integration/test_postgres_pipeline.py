@@ -83,6 +83,9 @@ def test_upstream_to_postgres_with_deletes_and_an_outage(upstream_factory, daemo
                               "AND stock = (data->>'stock')::integer")[0][0]
     assert typed == upstream_checksum(upstream.url, "products")[1]
     assert not daemon.metric("conflux_dlq_records_total"), "an outage must never dead-letter records"
+    deletes_applied = daemon.metric("conflux_sink_effects_total", sink="warehouse", source="customers",
+                                    effect="deleted")
+    assert deletes_applied >= deleted
     ledger = query(server.dsn, "SELECT count(DISTINCT batch_id), count(*) FROM public.conflux_batches")[0]
     assert ledger[0] == ledger[1] > 0
 
