@@ -27,9 +27,9 @@ def fields(payload: bytes) -> list[list[bytes]]:
 def test_rows_carry_index_key_instant_offset_hash_op_and_data():
     staged = copy_text(["a", "b"], [value(b'{"x":1}'), value(b'{"id":"b"}', deleted=True, offset=43)], NULL_HASH)
     assert staged.refused == {}
-    assert fields(staged.payload) == [
-        [b"0", b"a", b"1700000000000001", b"42", b"00000000000000ab", b"f", b'{"x":1}'],
-        [b"1", b"b", b"1700000000000001", b"43", NULL_HASH.encode(), b"t", b"\\N"],  # a delete: no data
+    assert fields(staged.payload) == [  # COPY_STAGING's order: idx, updated_us, seq, hash, deleted, key, data
+        [b"0", b"1700000000000001", b"42", b"00000000000000ab", b"f", b"a", b'{"x":1}'],
+        [b"1", b"1700000000000001", b"43", NULL_HASH.encode(), b"t", b"b", b"\\N"],  # a delete: no data
     ]
 
 
@@ -37,7 +37,7 @@ def test_backslash_tab_newline_and_carriage_return_are_escaped_in_keys_and_recor
     record = b'{\n\t"s": "a\\\\b \\"q\\""\r\n}'
     staged = copy_text(["k\te\ny\\\r"], [value(record)], NULL_HASH)
     [row] = fields(staged.payload)
-    assert row[1] == b"k\\te\\ny\\\\\\r"
+    assert row[5] == b"k\\te\\ny\\\\\\r"
     assert row[6] == b'{\\n\\t"s": "a\\\\\\\\b \\\\"q\\\\""\\r\\n}'
     assert staged.payload.count(b"\n") == 1  # the only newline ends the row
 
@@ -45,14 +45,14 @@ def test_backslash_tab_newline_and_carriage_return_are_escaped_in_keys_and_recor
 def test_a_key_with_nul_is_refused_and_the_others_keep_their_index():
     staged = copy_text(["a", "b\x00c", "d"], [value(b"{}"), value(b"{}"), value(b'{"d":1}')], NULL_HASH)
     assert set(staged.refused) == {1} and "NUL" in staged.refused[1]
-    assert [row[:2] for row in fields(staged.payload)] == [[b"0", b"a"], [b"2", b"d"]]
+    assert [(row[0], row[5]) for row in fields(staged.payload)] == [(b"0", b"a"), (b"2", b"d")]
     assert fields(staged.payload)[1][6] == b'{"d":1}'
 
 
 def test_a_key_with_a_lone_surrogate_is_refused():
     staged = copy_text(["ok", "bad\ud800"], [value(b"{}"), value(b"{}")], NULL_HASH)
     assert set(staged.refused) == {1} and "UTF-8" in staged.refused[1]
-    assert [row[1] for row in fields(staged.payload)] == [b"ok"]
+    assert [row[5] for row in fields(staged.payload)] == [b"ok"]
 
 
 def test_a_record_that_is_not_utf8_or_holds_nul_is_refused():
@@ -62,7 +62,7 @@ def test_a_record_that_is_not_utf8_or_holds_nul_is_refused():
     assert set(staged.refused) == {0, 1, 2}
     assert "not valid UTF-8" in staged.refused[0] and "not valid UTF-8" in staged.refused[1]
     assert "NUL" in staged.refused[2]
-    assert [row[1] for row in fields(staged.payload)] == [b"d"]
+    assert [row[5] for row in fields(staged.payload)] == [b"d"]
 
 
 def test_a_split_multibyte_sequence_across_records_is_still_found():

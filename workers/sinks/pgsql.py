@@ -10,6 +10,7 @@ updated_at, as in ``workers.merge``), hash text, data jsonb, synced_at timestamp
 
 from __future__ import annotations
 
+from itertools import chain, compress, repeat
 from typing import NamedTuple
 
 from psycopg import sql
@@ -28,7 +29,7 @@ STAGING_DDL = sql.SQL(
     "CREATE TEMPORARY TABLE IF NOT EXISTS conflux_staging (idx integer NOT NULL, key text NOT NULL, "
     "updated_us bigint NOT NULL, seq bigint NOT NULL, hash text NOT NULL, deleted boolean NOT NULL, data text) "
     "ON COMMIT DELETE ROWS")
-COPY_STAGING = sql.SQL("COPY {} (idx, key, updated_us, seq, hash, deleted, data) FROM STDIN").format(STAGING)
+COPY_STAGING = sql.SQL("COPY {} (idx, updated_us, seq, hash, deleted, key, data) FROM STDIN").format(STAGING)
 # The record's instant from the merger's own microseconds, so the table orders versions exactly as it does.
 _STAGED = sql.SQL(
     "SELECT idx, key, timestamptz 'epoch' + updated_us * interval '1 microsecond' AS updated_at, seq, hash, "
@@ -197,25 +198,29 @@ class Staged(NamedTuple):
 
 
 def copy_text(keys: list[str], values: list[tuple], null_hash: str) -> Staged:
-    """The chunk's records as COPY text rows (idx, key, updated_us, seq, hash, deleted, data).
+    """The chunk's records as COPY text rows in COPY_STAGING's column order.
 
     Escaping (backslash, tab, newline, carriage return) runs once over all keys and once over all records
     joined by NUL, which neither a key nor a JSON text may hold; one that does is refused here, because
-    PostgreSQL text cannot store it and COPY would fail the whole chunk.
+    PostgreSQL text cannot store it and COPY would fail the whole chunk. The ASCII columns of a row are one
+    f-string, and the rows are joined in one call: no bytes formatting per field.
     """
     refused: dict[int, str] = {}
     key_fields = _escaped(_utf8_keys(keys, refused), refused, "key")
     records = [b"" if value[DELETED] else value[RECORD] for value in values]
     data_fields = _escaped(records, refused, "record")
     _check_utf8(records, refused)
-    hashes = [null_hash if value[DELETED] else value[HASH] for value in values]
-    hash_fields = "\x00".join(hashes).encode().split(b"\x00")
-    rows = [b"%d\t%s\t%d\t%d\t%s\t%s\t%s\n" % (
-        index, key, value[UPDATED_US], value[POSITION].offset, content_hash,
-        b"t" if value[DELETED] else b"f", b"\\N" if value[DELETED] else data)
-        for index, (key, data, content_hash, value) in enumerate(zip(key_fields, data_fields, hash_fields, values))
-        if index not in refused]
-    return Staged(b"".join(rows), refused)
+    for index, value in enumerate(values):
+        if value[DELETED]:
+            data_fields[index] = b"\\N"  # NULL: a delete has no data
+    heads = "\x00".join([
+        f"{index}\t{value[UPDATED_US]}\t{value[POSITION].offset}\t{null_hash}\tt\t" if value[DELETED] else
+        f"{index}\t{value[UPDATED_US]}\t{value[POSITION].offset}\t{value[HASH]}\tf\t"
+        for index, value in enumerate(values)]).encode().split(b"\x00")
+    rows = zip(heads, key_fields, repeat(b"\t"), data_fields, repeat(b"\n"))
+    if refused:
+        rows = compress(rows, [index not in refused for index in range(len(values))])
+    return Staged(b"".join(chain.from_iterable(rows)), refused)
 
 
 def _utf8_keys(keys: list[str], refused: dict[int, str]) -> list[bytes]:

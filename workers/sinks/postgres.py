@@ -102,22 +102,41 @@ class PostgresSink(Sink):
     async def attempt(self, chunk: Chunk) -> Delivery | Retry:
         staged = copy_text(chunk.keys, chunk.values, NULL_HASH)
         started = time.perf_counter()
-        connection = None
-        kept = False
         try:
-            connection = await self._checkout()
-            outcome = await self._apply(connection, chunk, staged)
-            self._idle.append(connection)
-            kept = True
+            outcome = await self._attempt(chunk, staged)
         except OUTAGES as exc:
             metrics.sink_request_duration.labels("error", self.name).observe(time.perf_counter() - started)
             self.last_status = 0
             return Retry(type(exc).__name__, f"PostgreSQL unreachable or failing ({describe(exc)})")
-        finally:
-            if connection is not None and not kept:
-                await _discard(connection)
         metrics.sink_request_duration.labels("ok", self.name).observe(time.perf_counter() - started)
         self.last_status = 200
+        return outcome
+
+    async def _attempt(self, chunk: Chunk, staged: Staged) -> Delivery:
+        """On a kept connection if there is one; if that one turns out to be gone (the server restarted,
+        an idle timeout, a proxy), once more at once on a new one. The ledger makes the second safe even
+        if the first committed."""
+        kept = self._checkout()
+        if kept is None:
+            return await self._on(await self._connect(), chunk, staged)
+        try:
+            return await self._on(kept, chunk, staged)
+        except OUTAGES:
+            if not kept.broken:
+                raise
+            logger.info("%s: a kept connection was lost; trying batch %s on a new one", self._label(),
+                        chunk.batch_id)
+        return await self._on(await self._connect(), chunk, staged)
+
+    async def _on(self, connection: psycopg.AsyncConnection, chunk: Chunk, staged: Staged) -> Delivery:
+        """Apply on ``connection``, kept for the next chunk if all went well, else closed (whatever
+        happened, cancellation included: its state is unknown)."""
+        try:
+            outcome = await self._apply(connection, chunk, staged)
+        except BaseException:
+            await _discard(connection)
+            raise
+        self._idle.append(connection)
         return outcome
 
     async def _apply(self, connection: psycopg.AsyncConnection, chunk: Chunk, staged: Staged) -> Delivery:
@@ -172,12 +191,12 @@ class PostgresSink(Sink):
 
     # -- connections and tables ---------------------------------------------------------------------
 
-    async def _checkout(self) -> psycopg.AsyncConnection:
+    def _checkout(self) -> psycopg.AsyncConnection | None:
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed:
                 return connection
-        return await self._connect()
+        return None
 
     async def _connect(self) -> psycopg.AsyncConnection:
         timeout_s = self.options.timeout_s
