@@ -70,6 +70,15 @@ async def delivered(sink: PostgresSink, *chunks: Chunk) -> list[Delivery]:
         await sink.close()
 
 
+async def attempted(sink: PostgresSink, chunk: Chunk) -> Delivery | Retry:
+    """Start the sink, make one attempt (no retries), close it."""
+    await sink.start()
+    try:
+        return await sink.attempt(chunk)
+    finally:
+        await sink.close()
+
+
 def deliver(dsn: str, schema: str, *chunks: Chunk, **options) -> list[Delivery]:
     return asyncio.run(delivered(make_sink(dsn, schema, **options), *chunks))
 
@@ -220,6 +229,36 @@ def test_typed_columns_are_extracted_in_the_same_statement(postgres_dsn, pg_sche
     assert f"{SOURCE}_amount_idx" in indexes and f"{SOURCE}_city_idx" not in indexes
 
 
+def test_a_restart_does_not_queue_behind_readers_and_a_new_typed_column_is_added(postgres_dsn, pg_schema):
+    """A reader holds the table (an open transaction). A sink starting again with the same typed columns
+    must not ALTER the table (its exclusive lock would wait behind the reader, and every query behind it);
+    a typed column added to the config later is added, and filled by the next versions."""
+    deliver(postgres_dsn, pg_schema, chunk_of(version("a", {"order": {"amount": 1}, "tier": "gold"}, at_s=1,
+                                                      offset=1)), columns=AMOUNT)
+    reading, done = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with psycopg.connect(postgres_dsn) as connection:  # a transaction: its lock lasts until the end
+            connection.execute(f'SELECT count(*) FROM "{pg_schema}"."{SOURCE}"')
+            reading.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert reading.wait(10)
+        again = asyncio.run(attempted(make_sink(postgres_dsn, pg_schema, columns=AMOUNT, timeout_s=1.0),
+                                      chunk_of(version("a", {"order": {"amount": 2}}, at_s=2, offset=2))))
+        assert isinstance(again, Delivery) and again.applied == 1, again
+    finally:
+        done.set()
+        thread.join(10)
+    tier = {SOURCE: {**AMOUNT[SOURCE], "tier": PostgresColumn(field="tier")}}
+    deliver(postgres_dsn, pg_schema, chunk_of(version("a", {"order": {"amount": 3}, "tier": "gold"}, at_s=3,
+                                                      offset=3)), columns=tier)
+    assert rows(postgres_dsn, pg_schema, columns="key, amount::text, tier") == {"a": ("3.00", "gold")}
+
+
 def test_records_postgresql_refuses_are_rejected_and_the_rest_commits(postgres_dsn, pg_schema):
     good = [version(f"k{i}", {"order": {"amount": i}}, at_s=1, offset=1) for i in range(10)]
     bad_amount = version("bad-amount", {"order": {"amount": "twelve"}}, at_s=1, offset=1)
@@ -283,15 +322,7 @@ def _closed_port() -> int:
 
 def test_an_unreachable_server_is_a_retry_never_a_rejection(pg_schema):
     sink = make_sink(f"postgresql://conflux@127.0.0.1:{_closed_port()}/conflux", pg_schema, timeout_s=2.0)
-
-    async def attempt() -> Delivery | Retry:
-        await sink.start()
-        try:
-            return await sink.attempt(chunk_of(version("a", at_s=1, offset=1)))
-        finally:
-            await sink.close()
-
-    outcome = asyncio.run(attempt())
+    outcome = asyncio.run(attempted(sink, chunk_of(version("a", at_s=1, offset=1))))
     assert isinstance(outcome, Retry) and outcome.reason == "OperationalError"
     assert "PostgreSQL unreachable or failing" in outcome.message and "refused" in outcome.message
     assert sink.last_status == 0
@@ -299,15 +330,7 @@ def test_an_unreachable_server_is_a_retry_never_a_rejection(pg_schema):
 
 def test_a_missing_table_without_create_tables_is_an_outage_naming_it(postgres_dsn, pg_schema):
     sink = make_sink(postgres_dsn, pg_schema, create_tables=False)
-
-    async def attempt() -> Delivery | Retry:
-        await sink.start()
-        try:
-            return await sink.attempt(chunk_of(version("a", at_s=1, offset=1)))
-        finally:
-            await sink.close()
-
-    outcome = asyncio.run(attempt())
+    outcome = asyncio.run(attempted(sink, chunk_of(version("a", at_s=1, offset=1))))
     assert isinstance(outcome, Retry) and outcome.reason == "UndefinedTable"
     assert f'relation "{pg_schema}.conflux_batches" does not exist' in outcome.message
 

@@ -88,7 +88,7 @@ def test_layout_statements_follow_the_mode_and_the_typed_columns():
     columns = {"c": {"amount": PostgresColumn(field="order.amount", type="numeric(12,2)", index=True),
                      "meta": PostgresColumn(field="meta", type="jsonb")}}
     hard = Table(PostgresSinkConfig(dsn="host=x", schema="wh", table="t_{source}", columns=columns), "c")
-    ddl = [statement.as_string() for statement in hard.ddl()]
+    ddl = [statement.as_string() for statement in hard.ddl(set())]
     assert 'CREATE TABLE IF NOT EXISTS "wh"."t_c_deleted"' in ddl[-1]
     assert 'ALTER TABLE "wh"."t_c" ADD COLUMN IF NOT EXISTS "amount" numeric(12,2)' in ddl
     assert 'CREATE INDEX IF NOT EXISTS "t_c_amount_idx" ON "wh"."t_c" ("amount")' in ddl
@@ -97,7 +97,18 @@ def test_layout_statements_follow_the_mode_and_the_typed_columns():
     assert """("u".doc #> '{"meta"}'::text[])::jsonb""" in apply  # json stays json
     assert "WHERE (excluded.updated_at, excluded.seq) >= (t.updated_at, t.seq)" in apply
     soft = Table(PostgresSinkConfig(dsn="host=x", delete_mode="soft"), "c")
-    soft_ddl = [statement.as_string() for statement in soft.ddl()]
+    soft_ddl = [statement.as_string() for statement in soft.ddl(set())]
     assert 'ALTER TABLE "public"."c" ADD COLUMN IF NOT EXISTS "deleted_at" timestamptz' in soft_ddl
     assert not any("_deleted" in statement for statement in soft_ddl)
     assert "deleted_at = excluded.deleted_at" in soft.apply.as_string()
+
+
+def test_columns_and_indexes_already_there_are_not_altered_again():
+    """ALTER TABLE takes an exclusive lock even with IF NOT EXISTS: a restart must not queue behind readers."""
+    columns = {"c": {"amount": PostgresColumn(field="amount", type="numeric", index=True)}}
+    table = Table(PostgresSinkConfig(dsn="host=x", delete_mode="soft", columns=columns), "c")
+    ddl = [statement.as_string() for statement in table.ddl({"deleted_at", "amount", "c_amount_idx",
+                                                             "c_updated_at_idx"})]
+    assert not any(statement.startswith(("ALTER", "CREATE INDEX")) for statement in ddl)
+    assert ddl == ['CREATE TABLE IF NOT EXISTS "public"."c" (key text PRIMARY KEY, updated_at timestamptz NOT NULL, '
+                   'seq bigint NOT NULL DEFAULT 0, hash text NOT NULL, data jsonb, synced_at timestamptz NOT NULL)']

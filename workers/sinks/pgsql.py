@@ -69,8 +69,10 @@ class Table:
 
     # -- creating ---------------------------------------------------------------------------------
 
-    def ddl(self) -> list[sql.Composed]:
-        """Statements that create whatever is missing: the table, new typed columns, indexes, tombstones."""
+    def ddl(self, present: set[str]) -> list[sql.Composed]:
+        """Statements that create what is missing: the table, new typed columns, indexes, tombstones.
+        ``present`` names the table's columns and the schema's indexes that exist already: an ALTER TABLE
+        takes an exclusive lock even when it would change nothing, so only missing ones are added."""
         statements = [sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, updated_at timestamptz NOT NULL, "
             "seq bigint NOT NULL DEFAULT 0, hash text NOT NULL, data jsonb, synced_at timestamptz NOT NULL)"
@@ -78,15 +80,23 @@ class Table:
         extra = {"deleted_at": "timestamptz"} if self.soft else {}
         extra.update({name: column.type for name, column in self.columns.items()})
         statements += [sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-            self.table, sql.Identifier(name), sql.SQL(kind)) for name, kind in extra.items()]
+            self.table, sql.Identifier(name), sql.SQL(kind)) for name, kind in extra.items() if name not in present]
         indexed = ["updated_at", *(name for name, column in self.columns.items() if column.index)]
         statements += [sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-            sql.Identifier(_index_name(self.name, name)), self.table, sql.Identifier(name)) for name in indexed]
+            sql.Identifier(index_name(self.name, name)), self.table, sql.Identifier(name))
+            for name in indexed if index_name(self.name, name) not in present]
         if not self.soft:
             statements.append(sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, updated_at timestamptz NOT NULL, "
                 "seq bigint NOT NULL DEFAULT 0)").format(self.tombstones))
         return statements
+
+    def present(self) -> tuple[sql.Composed, dict[str, str]]:
+        """A query for the names ``ddl`` needs: the table's columns and the schema's indexes."""
+        return sql.SQL(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass(%(table)s) AND attnum > 0 "
+            "AND NOT attisdropped UNION ALL SELECT indexname::text FROM pg_indexes WHERE schemaname = %(schema)s"
+        ), {"table": sql.Identifier(self.schema, self.name).as_string(), "schema": self.schema}
 
     # -- applying ---------------------------------------------------------------------------------
 
@@ -157,7 +167,7 @@ def _path_element(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _index_name(table: str, column: str) -> str:
+def index_name(table: str, column: str) -> str:
     """Index names share the schema's namespace with tables; truncated like PostgreSQL would, but visibly."""
     return f"{table}_{column}_idx".encode()[:MAX_IDENTIFIER_BYTES].decode(errors="ignore")
 

@@ -68,7 +68,7 @@ class PostgresSink(Sink):
         self._dsn = ""
         self._idle: list[psycopg.AsyncConnection] = []
         self._tables: dict[str, Table] = {}
-        self._ready: set[str] = set()          # sources whose tables this process created or checked
+        self._ready: set[str] = set()          # sources whose tables this process has made sure of
         self._ledger = ledger_statements(options.schema)
         self._wait_s = options.timeout_s + CLIENT_GRACE_S
         self._pruned_at = 0.0
@@ -225,7 +225,9 @@ class PostgresSink(Sink):
             if await cursor.fetchone() is None:  # CREATE SCHEMA IF NOT EXISTS needs the right even if it exists
                 await self._bounded(connection.execute(sql.SQL("CREATE SCHEMA {}").format(
                     sql.Identifier(table.schema))))
-            for statement in [*ledger_ddl(table.schema), *table.ddl()]:
+            cursor = await self._bounded(connection.execute(*table.present()))
+            present = {name for (name,) in await cursor.fetchall()}
+            for statement in [*ledger_ddl(table.schema), *table.ddl(present)]:
                 await self._bounded(connection.execute(statement))
         logger.info("%s: table %s is ready", self._label(), table.qualified)
 
