@@ -26,7 +26,7 @@ from xxhash import xxh3_64_hexdigest, xxh3_128_hexdigest
 from conflux import metrics
 from conflux.config import RetryConfig
 from conflux.workers.merge import DELETED, HASH, POSITION, RECORD, UPDATED
-from conflux.workers.resilience import Backoff, CircuitBreaker
+from conflux.workers.resilience import Backoff, CircuitBreaker, sleep_unless
 
 logger = logging.getLogger(__name__)
 
@@ -189,14 +189,7 @@ class Sink:
 
     async def pause(self, delay_s: float) -> bool:
         """Sleep, but wake at once on a quick stop; False if we are stopping quickly."""
-        if self._stopping is None:
-            await asyncio.sleep(delay_s)
-            return True
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-        except TimeoutError:
-            return True
-        return False
+        return await sleep_unless(self._stopping, delay_s)
 
     def _label(self) -> str:
         return "sink" if self.name == "default" else f"sink {self.name!r}"
