@@ -12,13 +12,13 @@ import math
 import os
 import re
 import tomllib
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
+from conflux import plugins
 from conflux.errors import ConfigError
 from conflux.ipc.codec import (
     MAX_LOG_BATCH_BYTES,
@@ -353,7 +353,7 @@ class SinkSpec(_Section):
 # the conflux.sinks entry points.
 BUILTIN_SINK_OPTIONS: dict[str, type] = {"http": SinkConfig, "postgres": PostgresSinkConfig,
                                          "kafka": KafkaSinkConfig}
-SINK_ENTRY_POINTS = "conflux.sinks"
+SINK_ENTRY_POINTS = plugins.GROUPS["sinks"]
 DEFAULT_SINK = "default"
 
 
@@ -719,14 +719,7 @@ def sink_options_type(kind: str, where: str = "type") -> type:
     """The Struct of a sink type's config keys: a built-in's, or a plugin's (its class's ``Options``)."""
     if kind in BUILTIN_SINK_OPTIONS:
         return BUILTIN_SINK_OPTIONS[kind]
-    for entry in entry_points(group=SINK_ENTRY_POINTS):
-        if entry.name == kind:
-            try:
-                return entry.load().Options
-            except Exception as exc:  # a broken plugin is the config's problem, named as such
-                raise ConfigError(f"{where}: the sink plugin {kind!r} cannot be loaded: {exc}") from None
-    known = sorted({*BUILTIN_SINK_OPTIONS, *(entry.name for entry in entry_points(group=SINK_ENTRY_POINTS))})
-    raise ConfigError(f"{where}: unknown sink type {kind!r} (known: {', '.join(known)})")
+    return getattr(plugins.load("sinks", kind, where), "Options", None) or plugins.NoOptions
 
 
 def _within(prefix: str, message: str) -> str:
