@@ -303,6 +303,7 @@ class PostgresColumn(_Section):
 
     field: str
     type: str = "text"
+    index: bool = False               # create an index on the column (with create_tables)
 
     def __post_init__(self) -> None:
         _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
@@ -325,9 +326,13 @@ class PostgresSinkConfig(_SinkSection):
     timeout_s: float = 30.0
     # source name -> column name -> {field, type}: typed columns beside `data`, for indexes and queries.
     columns: dict[str, dict[str, PostgresColumn]] = {}
+    # Ledger rows older than this are deleted; a chunk replayed later is still applied once in effect,
+    # because a version only replaces an older (or the same) version of its key.
+    ledger_retention_s: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(self.ledger_retention_s >= 3600, "ledger_retention_s must be >= 3600 s")
         _require(sum(map(bool, (self.dsn, self.dsn_env, self.dsn_file))) == 1,
                  "give exactly one of dsn, dsn_env and dsn_file")
         _require(not dsn_password(self.dsn),
@@ -746,7 +751,21 @@ def _resolve_sinks(config: Config, *, sink_given: bool) -> Config:
     for spec in specs:
         if spec.type == "kafka" and not (spec.options.bootstrap_servers or config.log.bootstrap_servers):
             raise ConfigError(f"{sink_where(specs, spec)}.bootstrap_servers: required with the embedded log")
+    _check_postgres_tables(config, specs)
     return msgspec.structs.replace(config, sinks=specs)
+
+
+def _check_postgres_tables(config: Config, specs: list[SinkSpec]) -> None:
+    """PostgreSQL truncates names past 63 bytes silently, so two sources' tables could become one."""
+    for spec in specs:
+        if spec.type != "postgres":
+            continue
+        suffix = "" if spec.options.delete_mode == "soft" else "_deleted"
+        for source in config.sources:
+            table = spec.options.table.replace("{source}", source.name) + suffix
+            if spec.name in (source.sinks or [s.name for s in specs]) and len(table.encode()) > 63:
+                raise ConfigError(f"{sink_where(specs, spec)}.table: {table!r} (for source {source.name!r}) is "
+                                  "longer than PostgreSQL's 63 bytes; choose a shorter table name")
 
 
 def sink_where(specs: list[SinkSpec], spec: SinkSpec) -> str:
