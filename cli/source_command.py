@@ -91,8 +91,8 @@ async def _test(config, source, max_pages: int, since: str | None, printer: Prin
     except ConfigError as exc:  # a secret the source's auth reads is missing
         printer.error(f"config error: {exc}")
         return ExitCode.CONFIG_ERROR
-    except (UpstreamError, PageFormatError) as exc:
-        printer.error(f"{type(exc).__name__}: {exc}")
+    except (UpstreamError, PageFormatError) as exc:  # named by kind, whichever subclass the fetcher raised
+        printer.error(f"{'UpstreamError' if isinstance(exc, UpstreamError) else 'PageFormatError'}: {exc}")
         return EXIT_FAILED
     printer.finish(sync)
     return 0

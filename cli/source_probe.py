@@ -170,5 +170,10 @@ async def probe(config: Config, source: SourceConfig, *, max_pages: int, since: 
         syncer = SourceSyncer(worker, source, session)
         sync = ProbePass(syncer, "incremental" if since else "full", max_pages=max_pages, on_page=on_page)
         with contextlib.suppress(StopProbe):
-            await syncer.walk(source, sync, since)
+            await _walk(syncer, sync, since)
         return sync
+
+
+async def _walk(syncer: SourceSyncer, sync: ProbePass, since: str | None) -> int:
+    """The fetcher's own walk of the source's pages (its paging style), over the probe's pass."""
+    return await syncer.walk(syncer.source, sync, since)

@@ -161,3 +161,11 @@ def test_an_unknown_source_is_named(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 2 and "no source named 'crm'" in result.stderr and "(sources: customers)" in \
         result.stderr
+
+
+def test_a_page_in_another_shape_is_named_and_exits_non_zero(upstream_factory, tmp_path):
+    upstream = upstream_factory(customers=50, products=0)
+    path = write_config(tmp_path, upstream.url, pagination_fields={"records_path": "items"})
+    result = source_test(path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "PageFormatError: page is not JSON with a list of records at 'items'" in result.stderr, result.stderr
