@@ -449,7 +449,7 @@ class ControlConfig(_Section):
     metrics_require_token: bool = False
     tls_cert_file: str = ""
     tls_key_file: str = ""
-    # How far X-Conflux-Timestamp may be from the control process's clock, either way.
+    # How far X-Conflux-Timestamp (or Stripe-Signature's t) may be from the control process's clock, either way.
     webhook_tolerance_s: float = 300.0
     # Request line and headers must arrive within this (after connecting, or after the previous answer).
     header_timeout_s: float = 10.0
