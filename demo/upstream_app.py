@@ -199,7 +199,9 @@ class UpstreamApp:
     async def checksum(self, request: web.Request) -> web.Response:
         collection = self._collection(request)
         self.stats.record_request(collection.name, "checksum", page=False)
-        return json_response({"collection": collection.name, **collection.checksum.as_dict()})
+        canonical = request.query.get("canonical") in ("1", "true")
+        checksum = collection.canonical_checksum() if canonical else collection.checksum
+        return json_response({"collection": collection.name, **checksum.as_dict()})
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -268,7 +270,7 @@ class UpstreamApp:
         self.delete_counts[origin] += 1
         self.delete_counts["hard" if hard else "soft"] += 1
         if self.webhooks is not None:
-            self.webhooks.offer(collection.name, data)
+            self.webhooks.offer(collection.name, data, deleted=True)
 
     # -- operations ---------------------------------------------------------------------------
 
