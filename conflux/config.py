@@ -1034,17 +1034,9 @@ def redacted(config: Config) -> dict[str, Any]:
     """The effective config as plain data, secrets shown as '***', in the shape the file is written in.
     The rules (field names, headers, URLs, librdkafka keys) are conflux.redact's, shared with the logs."""
     data = _redact(msgspec.to_builtins(config))
-    data["sinks"] = [{"name": spec["name"], "type": spec["type"], **spec["options"]}
-                     for spec in data["sinks"] if spec["name"] != DEFAULT_SINK]
-    if not data["sinks"]:
-        del data["sinks"]
-    if not any(spec.name == DEFAULT_SINK for spec in config.sinks):
-        del data["sink"]  # only [[sinks]]: printing [sink] would add the default sink when read back
+    _present_sinks(data, config)
     for role in ("producer", "consumer", "admin"):
         data["kafka"][role] = _mask_kafka_secrets(data["kafka"][role])
-    for spec in data.get("sinks", []):
-        if isinstance(spec.get("producer"), dict):  # a Kafka sink's librdkafka settings
-            spec["producer"] = _mask_kafka_secrets(spec["producer"])
     for source in data["sources"]:
         source["headers"] = redact_headers(source["headers"])
         source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
@@ -1056,6 +1048,20 @@ def redacted(config: Config) -> dict[str, Any]:
         if isinstance(source.get("filter"), dict):  # `in` / `not_in`: only the one that is set
             source["filter"] = {name: value for name, value in source["filter"].items() if value is not None}
     return data
+
+
+def _present_sinks(data: dict[str, Any], config: Config) -> None:
+    """[[sinks]] flat as in the file (name, type, then the type's keys), a Kafka sink's librdkafka
+    secrets masked; [sink] only if it was given."""
+    data["sinks"] = [{"name": spec["name"], "type": spec["type"], **spec["options"]}
+                     for spec in data["sinks"] if spec["name"] != DEFAULT_SINK]
+    for spec in data["sinks"]:
+        if isinstance(spec.get("producer"), dict):
+            spec["producer"] = _mask_kafka_secrets(spec["producer"])
+    if not data["sinks"]:
+        del data["sinks"]
+    if not any(spec.name == DEFAULT_SINK for spec in config.sinks):
+        del data["sink"]  # only [[sinks]]: printing [sink] would add the default sink when read back
 
 
 def _mask_kafka_secrets(settings: dict[str, Any]) -> dict[str, Any]:

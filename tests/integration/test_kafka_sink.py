@@ -107,7 +107,7 @@ def test_one_record_per_record_with_key_headers_and_tombstones_on_a_created_comp
              version("caf\u00e9", b'{"id":"caf\\u00e9"}', offset=13), version("3", None, offset=14)]
     sent = chunk("customers", items)
     (outcome,) = asyncio.run(attempt_once(make_sink(config), sent))
-    assert outcome == Delivery({}, 200, applied=4)
+    assert outcome == Delivery({}, 200, applied=4, deleted=1)
 
     topic = f"{sink_topics}customers.records"
     messages = read_topic(kafka_bootstrap, topic)

@@ -122,6 +122,9 @@ def _messages(indices: list[int]) -> list[Message]:
 def test_all_reports_positive_is_a_delivery_naming_only_the_records_refused_before_sending():
     outcome = judge(_reports(2, {}), _messages([0, 2]), {1: "too big"}, 3, "t")
     assert outcome == Delivery({1: "too big"}, 200, applied=2)
+    tombstone = Message(3, b"k", None, [])
+    assert judge(_reports(3, {}), [*_messages([0, 2]), tombstone], {}, 4, "t") == Delivery({}, 200, applied=4,
+                                                                                             deleted=1)
 
 
 def test_any_failed_report_is_a_retry_never_a_rejection():
@@ -207,7 +210,7 @@ def test_a_topic_named_like_a_log_topic_is_fine_on_another_cluster_or_for_source
 
 def test_the_readme_example_loads_with_every_key():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Kafka changelog sink", 1)[1]
+    section = readme.split("### The Kafka changelog sink", 1)[1]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     config = load(f'[log]\nbootstrap_servers = "k1:9092"\n{SOURCES}{example}', {"EVENTS_KAFKA_PASSWORD": "pw"})
     options = config.sink_spec("events").options

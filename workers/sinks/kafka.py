@@ -270,7 +270,8 @@ def judge(reports: DeliveryReports, messages: list[Message], refused: dict[int, 
     then refused (it can fail a whole batch of small ones with it)."""
     failed = {seq: error for seq, error in reports.errors.items() if messages[seq].index not in refused}
     if not failed:
-        return Delivery(refused, DELIVERED, applied=count - len(refused))
+        tombstones = sum(message.value is None for message in messages if message.index not in refused)
+        return Delivery(refused, DELIVERED, applied=count - len(refused), deleted=tombstones)
     first = failed[min(failed)]
     if all(error.code() == KafkaError.MSG_SIZE_TOO_LARGE for error in failed.values()):
         reason = f"the broker refused a record as too large for topic {topic}: {first.str()}"
