@@ -88,7 +88,7 @@ def test_a_file_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
     ("sources = 5", "sources: Expected `array`, got `int`"),
     (SOURCE + "page_size = []", "sources[0].page_size: Expected `int`, got `array`"),
     ("[log]\nbackend = \"cassandra\"", "log.backend: Invalid enum value 'cassandra'"),
-    (SOURCE + 'pagination = "scroll"', "sources[0].pagination: Invalid enum value 'scroll'"),
+    (SOURCE + 'pagination = "scroll"', "sources[0] (crm).pagination: unknown pagination style 'scroll' (known: "),
     ("[[sources]]\nname = \"crm\"", "sources[0].url: missing"),
 ])
 def test_wrong_keys_and_types_name_the_field(text: str, field: str) -> None:
@@ -159,7 +159,8 @@ def test_the_pagination_table_renames_fields_and_may_carry_the_style() -> None:
     assert source.pagination_options.cursor_param == "cursor"  # the rest keeps the demo's names
     plain = load(SOURCE + 'pagination = "link"\n').sources[0]
     assert plain.pagination == "link" and plain.pagination_options.records_path == "data"
-    assert error(SOURCE + '[sources.pagination]\nstyle = "pages"').startswith("sources[0].pagination: Invalid enum")
+    assert error(SOURCE + '[sources.pagination]\nstyle = "pages"').startswith(
+        "sources[0] (crm).pagination: unknown pagination style 'pages'")
 
 
 # -- environment overrides ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from conflux.config import PaginationConfig, SourceConfig
 from conflux.errors import PageFormatError, UpstreamError
 from conflux.workers.batching import RecordSchema
-from conflux.workers.paging import STYLES, PageInfo
+from conflux.workers.paging import PageInfo, make_paginator, since_text
 from conflux.workers.upstream import Response
 
 URL = "http://upstream.test/api/customers"
@@ -69,7 +69,8 @@ class FakeUpstream:
         records, fields, meta = self.schema.page_records(response.body)
         columns = self.schema.columns(records, fields)
         self.handled += columns.keys
-        last = (columns.native_text(-1), columns.keys[-1]) if len(columns) else None
+        last = (since_text(self.source, columns.updated_us[-1], columns.native_text(-1)), columns.keys[-1]) \
+            if len(columns) else None
         return PageInfo(len(records), meta, last)
 
     # -- the upstream ------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def source(style: str, *, page_size: int = 7, max_concurrency: int = 3, max_page
 
 
 def walk(upstream: FakeUpstream, since: str | None = None) -> int:
-    return asyncio.run(STYLES[upstream.source.pagination](upstream.source, upstream, since))
+    return asyncio.run(make_paginator(upstream.source).walk(upstream, URL, since))
 
 
 ALL_STYLES = ["page", "offset", "cursor", "link", "watermark"]
@@ -232,7 +233,7 @@ def test_a_failed_page_stops_the_concurrent_fetches() -> None:
 
     async def scenario() -> int:
         with pytest.raises(UpstreamError):
-            await STYLES["page"](upstream.source, upstream, None)
+            await make_paginator(upstream.source).walk(upstream, URL, None)
         requested = len(upstream.requests)
         for _ in range(20):
             await asyncio.sleep(0)
