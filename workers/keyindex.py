@@ -108,11 +108,11 @@ class KeyIndex:
             key_hash, _key, seen_us, updated_us, deleted, _parent = row
             if key_hash not in newest or (updated_us, deleted) > newest[key_hash][3:5]:
                 newest[key_hash] = row
-            if key_hash not in latest or seen_us >= latest[key_hash][2]:
-                latest[key_hash] = row
+            if _parent and (key_hash not in latest or seen_us >= latest[key_hash][2]):
+                latest[key_hash] = row   # a webhook's sighting (no parent) does not move a key to another parent
         wanted = set(parents)
         return [Child(row[1], _unsigned(key_hash), row[3], latest[key_hash][5]) for key_hash, row in newest.items()
-                if not row[4] and latest[key_hash][5] in wanted]
+                if not row[4] and key_hash in latest and latest[key_hash][5] in wanted]
 
     def reconcile(self, started_us: int) -> Reconcile:
         """Fold what is recorded so far, for comparing with the full sync that started at ``started_us``."""
