@@ -37,6 +37,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -143,16 +144,17 @@ class ParentIndex:
             f"SELECT key, fields, updated_us, deleted, seen_us, first_seen_us, deleted_seq FROM parents "
             f"WHERE key IN ({', '.join('?' * len(keys[start:start + 500]))})", keys[start:start + 500])}
         listed_from = _meta(db, "full_started_us")
-        (next_seq,), = db.execute("SELECT coalesce(max(deleted_seq), 0) + 1 FROM parents")
+        # Deletes are numbered by a counter that only goes up, so a child's cascade resumes after the last it did.
+        last_seq = _meta(db, "deleted_seq")
         rows, changed = [], 0
         for change in changes:
-            old = stored.get(change.key)
-            row, moved = _updated_row(old, change, seen_us, listed_from, next_seq)
-            next_seq += row[6] == next_seq
+            row, moved = _updated_row(stored.get(change.key), change, seen_us, listed_from, last_seq + 1)
+            last_seq = max(last_seq, row[6])
             changed += moved
             stored[change.key] = row
             rows.append(row)
         db.executemany("INSERT OR REPLACE INTO parents VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('deleted_seq', ?)", (last_seq,))
         return changed
 
     def full_sync_complete(self, started_us: int) -> None:
@@ -316,7 +318,8 @@ class ChildWalk:
         fetched, after = 0, ""
         while batch := await asyncio.to_thread(self.index.live, after):
             after = batch[-1].key
-            results = await _bounded([self._one(pages, parent, since if parent.first_seen_us < synced_from else None)
+            results = await _bounded([partial(self._one, pages, parent,
+                                              since if parent.first_seen_us < synced_from else None)
                                       for parent in batch], self.source.max_concurrency)
             fetched += sum(results)
             if fetched > self.source.max_pages_per_sync:
@@ -340,15 +343,15 @@ class ChildWalk:
             return 0
 
 
-async def _bounded(coroutines: list[Awaitable[int]], concurrency: int) -> list[int]:
-    """Run at most ``concurrency`` at once; the first failure cancels the rest and is raised."""
+async def _bounded(jobs: list[Callable[[], Awaitable[int]]], concurrency: int) -> list[int]:
+    """Run at most ``concurrency`` jobs at once; the first failure cancels the rest and is raised."""
     slots = asyncio.Semaphore(concurrency)
 
-    async def one(coroutine: Awaitable[int]) -> int:
+    async def one(job: Callable[[], Awaitable[int]]) -> int:
         async with slots:
-            return await coroutine
+            return await job()
 
-    tasks = [asyncio.ensure_future(one(coroutine)) for coroutine in coroutines]
+    tasks = [asyncio.ensure_future(one(job)) for job in jobs]
     try:
         return await asyncio.gather(*tasks)
     except BaseException:
