@@ -66,10 +66,10 @@ def build(config: Config, topics: dict[str, int], generation: int, *, static_ass
     workers = config.workers
     fetchers: list[list[str]] = [[] for _ in range(workers.fetchers)]
     # A child goes to its family root's fetcher, which holds the parents' index (workers.parents).
-    roots = [config.root_of(source.name) for source in config.sources]
+    families = list(dict.fromkeys(config.root_of(source.name) for source in config.sources))
     for source in config.sources:
         if static_assignment:
-            position = roots.index(config.root_of(source.name))
+            position = families.index(config.root_of(source.name))
             fetchers[position % workers.fetchers].append(source.name)
         else:  # every fetcher is offered every source; the ownership group decides (workers.ownership)
             for offered in fetchers:
