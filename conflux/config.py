@@ -324,6 +324,11 @@ class _SinkSection(_Section):
         _require(self.max_pending_records >= self.batch_size, "max_pending_records must be >= batch_size")
 
 
+# The keys every sink type takes (batch_size, flush_interval_s, max_in_flight, max_pending_records): a sink
+# plugin's Options Struct subclasses it.
+SinkOptions = _SinkSection
+
+
 class SinkConfig(_SinkSection):
     """The HTTP sink: ``[sink]`` (named "default"), or a ``[[sinks]]`` entry with ``type = "http"``."""
 
