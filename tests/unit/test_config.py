@@ -224,6 +224,16 @@ def test_api_shape_mistakes_name_the_field(text: str, message: str) -> None:
     assert message in error(text)
 
 
+def test_every_example_of_connecting_your_api_in_the_readme_loads() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Connecting your API", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```toml\n")[1:]]
+    assert len(blocks) == 5
+    for block in blocks:
+        config = load(block if "[[sources]]" in block else SOURCE + block)
+        assert config.sources
+
+
 def test_the_api_shape_keys_survive_the_redacted_round_trip() -> None:
     text = (SOURCE + 'method = "POST"\nrecords_path = ""\nupdated_since_format = "epoch_s"\n'
             '[sources.pagination]\nstyle = "cursor"\nnext_cursor_header = "X-Next"\n'
