@@ -8,7 +8,7 @@ both place a source by its family's root), so that fetcher keeps the parent's in
 - **The parent index** (``<state_dir>/parents/<parent>.db``, SQLite) holds, per parent key, the fields
   its children use, the newest version's instant, whether it is deleted, when it was last listed and
   since when it has been live. The parent's pages (and its reconcile's deletes) update it as they are
-  published: about 10 µs a record, for sources with children only. Nothing is held in RAM: a child
+  published: 10 to 15 µs a record, for sources with children only. Nothing is held in RAM: a child
   sync reads the live parents in batches of PARENT_BATCH. The parent's first sync on an instance is
   full (whatever its checkpoint says), and its children wait for it: until then the index does not
   know every parent. A parent not listed by the last complete full sync (gone without a delete
@@ -46,7 +46,7 @@ from msgspec import Raw
 from xxhash import xxh3_64_hexdigest
 
 from conflux.config import Config, SourceConfig
-from conflux.errors import LogError, UpstreamError
+from conflux.errors import LogError, PageFormatError, UpstreamError
 from conflux.workers.batching import RecordSchema
 from conflux.workers.columns import Columns, Undecodable, key_text
 from conflux.workers.keyindex import KeyIndex
@@ -315,6 +315,7 @@ class ChildWalk:
     async def walk(self, pages: Any, since: str | None) -> int:
         """Walk every live parent (``pages``: the sync's, with ``parent=`` support); the pages fetched."""
         synced_from = await asyncio.to_thread(self.index.synced_from, self.source.name)
+        self.counts = Counter()
         fetched, after = 0, ""
         while batch := await asyncio.to_thread(self.index.live, after):
             after = batch[-1].key
@@ -323,8 +324,10 @@ class ChildWalk:
                                       for parent in batch], self.source.max_concurrency)
             fetched += sum(results)
             if fetched > self.source.max_pages_per_sync:
-                raise UpstreamError(f"{self.source.name}: the sync needs more than {self.source.max_pages_per_sync} "
+                raise PageFormatError(f"{self.source.name}: the sync needs more than {self.source.max_pages_per_sync} "
                                     "pages over all parents (max_pages_per_sync)")
+        logger.info("%s: walked %d parents of %s (%d gone, %d without a field the url needs)", self.source.name,
+                    self.counts["parents"], self.source.parent, self.counts["gone"], self.counts["without_fields"])
         return fetched
 
     async def _one(self, pages: Any, parent: Parent, since: str | None) -> int:

@@ -78,8 +78,10 @@ def test_children_of_every_live_parent_arrive_and_follow_changes(upstream_factor
     requests.post(f"{upstream.url}/api/customers", json={"id": newcomer, "name": "New"}, timeout=10).raise_for_status()
     wait_children_converged(upstream, analytics, timeout_s=30)
     assert all(_sink_record(analytics, o["id"]).status_code == 200 for o in theirs)
-    report = daemon.status()["sources"]["orders"]
+    sources = daemon.status()["sources"]
+    report = sources["orders"]
     assert report["last_sync_result"] == "ok" and report["syncs_failed"] == 0
+    assert (report["parent"], sources["customers"]["parent"]) == ("customers", None)
     assert daemon.stop() == 0
 
 
@@ -129,7 +131,7 @@ def test_a_parents_delete_stops_its_children_and_deletes_them(upstream_factory, 
 
 def test_rate_limit_and_concurrency_hold_across_all_parents(upstream_factory, analytics, daemon_factory):
     rate_rps = 25.0
-    upstream = upstream_factory(customers=100, products=0, systems=1, records_per_system=2000, latency_ms=30)
+    upstream = upstream_factory(customers=100, products=0, systems=1, records_per_system=2000, latency_ms=100)
     daemon = daemon_factory(sources=[
         source("customers", upstream.url, page_size=100, poll_interval_s=60),
         _orders(upstream, page_size=50, poll_interval_s=60, max_concurrency=2, rate_limit_rps=rate_rps)],
