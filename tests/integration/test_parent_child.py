@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import requests
 
 from tests.fixtures.daemon import source
@@ -142,4 +143,26 @@ def test_rate_limit_and_concurrency_hold_across_all_parents(upstream_factory, an
     assert stats["requests"]["child:page"] == len(arrivals) >= 100
     assert stats["max_in_flight"] == 2
     assert max_in_window(arrivals, 1.0) <= rate_rps + 1
+    assert daemon.stop() == 0
+
+
+@pytest.mark.kafka
+def test_on_kafka_a_family_is_owned_by_one_fetcher(upstream_factory, analytics, daemon_factory, kafka_bootstrap,
+                                                    kafka_group_id):
+    """Two fetcher processes share the sources through the Kafka group; the children go with their parent,
+    whichever partition of the sources topic their own names would pick."""
+    upstream = upstream_factory(customers=150, products=300, systems=1, records_per_system=3000)
+    log = {"backend": "kafka", "bootstrap_servers": kafka_bootstrap, "group": kafka_group_id,
+           "topic_prefix": f"{kafka_group_id}.", "partitions": 2}
+    # Names whose own partitions of the 12 of the sources topic differ: 3, 7, 10 and 6 (customers: 1).
+    children = ["orders", "customer_orders", "orders_by_customer", "c_orders"]
+    daemon = daemon_factory(sources=[source("customers", upstream.url, page_size=100),
+                                     source("products", upstream.url, page_size=100),
+                                     *[source(name, upstream.url, path="customers/{parent.id}/orders",
+                                              parent="customers", page_size=50) for name in children]],
+                            sink_url=analytics.url, log=log, workers={"fetchers": 2})
+    wait_children_converged(upstream, analytics, timeout_s=90)
+    sources = wait_until(lambda: all((s := daemon.status()["sources"])[name]["last_sync_result"] == "ok"
+                                     for name in children) and s, timeout_s=60, message="every child synced")
+    assert {sources[name]["fetcher"] for name in children} == {sources["customers"]["fetcher"]}
     assert daemon.stop() == 0
