@@ -1090,8 +1090,8 @@ def redacted(config: Config) -> dict[str, Any]:
     for source in data["sources"]:
         source["headers"] = redact_headers(source["headers"])
         source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
-        for table in ("auth", "fields", "filter", "records_path", "pagination_options"):
-            if source.get(table) is None:
+        for table in ("auth", "fields", "filter", "records_path", "pagination_options", "body"):
+            if source.get(table) in (None, {}):
                 source.pop(table, None)
         if isinstance(source.get("filter"), dict):  # `in` / `not_in`: only the one that is set
             source["filter"] = {name: value for name, value in source["filter"].items() if value is not None}
