@@ -11,4 +11,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("conflux.cli.status_command", "print the running daemon's sources, workers and partitions"),
     "top": ("conflux.cli.status_command", "a live view of the running daemon (q quits)"),
     "metrics": ("conflux.cli.metrics_command", "sample a /metrics endpoint and write a JSON time series"),
+    "source": ("conflux.cli.source_command", "try a source against its upstream without writing anything (test)"),
 }

@@ -119,20 +119,12 @@ class PaginationConfig(_Section):
 
 
 class AuthConfig(_Section):
-    type: Literal["bearer", "header", "basic", "oauth2"]
-    token_env: str = ""
-    token_file: str = ""
-    header: str = ""
-    value_env: str = ""
-    value_file: str = ""
-    username: str = ""
-    password_env: str = ""
-    password_file: str = ""
-    token_url: str = ""
-    client_id: str = ""
-    client_secret_env: str = ""
-    client_secret_file: str = ""
-    scope: str = ""
+    """``[sources.auth]``: ``type`` names an auth method registered in the ``conflux.auth`` entry-point group
+    (the built-in bearer, header, basic and oauth2, or a plugin's), and the table's other keys are that
+    method's ``Options``, validated by its Struct when the config is loaded (``_resolve_auth``)."""
+
+    type: str
+    options: Any = None
 
 
 class FieldsConfig(_Section):
@@ -170,6 +162,22 @@ class FilterConfig(_Section):
     def __post_init__(self) -> None:
         _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
         _require((self.in_ is None) != (self.not_in is None), "give exactly one of in and not_in")
+
+
+class WebhookDeleteWhen(_Section):
+    """``{ field = "type", in = ["customer.deleted"] }``: a webhook event whose ``field`` (a dotted path in
+    the envelope) holds one of these values deletes the record(s) it carries."""
+
+    field: str
+    in_: list[FilterValue] = msgspec.field(name="in")
+
+    def __post_init__(self) -> None:
+        _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
+        _require(bool(self.in_), "in: give at least one value")
+
+
+WebhookSignature = Literal["conflux", "github", "stripe", "hmac"]
+HTTP_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # what an HTTP header name may hold (RFC 9110)
 
 
 class SourceConfig(_Section):
@@ -218,6 +226,13 @@ class SourceConfig(_Section):
     fields: FieldsConfig | None = None
     filter: FilterConfig | None = None
     sinks: list[str] = []                     # where this source's records go; [] = every sink
+    # Vendor webhooks: how POST /webhook/{source} is signed, where its records are, which events delete.
+    webhook_signature: WebhookSignature = "conflux"
+    webhook_signature_header: str = ""        # "hmac": the header that carries the signature
+    webhook_signature_prefix: str = ""        # "hmac": text before the signature, such as "sha256="
+    webhook_signature_encoding: Literal["hex", "base64"] = "hex"   # "hmac": how the digest is written
+    webhook_records_path: str = ""            # a dotted path to the record(s) in the body; "" = the body
+    webhook_delete_when: WebhookDeleteWhen | None = None
 
     @property
     def key_paths(self) -> list[str]:
@@ -253,6 +268,26 @@ class SourceConfig(_Section):
         _require(not self.lookup_url or "{key}" in self.lookup_url, "lookup_url must hold {key}")
         _require(not self.lookup_url or self.lookup_url.startswith(("http://", "https://")),
                  "lookup_url must start with http:// or https://")
+        self._check_webhook()
+
+    def _check_webhook(self) -> None:
+        """The vendor webhook keys: the generic "hmac" scheme needs its header; the others take no options."""
+        if self.webhook_signature == "hmac":
+            _require(bool(self.webhook_signature_header),
+                     'webhook_signature_header is required with webhook_signature = "hmac"')
+            _require(HTTP_TOKEN.fullmatch(self.webhook_signature_header) is not None,
+                     f"webhook_signature_header {self.webhook_signature_header!r} is not an HTTP header name")
+            _require(len(self.webhook_signature_prefix) <= 64 and self.webhook_signature_prefix.isascii()
+                     and self.webhook_signature_prefix.isprintable(),
+                     "webhook_signature_prefix must be at most 64 printable ASCII characters")
+        else:
+            given = [name for name in ("webhook_signature_header", "webhook_signature_prefix")
+                     if getattr(self, name)] + (["webhook_signature_encoding"]
+                                                if self.webhook_signature_encoding != "hex" else [])
+            _require(not given, f"{', '.join(given)}: only for webhook_signature = \"hmac\" "
+                                f"(this source's is {self.webhook_signature!r})")
+        _require(not self.webhook_records_path or not _path_problem(self.webhook_records_path),
+                 f"webhook_records_path: {_path_problem(self.webhook_records_path)}")
 
     def _check_identity(self) -> None:
         """The paths that find a record's key, updated instant and delete marker."""
@@ -348,6 +383,7 @@ class PostgresColumn(_Section):
 
     field: str
     type: str = "text"
+    index: bool = False               # create an index on the column (with create_tables)
 
     def __post_init__(self) -> None:
         _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
@@ -370,9 +406,13 @@ class PostgresSinkConfig(_SinkSection):
     timeout_s: float = 30.0
     # source name -> column name -> {field, type}: typed columns beside `data`, for indexes and queries.
     columns: dict[str, dict[str, PostgresColumn]] = {}
+    # Ledger rows older than this are deleted; a chunk replayed later is still applied once in effect,
+    # because a version only replaces an older (or the same) version of its key.
+    ledger_retention_s: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(self.ledger_retention_s >= 3600, "ledger_retention_s must be >= 3600 s")
         _require(sum(map(bool, (self.dsn, self.dsn_env, self.dsn_file))) == 1,
                  "give exactly one of dsn, dsn_env and dsn_file")
         _require(not dsn_password(self.dsn),
@@ -489,7 +529,7 @@ class ControlConfig(_Section):
     metrics_require_token: bool = False
     tls_cert_file: str = ""
     tls_key_file: str = ""
-    # How far X-Conflux-Timestamp may be from the control process's clock, either way.
+    # How far X-Conflux-Timestamp (or Stripe-Signature's t) may be from the control process's clock, either way.
     webhook_tolerance_s: float = 300.0
     # Request line and headers must arrive within this (after connecting, or after the previous answer).
     header_timeout_s: float = 10.0
@@ -742,12 +782,14 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
     _apply_env_overrides(raw, environ)
     sink_given = "sink" in raw
     raw = _sink_entries(raw)
+    raw = _auth_tables(raw)
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_mention_env_source(_describe_validation_error(str(exc)), environ)) from None
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     config = _resolve_sinks(config, sink_given=sink_given)
+    config = _resolve_auth(config)
     config = _resolve_paginators(config)
     config = _resolve_paths(config, base_dir)
     if secrets == "all":
@@ -798,6 +840,30 @@ def _sink_entry(entry: dict[str, Any]) -> dict[str, Any]:
     return {**{key: entry[key] for key in ("name", "type") if key in entry}, "options": options}
 
 
+def _auth_tables(raw: dict[str, Any]) -> dict[str, Any]:
+    """`[sources.auth]` is flat (type, then the method's own keys); the method's keys go under `options`,
+    validated by the method's Struct once the type is known (``_resolve_auth``)."""
+    for source in raw.get("sources", []) if isinstance(raw.get("sources"), list) else []:
+        table = source.get("auth") if isinstance(source, dict) else None
+        if isinstance(table, dict):
+            source["auth"] = {**({"type": table["type"]} if "type" in table else {}),
+                              "options": {key: value for key, value in table.items() if key != "type"}}
+    return raw
+
+
+def _resolve_auth(config: Config) -> Config:
+    """Every source's auth options, typed by its method's ``Options`` (a ``conflux.auth`` plugin; the
+    built-in methods are registered there too)."""
+    sources = []
+    for index, source in enumerate(config.sources):
+        if source.auth is not None:
+            method = plugins.load("auth", source.auth.type, f"sources[{index}].auth.type")
+            options = plugins.options(method, source.auth.options or {}, f"sources[{index}].auth")
+            source = msgspec.structs.replace(source, auth=msgspec.structs.replace(source.auth, options=options))
+        sources.append(source)
+    return msgspec.structs.replace(config, sources=sources)
+
+
 def _resolve_sinks(config: Config, *, sink_given: bool) -> Config:
     """Every sink with its typed options: [sink] as "default" (when given, or when there is no
     [[sinks]]), then the [[sinks]] entries; and every source's routes checked against them."""
@@ -821,7 +887,21 @@ def _resolve_sinks(config: Config, *, sink_given: bool) -> Config:
     for spec in specs:
         if spec.type == "kafka" and not (spec.options.bootstrap_servers or config.log.bootstrap_servers):
             raise ConfigError(f"{sink_where(specs, spec)}.bootstrap_servers: required with the embedded log")
+    _check_postgres_tables(config, specs)
     return msgspec.structs.replace(config, sinks=specs)
+
+
+def _check_postgres_tables(config: Config, specs: list[SinkSpec]) -> None:
+    """PostgreSQL truncates names past 63 bytes silently, so two sources' tables could become one."""
+    for spec in specs:
+        if spec.type != "postgres":
+            continue
+        suffix = "" if spec.options.delete_mode == "soft" else "_deleted"
+        for source in config.sources:
+            table = spec.options.table.replace("{source}", source.name) + suffix
+            if spec.name in (source.sinks or [s.name for s in specs]) and len(table.encode()) > 63:
+                raise ConfigError(f"{sink_where(specs, spec)}.table: {table!r} (for source {source.name!r}) is "
+                                  "longer than PostgreSQL's 63 bytes; choose a shorter table name")
 
 
 def _resolve_paginators(config: Config) -> Config:
@@ -999,26 +1079,20 @@ def _check_kafka_secrets(kafka: KafkaConfig, environ: dict[str, str]) -> None:
 
 
 def _check_auth(auth: AuthConfig, environ: dict[str, str], where: str) -> None:
-    needed = {
-        "bearer": [("token_env", "token_file")],
-        "header": [("value_env", "value_file")],
-        "basic": [("password_env", "password_file")],
-        "oauth2": [("client_secret_env", "client_secret_file")],
-    }[auth.type]
-    for env_field, file_field in needed:
-        env_name, file_name = getattr(auth, env_field), getattr(auth, file_field)
-        if not env_name and not file_name:
-            raise ConfigError(f"{where}: type {auth.type!r} needs {env_field} or {file_field}")
-        if env_name:
-            _require_env(environ, env_name, f"{where}.{env_field}")
-        elif problem := _secret_file_problem(file_name):
-            raise ConfigError(f"{where}.{file_field}: {problem}")
-    if auth.type == "header" and not auth.header:
-        raise ConfigError(f"{where}.header: required for type 'header'")
-    if auth.type == "basic" and not auth.username:
-        raise ConfigError(f"{where}.username: required for type 'basic'")
-    if auth.type == "oauth2" and not (auth.token_url and auth.client_id):
-        raise ConfigError(f"{where}: type 'oauth2' needs token_url and client_id")
+    """Whatever the method, an option ending in _env names a variable that must be set, and one ending in
+    _file a file that must be readable and not empty (which of them a method needs, its Options say)."""
+    for field, value in secret_sources(auth.options):
+        if field.endswith("_env"):
+            _require_env(environ, value, f"{where}.{field}")
+        elif problem := _secret_file_problem(value):
+            raise ConfigError(f"{where}.{field}: {problem}")
+
+
+def secret_sources(options: Any) -> list[tuple[str, str]]:
+    """(field, value) of every non-empty ``*_env`` and ``*_file`` string option of a plugin's options."""
+    fields = getattr(options, "__struct_fields__", ())
+    return [(field, value) for field in fields if field.endswith(("_env", "_file"))
+            for value in [getattr(options, field)] if isinstance(value, str) and value]
 
 
 def _secret_file_problem(name: str) -> str:
@@ -1060,8 +1134,9 @@ def _resolve_source_paths(source: SourceConfig, base_dir: Path) -> SourceConfig:
 
     auth = source.auth
     if auth is not None:
-        auth = msgspec.structs.replace(auth, **{name: resolved(getattr(auth, name)) for name in (
-            "token_file", "value_file", "password_file", "client_secret_file")})
+        files = {field: resolved(value) for field, value in secret_sources(auth.options) if field.endswith("_file")}
+        if files:
+            auth = msgspec.structs.replace(auth, options=msgspec.structs.replace(auth.options, **files))
     return msgspec.structs.replace(source, ca_file=resolved(source.ca_file), auth=auth)
 
 
@@ -1090,9 +1165,11 @@ def redacted(config: Config) -> dict[str, Any]:
     for source in data["sources"]:
         source["headers"] = redact_headers(source["headers"])
         source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
-        for table in ("auth", "fields", "filter", "records_path", "pagination_options", "body"):
+        for table in ("auth", "fields", "filter", "webhook_delete_when", "records_path", "pagination_options", "body"):
             if source.get(table) in (None, {}):
                 source.pop(table, None)
+        if isinstance(source.get("auth"), dict):  # written flat, as in the file: type, then the method's keys
+            source["auth"] = {"type": source["auth"]["type"], **(source["auth"]["options"] or {})}
         if isinstance(source.get("filter"), dict):  # `in` / `not_in`: only the one that is set
             source["filter"] = {name: value for name, value in source["filter"].items() if value is not None}
     return data

@@ -13,6 +13,7 @@ version, is a config error naming the field.
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
@@ -22,6 +23,7 @@ import msgspec
 from conflux.errors import ConfigError
 
 API_VERSION = 1
+FIELD_FIRST = re.compile(r"([A-Za-z_][A-Za-z0-9_]*): (.+)", re.DOTALL)
 GROUPS = {"paginators": "conflux.paginators", "auth": "conflux.auth", "sinks": "conflux.sinks"}
 
 
@@ -64,6 +66,9 @@ def describe(text: str, where: str) -> str:
     """msgspec's 'Expected `int`, got `str` - at `$.a.b`' as 'WHERE.a.b: Expected `int`, got `str`'."""
     message, _, at = text.partition(" - at `$")
     path = at.rstrip("`").lstrip(".")
+    named = FIELD_FIRST.fullmatch(message)
+    if named:  # an Options.__post_init__ message that starts with its field: 'header: required ...'
+        path, message = ".".join(part for part in (path, named.group(1)) if part), named.group(2)
     for prefix, what in (("Object contains unknown field `", "unknown key"),
                          ("Object missing required field `", "missing required key")):
         if message.startswith(prefix):

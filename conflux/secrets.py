@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from conflux.config import Config
+from conflux.config import Config, secret_sources
 from conflux.errors import ConfigError
 from conflux.redact import kafka_secret_key, secret_name, url_secrets
 
@@ -44,10 +44,7 @@ def known_secrets(config: Config) -> list[str]:
         values.extend(v for k, v in source.headers.items() if secret_name(k))
         values.extend(url_secrets(source.url))
         if source.auth is not None:
-            auth = source.auth
-            values.extend(url_secrets(auth.token_url))
-            names.extend([auth.token_env, auth.value_env, auth.password_env, auth.client_secret_env])
-            files.extend([auth.token_file, auth.value_file, auth.password_file, auth.client_secret_file])
+            _auth_secrets(source.auth.options, values, names, files)
     for settings in (config.kafka.producer, config.kafka.consumer, config.kafka.admin):
         _kafka_secrets(settings, values, names, files)
     values.extend(os.environ.get(name, "") for name in names if name)
@@ -56,6 +53,19 @@ def known_secrets(config: Config) -> list[str]:
             with contextlib.suppress(OSError):
                 values.append(Path(file).read_text().rstrip("\r\n"))
     return sorted({value for value in values if value}, key=len, reverse=True)
+
+
+def _auth_secrets(options: object, values: list[str], names: list[str], files: list[str]) -> None:
+    """Any auth method's secrets, built-in or plugin: its *_env and *_file options, the values of options
+    named like secrets, and the secrets in its URLs (an oauth2 token_url's query, say)."""
+    for field, value in secret_sources(options):
+        (names if field.endswith("_env") else files).append(value)
+    for field in getattr(options, "__struct_fields__", ()):
+        value = getattr(options, field)
+        if isinstance(value, str) and "://" in value:
+            values.extend(url_secrets(value))
+        elif isinstance(value, str) and secret_name(field):
+            values.append(value)
 
 
 def _sink_secrets(options: object, values: list[str], names: list[str], files: list[str]) -> None:

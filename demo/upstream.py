@@ -33,7 +33,8 @@ Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
   GET /api/{c}/skip-take?skip=0&take=100[&updated_since=T]             (the example plugin's API)
       -> [...] (the bare list) and `X-Total-Count: t` (records at or after updated_since)
   GET /api/{c}/checksum -> {"collection": c, "checksum": "<16 hex>", "count": n} (live valid records:
-      neither malformed nor deleted)
+      neither malformed nor deleted); with ?canonical=true over each record as canonical JSON (members
+      sorted, no whitespace: demo/checksum.py), for a sink that stores parsed JSON (PostgreSQL's jsonb)
   GET /api/{c}/checksum?parent=P[&stamp=F] -> the checksum of the live records of c whose parent
       record in P is live (what a child source of P holds); with stamp=F, of each record with the
       parent's key added as field F when it lacks one (as Conflux forwards it)
@@ -100,6 +101,14 @@ deletes included: the webhook is their only sign besides their absence),
 "<timestamp>." + the body>`. Deliveries are queued (bounded),
 retried a few times and may arrive out of order; failures are counted in /stats. When changes
 queue up, up to --webhook-batch of one collection go in one POST whose body is a JSON list.
+Vendor styles (--webhook-style): github signs `X-Hub-Signature-256: sha256=<hex HMAC of the body>`
+(plus X-GitHub-Event and a fresh X-GitHub-Delivery); stripe signs `Stripe-Signature:
+t=<unix seconds>,v1=<hex HMAC of "<t>." + the body>`; hmac signs `<--webhook-hmac-header>:
+<--webhook-hmac-prefix><hex or base64 (--webhook-hmac-encoding) HMAC of the body>`. Envelopes
+(--webhook-envelope): stripe sends each change alone as {"id": "evt_...", "object": "event",
+"type": "customer.updated" | "customer.deleted", "created": T, "data": {"object": RECORD}}; github as
+{"action": "edited" | "deleted", "customer": RECORD, "sender": {...}} (the collection's singular
+name: customer, product, order, ...).
 
 Malformed records (--malformed-rate F): that fraction of each collection, chosen by the seed; half
 lack the key field, half have an unparseable updated_at. They are served in pages, never count in
@@ -170,7 +179,7 @@ from conflux.demo.upstream_auth import AuthGate, AuthSettings
 from conflux.demo.upstream_hostile import HostileSettings
 from conflux.demo.upstream_shapes import SINCE_FORMATS
 from conflux.demo.upstream_time import PRECISION_UNIT_US
-from conflux.demo.upstream_webhooks import WebhookSender
+from conflux.demo.upstream_webhooks import ENVELOPES, SIGNATURE_STYLES, WebhookSender, WebhookStyle
 
 EXIT_OK = 0
 EXIT_CANNOT_LISTEN = 1
@@ -240,6 +249,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     changes.add_argument("--webhook-batch", type=int, default=100, metavar="N",
                          help="when changes queue up, send up to N of one collection in one POST as a JSON "
                               "list (default %(default)s; 1 sends every change alone)")
+    changes.add_argument("--webhook-style", choices=SIGNATURE_STYLES, default="conflux",
+                         help="how deliveries are signed (default %(default)s; see Webhooks below)")
+    changes.add_argument("--webhook-envelope", choices=ENVELOPES, default="none",
+                         help="wrap each change as a vendor's event (default %(default)s: the record itself)")
+    changes.add_argument("--webhook-hmac-header", default="X-Signature", metavar="NAME",
+                         help="--webhook-style hmac: the signature's header (default %(default)s)")
+    changes.add_argument("--webhook-hmac-prefix", default="sha256=", metavar="TEXT",
+                         help="--webhook-style hmac: text before the digest (default %(default)s)")
+    changes.add_argument("--webhook-hmac-encoding", choices=("hex", "base64"), default="hex",
+                         help="--webhook-style hmac: how the digest is written (default %(default)s)")
     faults = parser.add_argument_group("fault injection (page requests; see also POST /admin/faults)")
     faults.add_argument("--latency-ms", type=number, default=0.0, help="added to every page response")
     faults.add_argument("--latency-jitter-ms", type=number, default=0.0, help="plus uniform 0..N ms more")
@@ -352,8 +371,11 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
                            retry_after_s=args.retry_after_s)
     webhooks = None
     if args.webhook_url:
+        style = WebhookStyle(signature=args.webhook_style, envelope=args.webhook_envelope,
+                             hmac_header=args.webhook_hmac_header, hmac_prefix=args.webhook_hmac_prefix,
+                             hmac_encoding=args.webhook_hmac_encoding)
         webhooks = WebhookSender(url_template=args.webhook_url, secret=args.webhook_secret,
-                                 max_batch=args.webhook_batch)
+                                 max_batch=args.webhook_batch, style=style)
     auth = AuthSettings(require_token=args.require_token, api_key_header=args.api_key_header,
                         basic_user=args.basic_user, client_id=args.client_id,
                         client_secret=args.client_secret, token_ttl_s=args.token_ttl_s)

@@ -251,7 +251,9 @@ class UpstreamApp:
         self.stats.record_request(collection.name, "checksum", page=False)
         parent_name = request.query.get("parent")
         if parent_name is None:
-            return json_response({"collection": collection.name, **collection.checksum.as_dict()})
+            canonical = request.query.get("canonical") in ("1", "true")
+            checksum = collection.canonical_checksum() if canonical else collection.checksum
+            return json_response({"collection": collection.name, **checksum.as_dict()})
         parent = self.collections.get(parent_name)
         if parent is None:
             return error_response(404, f"parent: unknown collection {parent_name!r}")
@@ -327,7 +329,7 @@ class UpstreamApp:
         self.delete_counts[origin] += 1
         self.delete_counts["hard" if hard else "soft"] += 1
         if self.webhooks is not None:
-            self.webhooks.offer(collection.name, data)
+            self.webhooks.offer(collection.name, data, deleted=True)
 
     # -- operations ---------------------------------------------------------------------------
 

@@ -1,8 +1,23 @@
-"""Credentials for upstream requests: bearer, static header, basic and OAuth2 client credentials.
+"""Credentials for upstream requests: the auth-method plugin interface, and the built-in methods bearer,
+header, basic and oauth2 (client credentials) written against it.
 
-Built in the fetcher process after fork, one per source (``UpstreamClient``). Secrets are read
-there (``daemon.secrets``), never logged, and read again when SIGHUP replaces the fetchers with a
-new generation, so a rotated token file takes effect on reload.
+An auth method is a class registered in the ``conflux.auth`` entry-point group; its name there is the
+``[sources.auth] type`` users write. The built-in methods are registered the same way (setup.cfg), so
+a plugin is found, checked and configured exactly as they are. The interface, version 1
+(``conflux.plugins.API_VERSION``):
+
+- ``api_version = 1`` and ``Options``: a msgspec Struct of the method's keys (the ``[sources.auth]``
+  table without ``type``), validated when the config is loaded, errors naming
+  ``sources[i].auth.<field>``; a ``__post_init__`` ValueError starting with ``"<field>: "`` names that
+  field. Options ending in ``_env`` / ``_file`` name secrets: the config check requires the variable
+  set and the file readable, paths are taken relative to the config file, values are blanked from logs.
+- ``__init__(options, context)``: runs in the fetcher after fork, once per source (and again when
+  SIGHUP replaces the fetchers); reads secrets here (``conflux.secrets.read_secret``); raises
+  ConfigError naming ``context.where`` when one is missing. ``context`` is an ``AuthContext``.
+- ``async headers(session) -> dict``: the credentials for the next request (only ever sent to the
+  source's own origin); ``async refresh(session, used) -> bool``: after a 401 to a request sent with
+  ``used``, renew once and say True, or False when there is nothing to renew (the 401 stands). Raise
+  ``TokenUnavailable`` for a failure worth retrying, UpstreamError for one that is not.
 
 The client secret goes only to ``token_url`` itself: a redirect of the token request is never
 followed (aiohttp would re-send the form, secret included, to wherever it points); it fails the
@@ -16,11 +31,13 @@ import base64
 import logging
 import ssl
 import time
+from typing import Any, ClassVar, NamedTuple
 
 import aiohttp
 import msgspec
 from yarl import URL
 
+from conflux import plugins
 from conflux.config import AuthConfig
 from conflux.errors import UpstreamError
 from conflux.secrets import read_secret
@@ -36,7 +53,34 @@ class TokenUnavailable(UpstreamError):
     """The token endpoint could not be reached or failed (5xx): worth retrying like any request."""
 
 
-class NoAuth:
+class AuthContext(NamedTuple):
+    """What an auth method knows of its source besides its options."""
+
+    source: str                          # the source's name
+    where: str                           # how errors name this auth ("source 'crm' auth")
+    ssl_context: ssl.SSLContext | bool   # the source's TLS settings, for the method's own requests
+    timeout: aiohttp.ClientTimeout       # the source's request timeout, likewise
+
+
+class _Options(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of the built-in methods' options: immutable, unknown keys are errors."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class AuthMethod:
+    """Base of every auth method: sends nothing, renews nothing. Also what a source without auth gets."""
+
+    api_version: ClassVar[int] = plugins.API_VERSION
+    Options: ClassVar[type] = plugins.NoOptions
+
+    def __init__(self, options: Any = None, context: AuthContext | None = None) -> None:
+        self.options = options
+        self.context = context
+
     async def headers(self, session: aiohttp.ClientSession) -> dict[str, str]:
         return {}
 
@@ -46,24 +90,91 @@ class NoAuth:
         return False
 
 
-class StaticAuth(NoAuth):
+class StaticAuth(AuthMethod):
+    """One header with a value read once (per fetcher generation)."""
+
     def __init__(self, header: str, value: str) -> None:
+        super().__init__()
         self._headers = {header: value}
 
     async def headers(self, session: aiohttp.ClientSession) -> dict[str, str]:
         return self._headers
 
 
-class OAuth2ClientCredentials(NoAuth):
-    """Fetches a token with the client-credentials grant, caches it, renews it before it expires."""
+class Bearer(StaticAuth):
+    """``type = "bearer"``: ``Authorization: Bearer <token>``."""
 
-    def __init__(self, auth: AuthConfig, client_secret: str, where: str, *, ssl_context: ssl.SSLContext | bool,
-                 timeout: aiohttp.ClientTimeout) -> None:
-        self._auth = auth
-        self._secret = client_secret
-        self._where = where
-        self._ssl = ssl_context
-        self._timeout = timeout
+    class Options(_Options):
+        token_env: str = ""
+        token_file: str = ""
+
+        def __post_init__(self) -> None:
+            _require(bool(self.token_env or self.token_file), "type 'bearer' needs token_env or token_file")
+
+    def __init__(self, options: Options, context: AuthContext) -> None:
+        token = read_secret(env=options.token_env, file=options.token_file, what=context.where)
+        super().__init__("Authorization", f"Bearer {token}")
+
+
+class Header(StaticAuth):
+    """``type = "header"``: ``<header>: <value>`` (an API key)."""
+
+    class Options(_Options):
+        header: str = ""
+        value_env: str = ""
+        value_file: str = ""
+
+        def __post_init__(self) -> None:
+            _require(bool(self.value_env or self.value_file), "type 'header' needs value_env or value_file")
+            _require(bool(self.header), "header: required for type 'header'")
+
+    def __init__(self, options: Options, context: AuthContext) -> None:
+        super().__init__(options.header, read_secret(env=options.value_env, file=options.value_file,
+                                                     what=context.where))
+
+
+class Basic(StaticAuth):
+    """``type = "basic"``: ``Authorization: Basic base64(username:password)``."""
+
+    class Options(_Options):
+        username: str = ""
+        password_env: str = ""
+        password_file: str = ""
+
+        def __post_init__(self) -> None:
+            _require(bool(self.password_env or self.password_file),
+                     "type 'basic' needs password_env or password_file")
+            _require(bool(self.username), "username: required for type 'basic'")
+
+    def __init__(self, options: Options, context: AuthContext) -> None:
+        password = read_secret(env=options.password_env, file=options.password_file, what=context.where)
+        super().__init__("Authorization", "Basic " + base64.b64encode(f"{options.username}:{password}".encode())
+                         .decode())
+
+
+class OAuth2ClientCredentials(AuthMethod):
+    """``type = "oauth2"``: fetches a token with the client-credentials grant, caches it, renews it
+    before it expires and once after a 401."""
+
+    class Options(_Options):
+        token_url: str = ""
+        client_id: str = ""
+        client_secret_env: str = ""
+        client_secret_file: str = ""
+        scope: str = ""
+
+        def __post_init__(self) -> None:
+            _require(bool(self.client_secret_env or self.client_secret_file),
+                     "type 'oauth2' needs client_secret_env or client_secret_file")
+            _require(bool(self.token_url and self.client_id), "type 'oauth2' needs token_url and client_id")
+
+    def __init__(self, options: Options, context: AuthContext, *, client_secret: str | None = None) -> None:
+        super().__init__(options, context)
+        self._secret = client_secret if client_secret is not None else read_secret(
+            env=options.client_secret_env, file=options.client_secret_file, what=context.where)
+        self._where = context.where
+        self._ssl = context.ssl_context
+        self._timeout = context.timeout
         self._token = ""
         self._refresh_at = 0.0
         self._lock = asyncio.Lock()
@@ -86,12 +197,12 @@ class OAuth2ClientCredentials(NoAuth):
         return {"Authorization": f"Bearer {self._token}"}
 
     async def _fetch_token(self, session: aiohttp.ClientSession) -> None:
-        form = {"grant_type": "client_credentials", "client_id": self._auth.client_id,
+        form = {"grant_type": "client_credentials", "client_id": self.options.client_id,
                 "client_secret": self._secret}
-        if self._auth.scope:
-            form["scope"] = self._auth.scope
+        if self.options.scope:
+            form["scope"] = self.options.scope
         try:
-            async with session.post(self._auth.token_url, data=form, ssl=self._ssl, timeout=self._timeout,
+            async with session.post(self.options.token_url, data=form, ssl=self._ssl, timeout=self._timeout,
                                     allow_redirects=False) as response:
                 if 300 <= response.status < 400:
                     raise UpstreamError(f"{self._where}: token endpoint answered {response.status}, a redirect to "
@@ -129,20 +240,17 @@ def _oauth_error(body: object) -> str:
 
 
 def make_auth(auth: AuthConfig | None, source_name: str, *, ssl_context: ssl.SSLContext | bool = True,
-              timeout: aiohttp.ClientTimeout | None = None) -> NoAuth:
-    """The credentials of one source; ``ssl_context`` and ``timeout`` also apply to its token requests."""
+              timeout: aiohttp.ClientTimeout | None = None) -> AuthMethod:
+    """The credentials of one source, from its auth method's plugin class; ``ssl_context`` and ``timeout``
+    also apply to the method's own requests (token requests)."""
     if auth is None:
-        return NoAuth()
+        return AuthMethod()
     where = f"source {source_name!r} auth"
-    if auth.type == "bearer":
-        token = read_secret(env=auth.token_env, file=auth.token_file, what=where)
-        return StaticAuth("Authorization", f"Bearer {token}")
-    if auth.type == "header":
-        return StaticAuth(auth.header, read_secret(env=auth.value_env, file=auth.value_file, what=where))
-    if auth.type == "basic":
-        password = read_secret(env=auth.password_env, file=auth.password_file, what=where)
-        encoded = base64.b64encode(f"{auth.username}:{password}".encode()).decode()
-        return StaticAuth("Authorization", f"Basic {encoded}")
-    secret = read_secret(env=auth.client_secret_env, file=auth.client_secret_file, what=where)
-    return OAuth2ClientCredentials(auth, secret, where, ssl_context=ssl_context,
-                                   timeout=timeout or aiohttp.ClientTimeout(total=30.0))
+    method = plugins.load("auth", auth.type, where)
+    context = AuthContext(source_name, where, ssl_context, timeout or aiohttp.ClientTimeout(total=30.0))
+    return method(auth.options, context)
+
+
+def auth_config(type: str, **options: Any) -> AuthConfig:
+    """``[sources.auth]`` built in Python (tests, tools): the method's options validated as a file's are."""
+    return AuthConfig(type=type, options=plugins.options(plugins.load("auth", type, "auth.type"), options, "auth"))

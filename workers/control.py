@@ -34,17 +34,11 @@ from conflux.secrets import read_secret
 from conflux.workers.base import AsyncWorker
 from conflux.workers.batching import RecordSchema, dead_letters, publish_limit_bytes, split_by_partition
 from conflux.workers.control_limits import BodyBudget, ConnectionLimits
-from conflux.workers.control_security import (
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    ReplayMemory,
-    bearer_ok,
-    header_problem,
-    server_ssl_context,
-    signature_matches,
-)
+from conflux.workers.control_security import ReplayMemory, bearer_ok, server_ssl_context
 from conflux.workers.keyindex import KeyIndex, key_index_dir
 from conflux.workers.status_page import STATUS_PAGE_HTML, Throughput
+from conflux.workers.webhook_envelope import WebhookEnvelope
+from conflux.workers.webhook_signatures import DeliveryMemory, Presented, scheme_for, verify
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +72,10 @@ class ControlWorker(AsyncWorker):
                                                  what=f"sources.{source.name}.webhook_secret")
                         for source in self.config.sources}
         self.token = read_secret(env=control.token_env, literal=control.token, what="control.token")
+        self.schemes = {source.name: scheme_for(source) for source in self.config.sources}
+        self.envelopes = {source.name: WebhookEnvelope(source) for source in self.config.sources}
         self.replays = ReplayMemory(tolerance_s=control.webhook_tolerance_s)
+        self.deliveries = DeliveryMemory()  # for the schemes that sign no send time (github, hmac)
         self.limits = ConnectionLimits(max_connections=control.max_connections,
                                        header_timeout_s=control.header_timeout_s)
         self.bodies = BodyBudget(control.webhook_buffer_bytes)
@@ -230,11 +227,10 @@ class ControlWorker(AsyncWorker):
         if source not in self.schemas:
             return _json({"error": f"unknown source {source!r}"}, status=404)
         max_bytes = self.config.source(source).webhook_max_bytes
-        signature, timestamp = request.headers.get(SIGNATURE_HEADER, ""), request.headers.get(TIMESTAMP_HEADER, "")
-        problem = header_problem(signature, timestamp, now=time.time(),
-                                 tolerance_s=self.config.control.webhook_tolerance_s)
-        if problem:
-            return _refusal(source, 401, problem)
+        presented = self.schemes[source].presented(request.headers, now=time.time(),
+                                                   tolerance_s=self.config.control.webhook_tolerance_s)
+        if isinstance(presented, str):
+            return _refusal(source, 401, presented)
         if (request.content_length or 0) > max_bytes:
             return _refusal(source, 413, f"body over {max_bytes} bytes")
         reserved = request.content_length if request.content_length is not None else max_bytes
@@ -245,7 +241,7 @@ class ControlWorker(AsyncWorker):
             body = await self._read_body(request, source, max_bytes)
             if isinstance(body, web.Response):
                 return body
-            return await self._accept_signed(source, body, signature, timestamp)
+            return await self._accept_signed(source, body, presented)
         finally:
             self.bodies.give(reserved)
 
@@ -259,30 +255,43 @@ class ControlWorker(AsyncWorker):
             return _refusal(source, 408, f"the body did not arrive within {timeout_s:g} s")
         return _refusal(source, 413, f"body over {max_bytes} bytes") if body is None else body
 
-    async def _accept_signed(self, source: str, body: bytes, signature: str, timestamp: str) -> web.Response:
-        if not signature_matches(self.secrets.get(source, ""), timestamp, body, signature):
-            return _refusal(source, 401, f"wrong {SIGNATURE_HEADER} for this body and {TIMESTAMP_HEADER}")
-        verdict = self.replays.claim(source, signature, int(timestamp), now=time.time())
+    async def _accept_signed(self, source: str, body: bytes, presented: Presented) -> web.Response:
+        scheme = self.schemes[source]
+        signature = verify(self.secrets.get(source, ""), presented, body)
+        if not signature:
+            return _refusal(source, 401, scheme.wrong)
+        memory = self.replays if presented.timestamp is not None else self.deliveries
+        verdict = self._claim(source, signature, presented.timestamp)
         if verdict == "replayed":
             return _refusal(source, 409, "this signed request was already accepted (a replay)")
         if verdict:
-            return _refusal(source, 401, f"{TIMESTAMP_HEADER} is older than the replay memory; sign it again")
+            return _refusal(source, 401, scheme.stale)
         try:
             accepted, rejected = await self._publish_webhook(source, body)
         except PageFormatError as exc:
-            self.replays.release(source, signature)
+            memory.release(source, signature)
             return _refusal(source, 400, str(exc))
         except LogError as exc:
-            self.replays.release(source, signature)  # not taken: the sender may retry the same request
+            memory.release(source, signature)  # not taken: the sender may retry the same request
             return _refusal(source, 503, f"the log is not available: {exc}")
         metrics.webhook_requests.labels(source, "202").inc()
         return _json({"accepted": accepted, "dead_lettered": rejected}, status=202)
 
+    def _claim(self, source: str, signature: str, timestamp: int | None) -> str:
+        """"" if this signed request is new; "replayed", or why its timestamp is too old to tell."""
+        if timestamp is None:
+            return self.deliveries.claim(source, signature, now=time.time())
+        return self.replays.claim(source, signature, timestamp, now=time.time())
+
     async def _publish_webhook(self, source: str, body: bytes) -> tuple[int, int]:
-        """Same path as a fetched page: columns, dead letters, per-partition batches, durable publish."""
+        """Same path as a fetched page: columns, dead letters, per-partition batches, durable publish.
+        A vendor's envelope is opened first; an event it names a delete deletes every record it carries."""
         schema = self.schemas[source]
-        records, fields = schema.body_records(body)
+        records_body, deletes = self.envelopes[source].open(body)
+        records, fields = schema.body_records(records_body)
         columns = schema.columns(records, fields)
+        if deletes and len(columns):
+            columns.deleted = [True] * len(columns)
         topic = self.config.topic_of(self.config.source(source))
         batches = split_by_partition(columns, source, "webhook", self.producer.partitions_for(topic),
                                      max_batch_bytes=publish_limit_bytes(self.config.workers.ring_bytes, topic))

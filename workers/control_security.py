@@ -9,7 +9,8 @@ control process). Two separate rights:
 - a webhook needs only its source's signature: ``X-Conflux-Signature: sha256=<hex>`` where hex is
   HMAC-SHA256(webhook secret, f"{timestamp}.".encode() + body) and ``timestamp`` is the exact text of
   ``X-Conflux-Timestamp`` (unix seconds). A timestamp off by more than the tolerance is refused, and
-  so is a signature already accepted within it (a replay).
+  so is a signature already accepted within it (a replay). A source's ``webhook_signature`` may pick a
+  vendor's scheme instead (GitHub, Stripe, a generic HMAC header): ``workers/webhook_signatures.py``.
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ class SourceSyncer:
         self.report.syncing = True
         self._send_report()
         try:
-            pages = await self._walk(sync, since)
+            pages = await self.walk(sync, since)
             await sync.finish()
         except (UpstreamError, PageFormatError, LogError) as exc:
             sync.abandon()
@@ -265,7 +265,8 @@ class SourceSyncer:
         if sync_type == "full" and self.reconciler is not None:
             await self._reconcile(round(wall_started * 1_000_000))
 
-    async def _walk(self, sync: SyncPass, since: str | None) -> int:
+    async def walk(self, sync: SyncPass, since: str | None) -> int:
+        """One walk of the source's pages over ``sync`` (its paginator; a child's over its live parents)."""
         if self.children is None:
             return await self.paginator.walk(sync, self.source.url, since)
         if self.cascade is not None:

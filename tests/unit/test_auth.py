@@ -14,16 +14,17 @@ import msgspec
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from conflux.config import AuthConfig, RetryConfig, SourceConfig
+from conflux.config import RetryConfig, SourceConfig
 from conflux.demo.upstream_auth import AuthGate, AuthSettings
 from conflux.errors import ConfigError, UpstreamError
 from conflux.workers import auth as auth_module
-from conflux.workers.auth import OAuth2ClientCredentials, make_auth
+from conflux.workers.auth import AuthContext, OAuth2ClientCredentials, auth_config, make_auth
 from conflux.workers.ratelimit import TokenBucket
 from conflux.workers.upstream import UpstreamClient
 
-OAUTH2 = AuthConfig(type="oauth2", token_url="http://idp/oauth/token", client_id="conflux",
+OAUTH2 = auth_config("oauth2", token_url="http://idp/oauth/token", client_id="conflux",
                     client_secret_env="SECRET", scope="read")
+CONTEXT = AuthContext("crm", "crm", True, None)
 
 
 class FakeContent:
@@ -87,9 +88,9 @@ def test_static_credentials_come_from_env_or_file(monkeypatch, tmp_path):
     monkeypatch.setenv("CRM_TOKEN", "t-env")
     (tmp_path / "key").write_text("k-file\n")
     cases = [
-        (AuthConfig(type="bearer", token_env="CRM_TOKEN"), {"Authorization": "Bearer t-env"}),
-        (AuthConfig(type="header", header="X-API-Key", value_file=str(tmp_path / "key")), {"X-API-Key": "k-file"}),
-        (AuthConfig(type="basic", username="sync", password_env="CRM_TOKEN"),
+        (auth_config("bearer", token_env="CRM_TOKEN"), {"Authorization": "Bearer t-env"}),
+        (auth_config("header", header="X-API-Key", value_file=str(tmp_path / "key")), {"X-API-Key": "k-file"}),
+        (auth_config("basic", username="sync", password_env="CRM_TOKEN"),
          {"Authorization": "Basic " + base64.b64encode(b"sync:t-env").decode()}),
     ]
     for config, expected in cases:
@@ -102,7 +103,7 @@ def test_static_credentials_come_from_env_or_file(monkeypatch, tmp_path):
 def test_oauth2_caches_the_token_and_renews_it_before_it_expires(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(auth_module.time, "monotonic", clock)
-    oauth = OAuth2ClientCredentials(OAUTH2, "s3cret", "crm", ssl_context=True, timeout=None)
+    oauth = OAuth2ClientCredentials(OAUTH2.options, CONTEXT, client_secret="s3cret")
     session = FakeSession()
 
     async def headers_at(*moments: float) -> list[str]:
@@ -119,7 +120,7 @@ def test_oauth2_caches_the_token_and_renews_it_before_it_expires(monkeypatch):
 
 
 def test_concurrent_401s_renew_the_token_once():
-    oauth = OAuth2ClientCredentials(OAUTH2, "s3cret", "crm", ssl_context=True, timeout=None)
+    oauth = OAuth2ClientCredentials(OAUTH2.options, CONTEXT, client_secret="s3cret")
     session = FakeSession()
 
     async def scenario() -> None:
@@ -217,3 +218,26 @@ def test_the_demo_upstream_rotates_and_revokes():
     assert gate.check(issued).reason == "invalid" and gate.check({"Authorization": "Bearer new"}) is None
     with pytest.raises(ValueError, match="token_ttl_s"):
         gate.update({"token_ttl_s": 0})
+
+
+def test_the_built_in_methods_are_plugins_found_through_the_entry_point_group():
+    from conflux import plugins
+
+    for name in ("bearer", "header", "basic", "oauth2"):
+        method = plugins.load("auth", name, "auth.type")
+        assert method.api_version == plugins.API_VERSION and issubclass(method, auth_module.AuthMethod)
+        assert method.__module__ == "conflux.workers.auth" and isinstance(method.Options(**{
+            "bearer": {"token_env": "T"}, "header": {"header": "X", "value_env": "T"},
+            "basic": {"username": "u", "password_env": "T"},
+            "oauth2": {"token_url": "http://idp", "client_id": "c", "client_secret_env": "T"}}[name]), msgspec.Struct)
+
+
+def test_an_options_message_that_starts_with_its_field_names_the_field():
+    from conflux import plugins
+
+    with pytest.raises(ConfigError) as caught:
+        plugins.options(auth_module.Header, {"value_env": "T"}, "sources[2].auth")
+    assert str(caught.value) == "sources[2].auth.header: required for type 'header'"
+    with pytest.raises(ConfigError) as caught:
+        plugins.options(auth_module.Bearer, {}, "sources[2].auth")
+    assert str(caught.value) == "sources[2].auth: type 'bearer' needs token_env or token_file"

@@ -12,8 +12,9 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from conflux.config import AuthConfig, RetryConfig, SourceConfig
+from conflux.config import RetryConfig, SourceConfig
 from conflux.errors import UpstreamError
+from conflux.workers.auth import auth_config
 from conflux.workers.bodies import OriginRefused, ResponseTooLarge, origin_of
 from conflux.workers.upstream import UpstreamClient
 
@@ -55,7 +56,7 @@ class ScriptedSession:
 def client(session: ScriptedSession, monkeypatch: pytest.MonkeyPatch, **options) -> UpstreamClient:
     monkeypatch.setenv("CRM_TOKEN", "s3cret")
     source = SourceConfig(name="crm", url=SOURCE_URL, headers={"X-Tenant": "acme"},
-                          auth=AuthConfig(type="bearer", token_env="CRM_TOKEN"), **options)
+                          auth=auth_config("bearer", token_env="CRM_TOKEN"), **options)
     return UpstreamClient(source, RetryConfig(base_s=0.01, max_s=0.02, max_attempts=2), session)
 
 
