@@ -11,14 +11,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 
 import pytest
 import requests
 
-from tests.fixtures.daemon import source
+from tests.fixtures.daemon import config_settings, source, write_config
 from tests.integration.test_rate_limit import max_in_window
-from tests.support import wait_until
+from tests.support import REPO, conflux_argv, wait_until
 
 
 def _orders(upstream, **options) -> dict:
@@ -84,6 +86,30 @@ def test_children_of_every_live_parent_arrive_and_follow_changes(upstream_factor
     assert report["last_sync_result"] == "ok" and report["syncs_failed"] == 0
     assert (report["parent"], sources["customers"]["parent"]) == ("customers", None)
     assert daemon.stop() == 0
+
+
+def _source_test(config_path, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(conflux_argv("source", "test", "-c", str(config_path), "--source", name, *args),
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_source_test_walks_a_child_over_the_parents_this_host_keeps(upstream_factory, analytics, daemon_factory,
+                                                                   tmp_path):
+    upstream = upstream_factory(customers=60, products=0, systems=1, records_per_system=4000)
+    sources = [source("customers", upstream.url, page_size=100), _orders(upstream, page_size=20)]
+    fresh = write_config(tmp_path, config_settings(tmp_path, sources=sources, sink_url=analytics.url))
+    before = _source_test(fresh, "orders", "--pages", "3")
+    assert before.returncode == 3 and "there is none on this host yet" in before.stderr, before.stderr
+    assert not (tmp_path / "var").exists()   # the test wrote nothing
+    daemon = daemon_factory(sources=sources, sink_url=analytics.url)
+    wait_children_converged(upstream, analytics)
+    assert daemon.stop() == 0
+    result = _source_test(daemon.config_path, "orders", "--pages", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    pages = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(pages) == 3 and all("/api/customers/" in page["url"] for page in pages)
+    records = [record for page in pages for record in page["sink_records"]]
+    assert records and all(record["data"]["parent_key"] == record["data"]["customer_id"] for record in records)
 
 
 def test_a_parents_delete_stops_its_children_and_deletes_them(upstream_factory, analytics, daemon_factory):
