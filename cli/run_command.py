@@ -18,6 +18,10 @@ def run(args: argparse.Namespace) -> int:
     from conflux.errors import ConfigError, ExitCode
     from conflux.secrets import known_secrets
 
+    # Checking the config imports the plugins it names (a sink plugin brings prometheus-client in), and
+    # prometheus-client picks multiprocess mode when it is imported: pick it now; the directory, which
+    # the config says, is read when the first series is made (below, after it is set).
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", "")
     config = load_config_or_report(args.config)
     if config is None:
         return ExitCode.CONFIG_ERROR

@@ -16,6 +16,7 @@ import contextlib
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,11 +24,13 @@ import aiohttp
 import msgspec
 
 from conflux.config import Config, SourceConfig
+from conflux.errors import ConfigError
 from conflux.ipc.messages import DeadLetter
 from conflux.redact import redact_url
 from conflux.workers.columns import Columns
 from conflux.workers.fetcher import SourceSyncer, SyncPass
 from conflux.workers.paging import PageInfo
+from conflux.workers.parents import ParentIndex, parent_index_dir
 from conflux.workers.shaping import EPOCH_UNITS_US
 from conflux.workers.sinks.base import NULL_HASH
 from conflux.workers.upstream import Response
@@ -148,13 +151,14 @@ def next_token(response: Response, info: PageInfo) -> dict[str, Any]:
 
 
 def since_text(source: SourceConfig, iso: str) -> str:
-    """``--since`` (ISO 8601) as the source's ``updated_since`` value: the text itself, or a number of
-    the source's epoch unit; ValueError if it is not ISO 8601."""
+    """``--since`` (ISO 8601) as the source's ``updated_since`` value: in its ``updated_since_format``, by
+    default the text itself or a number of the source's epoch unit; ValueError if it is not ISO 8601."""
     from conflux.workers.batching import parse_timestamp_us
+    from conflux.workers.paging import since_text as formatted
 
     instant_us = parse_timestamp_us(iso)
     unit_us = EPOCH_UNITS_US.get(source.updated_format)
-    return str(instant_us // unit_us) if unit_us else iso
+    return formatted(source, instant_us, str(instant_us // unit_us) if unit_us else iso)
 
 
 async def probe(config: Config, source: SourceConfig, *, max_pages: int, since: str | None, on_page) -> ProbePass:
@@ -162,10 +166,11 @@ async def probe(config: Config, source: SourceConfig, *, max_pages: int, since: 
     ``max_pages``; UpstreamError or PageFormatError as a sync would fail."""
     # One page at a time, reported in order; nothing to reconcile (a reconcile writes its key index).
     source = msgspec.structs.replace(source, max_concurrency=1, reconcile=False)
-    config = msgspec.structs.replace(config, sources=[source])
+    # The source and its parents: a parent is tested without its children, so it keeps no parent index.
+    config = msgspec.structs.replace(config, sources=[source, *_ancestors(config, source)])
     nowhere = _Nowhere(config.log.partitions)
     worker = SimpleNamespace(config=config, producer=nowhere, checkpoints=nowhere, dead_letters=nowhere,
-                             channel=nowhere)
+                             channel=nowhere, parent_index=lambda name: _parent_index(config, source, name))
     async with aiohttp.ClientSession(auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()) as session:
         syncer = SourceSyncer(worker, source, session)
         sync = ProbePass(syncer, "incremental" if since else "full", max_pages=max_pages, on_page=on_page)
@@ -175,5 +180,24 @@ async def probe(config: Config, source: SourceConfig, *, max_pages: int, since: 
 
 
 async def _walk(syncer: SourceSyncer, sync: ProbePass, since: str | None) -> int:
-    """The fetcher's own walk of the source's pages (its paging style), over the probe's pass."""
-    return await syncer.walk(syncer.source, sync, since)
+    """The fetcher's own walk of the source's pages (its paginator; a child's over its parents), over the
+    probe's pass."""
+    return await syncer.walk(sync, since)
+
+
+def _ancestors(config: Config, source: SourceConfig) -> list[SourceConfig]:
+    out = []
+    while source.parent:
+        source = config.source(source.parent)
+        out.append(source)
+    return out
+
+
+def _parent_index(config: Config, source: SourceConfig, parent: str) -> ParentIndex:
+    """A child source is tested over the live parents the daemon keeps on this host, read only."""
+    index = ParentIndex(parent_index_dir(config), parent)
+    if not Path(index.path).is_file():
+        raise ConfigError(f"source {source.name!r} is a child of {parent!r}: it is tested over the parents the "
+                          f"daemon keeps in {index.path}, and there is none on this host yet (test {parent!r}, "
+                          "or run the daemon first)")
+    return index

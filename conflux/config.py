@@ -29,7 +29,8 @@ from conflux.ipc.codec import (
 )
 from conflux.redact import MASK, kafka_secret_key, redact_headers, redact_url
 
-PaginationStyle = Literal["page", "offset", "cursor", "link", "watermark"]
+# The built-in pagination styles; any name registered in the conflux.paginators entry points is valid too.
+PaginationStyle = str
 SecretCheck = Literal["all", "log", "none"]
 MIN_RING_BYTES = 1 << 16
 MAX_TOPIC_CHARS = 249  # Kafka's limit; the embedded log keeps it too, so a config moves between them
@@ -93,6 +94,28 @@ class PaginationConfig(_Section):
     updated_since_param: str = "updated_since"
     after_key_param: str = "after_key"
     first_page: int = 1
+    # next_url style: the dotted path of the next page's URL in the body ("links.next"); null or missing ends.
+    next_url_path: str = ""
+    # cursor style: read the next cursor from this response header instead of next_cursor_field.
+    next_cursor_header: str = ""
+
+    def __post_init__(self) -> None:
+        _require(not self.records_path or not _path_problem(self.records_path),
+                 f"records_path: {_path_problem(self.records_path)} (\"\" means the body itself is the list)")
+        for name in ("next_cursor_field", "has_more_field", "total_field", "next_url_path"):
+            value = getattr(self, name)
+            _require(not value or not _path_problem(value), f"{name}: {_path_problem(value)}")
+        _require(not self.next_cursor_header or HTTP_HEADER_NAME.fullmatch(self.next_cursor_header) is not None,
+                 f"next_cursor_header: {self.next_cursor_header!r} is not an HTTP header name")
+        for name, path in self.meta_paths().items():
+            clash = _paths_clash(path, self.records_path) if self.records_path else ""
+            _require(not clash, f"{name}: {path!r} {clash} records_path {self.records_path!r}")
+
+    def meta_paths(self) -> dict[str, str]:
+        """The page's paging fields that are read from the body, by our name: has_more, total, ..."""
+        paths = {"has_more_field": self.has_more_field, "total_field": self.total_field,
+                 "next_cursor_field": self.next_cursor_field, "next_url_path": self.next_url_path}
+        return {name: path for name, path in paths.items() if path}
 
 
 class AuthConfig(_Section):
@@ -178,6 +201,16 @@ class SourceConfig(_Section):
     webhook_secret_env: str = ""
     webhook_max_bytes: int = 1 << 20
     pagination_options: PaginationConfig = msgspec.field(default_factory=PaginationConfig, name="pagination_fields")
+    # API shapes ("Connecting your API" in the README): where the records are, how a page is asked for.
+    records_path: str | None = None           # the same as pagination_fields.records_path, as a source key
+    # A paginator plugin's own keys ([sources.pagination_options]), checked by its Options Struct at load.
+    paginator_options: Any = msgspec.field(default=None, name="pagination_options")
+    method: Literal["GET", "POST"] = "GET"
+    body: dict[str, Any] = {}                 # POST: the request body; string values may hold placeholders
+    body_type: Literal["json", "form"] = "json"
+    updated_since_format: Literal["native", "iso8601", "epoch_s", "epoch_ms"] = "native"
+    parent: str = ""                          # a child source: paged once per live record of this source
+    parent_key_field: str = "parent_key"      # the field a child record gets with its parent's key ("": none)
     auth: AuthConfig | None = None
     # Origins (scheme://host:port) besides the source's own that next links and redirects may lead to;
     # they never get the source's credentials or static headers.
@@ -212,6 +245,7 @@ class SourceConfig(_Section):
 
     def __post_init__(self) -> None:
         self._check_identity()
+        self._check_shape()
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
                  f"name {self.name!r} may only hold letters, digits, '_', '.' and '-'")
         _require(self.url.startswith(("http://", "https://")), "url must start with http:// or https://")
@@ -266,6 +300,47 @@ class SourceConfig(_Section):
         _require(not (self.pagination == "watermark" and len(paths) > 1),
                  "key: the watermark (keyset) style pages by one key field (after_key), not a composite key")
 
+    @property
+    def effective_records_path(self) -> str:
+        """Where the records are in a page: ``records_path``, else ``[sources.pagination] records_path``."""
+        return self.pagination_options.records_path if self.records_path is None else self.records_path
+
+    def parent_paths(self) -> list[str]:
+        """The fields of the parent record this child source's url and body use: {parent.PATH}."""
+        texts = [self.url, *_strings_in(self.body)]
+        return sorted({match for text in texts for match in PARENT_PLACEHOLDER.findall(text)})
+
+    def _check_shape(self) -> None:
+        """The keys of the API shapes: records path, POST body, parent placeholders."""
+        if self.records_path is not None:
+            _require(not self.records_path or not _path_problem(self.records_path),
+                     f"records_path: {_path_problem(self.records_path)} (\"\" means the body itself is the list)")
+            given = self.pagination_options.records_path
+            _require(given in ("data", self.records_path),
+                     f"records_path: {self.records_path!r}, but pagination.records_path says {given!r}; give one")
+        records_path = self.effective_records_path
+        for name, path in self.pagination_options.meta_paths().items():
+            clash = _paths_clash(path, records_path) if records_path else ""
+            _require(not clash, f"pagination.{name}: {path!r} {clash} records_path {records_path!r}")
+        _require(not self.body or self.method == "POST", "body: only with method = \"POST\"")
+        if self.body_type == "form":
+            bad = [name for name, value in self.body.items() if not _form_value(value)]
+            _require(not bad, f"body.{bad[0] if bad else ''}: a form body holds text, numbers, booleans or "
+                              "lists of them, not tables")
+        for path in self.parent_paths():
+            _require(not _path_problem(path), f"url: {{parent.{path}}}: {_path_problem(path)}")
+        origin_end = self.url.find("/", self.url.find("://") + 3)
+        _require("{" not in (self.url if origin_end < 0 else self.url[:origin_end]),
+                 "url: placeholders may stand in the path and query, not in the scheme, host or port")
+        if self.parent:
+            _require(self.parent != self.name, "parent: a source cannot be its own parent")
+            _require(bool(self.parent_paths()), f"url: a child source's url (or body) must use {{parent.FIELD}}, "
+                                                f"a field of each record of {self.parent!r}")
+            _require(not self.parent_key_field or (not _path_problem(self.parent_key_field)
+                     and "." not in self.parent_key_field), "parent_key_field must be a top-level field name")
+        else:
+            _require(not self.parent_paths(), "url: {parent.FIELD} needs parent = \"SOURCE\"")
+
 
 class _SinkSection(_Section):
     """What every sink type takes: how large and how often its deliveries are, how many at once."""
@@ -282,6 +357,11 @@ class _SinkSection(_Section):
                  f"flush_interval_s must be >= {MIN_FLUSH_INTERVAL_S} s (got {self.flush_interval_s})")
         _require(self.max_in_flight >= 1, "max_in_flight must be >= 1")
         _require(self.max_pending_records >= self.batch_size, "max_pending_records must be >= batch_size")
+
+
+# The keys every sink type takes (batch_size, flush_interval_s, max_in_flight, max_pending_records): a sink
+# plugin's Options Struct subclasses it.
+SinkOptions = _SinkSection
 
 
 class SinkConfig(_SinkSection):
@@ -527,6 +607,7 @@ class Config(_Section):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         _require(not duplicates, f"sources: duplicate source names {duplicates}")
         _check_topics(self)
+        _check_parents(self)
         _check_webhook_sizes(self)
         _check_webhook_buffer(self)
 
@@ -535,6 +616,17 @@ class Config(_Section):
             if source.name == name:
                 return source
         raise KeyError(name)
+
+    def root_of(self, name: str) -> str:
+        """The source at the top of ``name``'s parent chain (itself when it has no parent): a family of
+        sources is synced by one fetcher, which holds the parents' index (workers.parents)."""
+        source = self.source(name)
+        while source.parent:
+            source = self.source(source.parent)
+        return source.name
+
+    def children_of(self, name: str) -> list[SourceConfig]:
+        return [source for source in self.sources if source.parent == name]
 
     def topic_of(self, source: SourceConfig) -> str:
         return source.topic or f"{self.log.topic_prefix}{source.name}"
@@ -548,6 +640,20 @@ class Config(_Section):
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+
+def _check_parents(config: Config) -> None:
+    """A child's parent is another source of this config, and following parents never comes back round."""
+    names = {source.name: source for source in config.sources}
+    for index, source in enumerate(config.sources):
+        _require(not source.parent or source.parent in names,
+                 f"sources[{index}] ({source.name}).parent: no source named {source.parent!r}")
+    for index, source in enumerate(config.sources):
+        chain = [source.name]
+        while names[chain[-1]].parent:
+            chain.append(names[chain[-1]].parent)
+            _require(chain[-1] not in chain[:-1], f"sources[{index}] ({source.name}).parent: the parents go round "
+                                                  f"in a circle ({' -> '.join(chain)})")
 
 
 def _check_webhook_buffer(config: Config) -> None:
@@ -575,6 +681,35 @@ def _path_problem(path: str) -> str:
     if not path or any(not part for part in path.split(".")):
         return f"{path!r} is not a dotted path of field names (an empty name)"
     return ""
+
+
+HTTP_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # RFC 9110 token
+PARENT_PLACEHOLDER = re.compile(r"\{parent\.([^{}]*)\}")
+
+
+def _paths_clash(path: str, other: str) -> str:
+    """Why two dotted paths cannot both be read from one body ("" if they can)."""
+    mine, theirs = path.split("."), other.split(".")
+    if mine == theirs:
+        return "is the same path as"
+    shorter = min(len(mine), len(theirs))
+    return "runs through the value of" if mine[:shorter] == theirs[:shorter] else ""
+
+
+def _strings_in(value: Any) -> list[str]:
+    """Every string in a TOML value (tables and lists walked)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings_in(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings_in(item)]
+    return []
+
+
+def _form_value(value: Any) -> bool:
+    scalar = (str, int, float, bool)
+    return isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(v, scalar) for v in value))
 
 
 def _require(condition: bool, message: str) -> None:
@@ -668,6 +803,7 @@ def load_config(path: str | os.PathLike | None, *, environ: dict[str, str] | Non
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     config = _resolve_sinks(config, sink_given=sink_given)
     config = _resolve_auth(config)
+    config = _resolve_paginators(config)
     config = _resolve_paths(config, base_dir)
     if secrets == "all":
         _check_secret_sources(config, environ)
@@ -801,6 +937,24 @@ def _check_postgres_tables(config: Config, specs: list[SinkSpec]) -> None:
             if spec.name in (source.sinks or [s.name for s in specs]) and len(table.encode()) > 63:
                 raise ConfigError(f"{sink_where(specs, spec)}.table: {table!r} (for source {source.name!r}) is "
                                   "longer than PostgreSQL's 63 bytes; choose a shorter table name")
+
+
+def _resolve_paginators(config: Config) -> Config:
+    """Each source's ``pagination`` is a registered paginator (conflux.paginators: the built-in styles and
+    plugins alike), its ``pagination_options`` are validated by the paginator's Options Struct, and the
+    paginator's own ``check`` passes; errors name the field."""
+    sources = []
+    for index, source in enumerate(config.sources):
+        where = f"sources[{index}] ({source.name})"
+        paginator = plugins.load("paginators", source.pagination, f"{where}.pagination")
+        options = plugins.options(paginator, source.paginator_options or {}, f"{where}.pagination_options")
+        resolved = msgspec.structs.replace(source, paginator_options=options)
+        try:
+            getattr(paginator, "check", lambda _source, _options: None)(resolved, options)
+        except ValueError as exc:
+            raise ConfigError(_within(where, str(exc))) from None
+        sources.append(resolved)
+    return msgspec.structs.replace(config, sources=sources)
 
 
 def sink_where(specs: list[SinkSpec], spec: SinkSpec) -> str:
@@ -1040,8 +1194,8 @@ def redacted(config: Config) -> dict[str, Any]:
     for source in data["sources"]:
         source["headers"] = redact_headers(source["headers"])
         source["pagination"] = {"style": source["pagination"], **source.pop("pagination_fields")}
-        for table in ("auth", "fields", "filter", "webhook_delete_when"):
-            if source.get(table) is None:
+        for table in ("auth", "fields", "filter", "webhook_delete_when", "records_path", "pagination_options", "body"):
+            if source.get(table) in (None, {}):
                 source.pop(table, None)
         if isinstance(source.get("auth"), dict):  # written flat, as in the file: type, then the method's keys
             source["auth"] = {"type": source["auth"]["type"], **(source["auth"]["options"] or {})}

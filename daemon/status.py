@@ -94,6 +94,7 @@ def _sources(facts: DaemonFacts) -> dict:
         data["success_rate"] = round(ok / (ok + failed), 4) if ok + failed else None
         data["topic"] = facts.config.topic_of(source)
         data["pagination"] = source.pagination
+        data["parent"] = source.parent or None   # a child source: paged once per live record of this source
         data["sinks"] = facts.config.sink_names_of(source)
         data["fetcher"] = next((slot.name for slot in facts.slots
                                 if slot.role == "fetcher" and source.name in slot.sources), None)

@@ -65,8 +65,11 @@ def build(config: Config, topics: dict[str, int], generation: int, *, static_ass
     """Assign work and create the rings for one generation (supervisor, before fork)."""
     workers = config.workers
     fetchers: list[list[str]] = [[] for _ in range(workers.fetchers)]
-    for position, source in enumerate(config.sources):
+    # A child goes to its family root's fetcher, which holds the parents' index (workers.parents).
+    families = list(dict.fromkeys(config.root_of(source.name) for source in config.sources))
+    for source in config.sources:
         if static_assignment:
+            position = families.index(config.root_of(source.name))
             fetchers[position % workers.fetchers].append(source.name)
         else:  # every fetcher is offered every source; the ownership group decides (workers.ownership)
             for offered in fetchers:

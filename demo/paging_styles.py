@@ -1,9 +1,13 @@
-"""The five pagination styles of the demo upstream, as pure functions of (collection, query string).
+"""The pagination styles of the demo upstream, as pure functions of (collection, query string).
 
 Run by the upstream process's request handlers. Each style validates its own parameters (raising
 ``BadParameter``, which names the parameter) and returns the response body assembled from the
-records' pre-encoded JSON. All styles order records by (updated_at, key) and accept
-``updated_since`` (inclusive). The parameter names are documented in ``demo/upstream.py``.
+records' pre-encoded JSON, and the headers that carry paging (Link, X-Next-Cursor, X-Total-Count).
+All styles order records by (updated_at, key) and accept ``updated_since`` (inclusive). The
+parameter names are documented in ``demo/upstream.py``. ``records_path`` (the upstream's
+--records-path) says where in the body the records are: ("data",) by default, nested as
+("result", "items"), or () for a body that is the bare list (the paging fields are then left out).
+The header-cursor and skip-take styles always answer a bare list: their paging is in headers.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 import msgspec
 
@@ -35,10 +40,21 @@ class BadParameter(ValueError):
 
 @dataclass(frozen=True)
 class Page:
-    """A response body, and for the link style the number of the next page (None on the last)."""
+    """A response body, for the link style the number of the next page (None on the last), and the
+    headers of the styles that page by header."""
 
     body: bytes
     next_page: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+DATA = ("data",)
+Link = Callable[[dict[str, str]], str]   # the URL of this request with some parameters replaced
+
+
+def relative_link(query: Query) -> Link:
+    """Next URLs as a query string relative to the request (``?cursor=...``), as many APIs send them."""
+    return lambda changes: "?" + urlencode({**query, **changes})
 
 
 class CursorPosition(msgspec.Struct, forbid_unknown_fields=True):
@@ -102,59 +118,105 @@ def _size(query: Query, name: str) -> int:
     return int_param(query, name, DEFAULT_PAGE_SIZE, minimum=1, maximum=MAX_PAGE_SIZE)
 
 
-def _data(collection: Collection, start: int, stop: int) -> bytes:
-    return b'{"data":[' + b",".join([entry[2] for entry in collection.entries(start, stop)]) + b"]"
+def _records(collection: Collection, start: int, stop: int) -> bytes:
+    return b"[" + b",".join([entry[2] for entry in collection.entries(start, stop)]) + b"]"
+
+
+def envelope(records: bytes, meta: bytes, records_path: tuple[str, ...]) -> bytes:
+    """The body: ``records`` (a JSON list) at ``records_path``, then the paging members ``meta`` (a
+    comma-separated run of members, or b"") at the top; a bare list when the path is empty."""
+    if not records_path:
+        return records
+    inner = records
+    for name in reversed(records_path[1:]):
+        inner = b'{"%s":%s}' % (name.encode(), inner)
+    head = b'{"%s":%s' % (records_path[0].encode(), inner)
+    return head + (b"," + meta if meta else b"") + b"}"
 
 
 def _bool(value: bool) -> bytes:
     return b"true" if value else b"false"
 
 
-def page_style(collection: Collection, query: Query) -> Page:
+def page_style(collection: Collection, query: Query, *, records_path: tuple[str, ...] = DATA) -> Page:
     """``?page=1&size=100``: numbered pages of ``size`` records."""
     page = int_param(query, "page", 1, minimum=1)
     size = _size(query, "size")
     first = collection.index_since(since_param(query))
     start = first + (page - 1) * size
     total = len(collection) - first
-    body = _data(collection, start, start + size) + b',"page":%d,"size":%d,"total":%d,"has_more":%s}' % (
-        page, size, total, _bool(start + size < len(collection)))
-    return Page(body)
+    meta = b'"page":%d,"size":%d,"total":%d,"has_more":%s' % (page, size, total, _bool(start + size < len(collection)))
+    return Page(envelope(_records(collection, start, start + size), meta, records_path))
 
 
-def offset_style(collection: Collection, query: Query) -> Page:
+def offset_style(collection: Collection, query: Query, *, records_path: tuple[str, ...] = DATA) -> Page:
     """``?offset=0&limit=100``: ``limit`` records from position ``offset``."""
     offset = int_param(query, "offset", 0, minimum=0)
     limit = _size(query, "limit")
     first = collection.index_since(since_param(query))
     start = first + offset
     total = len(collection) - first
-    body = _data(collection, start, start + limit) + b',"offset":%d,"limit":%d,"total":%d,"has_more":%s}' % (
+    meta = b'"offset":%d,"limit":%d,"total":%d,"has_more":%s' % (
         offset, limit, total, _bool(start + limit < len(collection)))
-    return Page(body)
+    return Page(envelope(_records(collection, start, start + limit), meta, records_path))
 
 
-def cursor_style(collection: Collection, query: Query, *, loop_after_pages: int = 0) -> Page:
-    """``?limit=100[&cursor=…]``: the cursor is a keyset position, so changes never shift pages. With
-    ``loop_after_pages`` (a hostile upstream), from that page on next_cursor points back to page 2."""
+def _cursor_page(collection: Collection, query: Query, loop_after_pages: int) -> tuple[bytes, str | None]:
+    """The records of a keyset cursor's page (a JSON list) and the next cursor (None on the last page)."""
     limit = _size(query, "limit")
     first = start = collection.index_since(since_param(query))
     cursor = query.get("cursor")
     if cursor:
         start = max(start, collection.index_after(*decode_cursor(collection, cursor)))
     entries = collection.entries(start, start + limit)
-    next_cursor = b"null"
+    next_cursor = None
     if entries and start + len(entries) < len(collection):
         sort_us, key, _data_bytes = entries[-1]
         if loop_after_pages and start - first >= (loop_after_pages - 1) * limit:
             sort_us, key, _data_bytes = collection.entries(first + limit - 1, first + limit)[0]
-        next_cursor = b'"%s"' % encode_cursor(collection.name, sort_us, key).encode()
-    data = b",".join([entry[2] for entry in entries])
-    body = b'{"data":[' + data + b'],"next_cursor":' + next_cursor + b"}"
-    return Page(body)
+        next_cursor = encode_cursor(collection.name, sort_us, key)
+    return b"[" + b",".join([entry[2] for entry in entries]) + b"]", next_cursor
 
 
-def link_style(collection: Collection, query: Query, *, loop_after_pages: int = 0) -> Page:
+def cursor_style(collection: Collection, query: Query, *, loop_after_pages: int = 0,
+                 records_path: tuple[str, ...] = DATA) -> Page:
+    """``?limit=100[&cursor=…]``: the cursor is a keyset position, so changes never shift pages. With
+    ``loop_after_pages`` (a hostile upstream), from that page on next_cursor points back to page 2."""
+    records, next_cursor = _cursor_page(collection, query, loop_after_pages)
+    meta = b'"next_cursor":' + (b'"%s"' % next_cursor.encode() if next_cursor else b"null")
+    return Page(envelope(records, meta, records_path))
+
+
+def header_cursor_style(collection: Collection, query: Query, *, loop_after_pages: int = 0,
+                        records_path: tuple[str, ...] = DATA) -> Page:
+    """``?limit=100[&cursor=…]`` as the cursor style, but the body is the bare list of records and the
+    next cursor comes in the ``X-Next-Cursor`` header (absent on the last page)."""
+    records, next_cursor = _cursor_page(collection, query, loop_after_pages)
+    return Page(records, headers={"X-Next-Cursor": next_cursor} if next_cursor else {})
+
+
+def next_url_style(collection: Collection, query: Query, *, loop_after_pages: int = 0,
+                   records_path: tuple[str, ...] = DATA, link: Link | None = None) -> Page:
+    """``?limit=100[&cursor=…]``: JSON:API style, the next page's URL is in the body at ``links.next``
+    (null on the last page), relative to the request unless ``link`` makes it absolute."""
+    records, next_cursor = _cursor_page(collection, query, loop_after_pages)
+    make_link = link or relative_link(query)
+    following = b'"%s"' % make_link({"cursor": next_cursor}).encode() if next_cursor else b"null"
+    return Page(envelope(records, b'"links":{"next":' + following + b"}", records_path))
+
+
+def skip_take_style(collection: Collection, query: Query, *, records_path: tuple[str, ...] = DATA) -> Page:
+    """``?skip=0&take=100``: the bare list of ``take`` records after the first ``skip``, with the total
+    (after updated_since) in the ``X-Total-Count`` header. Served for the example paginator plugin."""
+    skip = int_param(query, "skip", 0, minimum=0)
+    take = _size(query, "take")
+    first = collection.index_since(since_param(query))
+    start = first + skip
+    return Page(_records(collection, start, start + take), headers={"X-Total-Count": str(len(collection) - first)})
+
+
+def link_style(collection: Collection, query: Query, *, loop_after_pages: int = 0,
+               records_path: tuple[str, ...] = DATA) -> Page:
     """``?page=1&size=100``: the body holds only data; the next page is in the Link header. With
     ``loop_after_pages`` (a hostile upstream), from that page on the next link points back to page 1."""
     page = int_param(query, "page", 1, minimum=1)
@@ -163,10 +225,10 @@ def link_style(collection: Collection, query: Query, *, loop_after_pages: int = 
     next_page = page + 1 if start + size < len(collection) else None
     if next_page is not None and loop_after_pages and page >= loop_after_pages:
         next_page = 1
-    return Page(_data(collection, start, start + size) + b"}", next_page)
+    return Page(envelope(_records(collection, start, start + size), b"", records_path), next_page)
 
 
-def keyset_style(collection: Collection, query: Query) -> Page:
+def keyset_style(collection: Collection, query: Query, *, records_path: tuple[str, ...] = DATA) -> Page:
     """``?updated_since=W&limit=100[&after_key=K]``: records after (W, K), or from W without K."""
     limit = _size(query, "limit")
     since_us = since_param(query)
@@ -182,8 +244,7 @@ def keyset_style(collection: Collection, query: Query) -> Page:
             raise BadParameter("after_key", f"not a key of {collection.name}: {after_key!r}") from None
         start = collection.index_after(since_us, key)
     has_more = _bool(start + limit < len(collection))
-    body = _data(collection, start, start + limit) + b',"has_more":%s}' % has_more
-    return Page(body)
+    return Page(envelope(_records(collection, start, start + limit), b'"has_more":' + has_more, records_path))
 
 
 STYLES: dict[str, Callable[..., Page]] = {
@@ -192,4 +253,8 @@ STYLES: dict[str, Callable[..., Page]] = {
     "cursor": cursor_style,
     "link": link_style,
     "keyset": keyset_style,
+    "next": next_url_style,
+    "header-cursor": header_cursor_style,
+    "skip-take": skip_take_style,
 }
+LOOPING = frozenset({"cursor", "link", "next", "header-cursor"})   # styles that take loop_after_pages

@@ -82,6 +82,7 @@ class Collection:
         self._key_width = generated.key_width
         self._next_index = len(generated.items) + 1
         self._max_us = generated.items[-1][0] if generated.items else 0
+        self.version = 0   # counts changes: views cut from the order are rebuilt when it moves
         self.checksum = Checksum()
         for _sort_us, key, data in generated.items:
             if key not in self._malformed:
@@ -225,6 +226,7 @@ class Collection:
         record[DELETED_FIELD] = True
         data = self._put(key, record, now_us, live=False)
         if hard:
+            self.version += 1
             self._order.remove(self._by_key.pop(key))
             self._soft_deleted.discard(key)
             self._hard_deleted[key] = data
@@ -235,6 +237,7 @@ class Collection:
         holds the live valid records only) and the soft-deleted set up to date."""
         stamp_us = max(truncate_us(now_us, self.precision), self._max_us)  # never before an earlier change
         self._max_us = stamp_us
+        self.version += 1
         record["updated_at"] = format_us(stamp_us, self.precision)
         data = _encode(record)
         old = self._by_key.get(key)

@@ -25,9 +25,19 @@ Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
   GET /api/{c}/keyset?updated_since=W&limit=100[&after_key=K]          (keyset by watermark)
       -> {"data": [...], "has_more": b}; without after_key: updated_at >= W; with it:
          (updated_at, key) > (W, K). Advance W and K to the last record of each page.
+  GET /api/{c}/next?limit=100[&cursor=C][&updated_since=T]             (next URL in the body)
+      -> {"data": [...], "links": {"next": "?limit=100&cursor=C" | null}}: JSON:API style; the
+         link is relative to the request (absolute on --next-link-origin's origin)
+  GET /api/{c}/header-cursor?limit=100[&cursor=C][&updated_since=T]    (cursor in a header)
+      -> [...] (the body is the bare list) and `X-Next-Cursor: C` unless on the last page
+  GET /api/{c}/skip-take?skip=0&take=100[&updated_since=T]             (the example plugin's API)
+      -> [...] (the bare list) and `X-Total-Count: t` (records at or after updated_since)
   GET /api/{c}/checksum -> {"collection": c, "checksum": "<16 hex>", "count": n} (live valid records:
       neither malformed nor deleted); with ?canonical=true over each record as canonical JSON (members
       sorted, no whitespace: demo/checksum.py), for a sink that stores parsed JSON (PostgreSQL's jsonb)
+  GET /api/{c}/checksum?parent=P[&stamp=F] -> the checksum of the live records of c whose parent
+      record in P is live (what a child source of P holds); with stamp=F, of each record with the
+      parent's key added as field F when it lacks one (as Conflux forwards it)
   GET /api/{c}/{key}     -> 200 + the record (a soft-deleted one with "deleted": true); 404 when the
       key is unknown or hard-deleted
   POST /api/{c}          body: JSON object; the key is assigned if absent -> 201 + the record; naming
@@ -54,6 +64,22 @@ Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
   GET /admin/change-rate, POST /admin/change-rate {"change_rate_per_s": R}
   GET /admin/delete-rate, POST /admin/delete-rate {"delete_rate_per_s": R, "delete_style": S}
   GET /admin/malformed -> {c: [{"key": k, "reason": "missing_key" | "bad_updated_at", "record": {...}}]}
+
+API shapes (for the shapes of "Connecting your API" in the README):
+  POST /api/{c}/search[/{style}]  the page of `style` (page by default; any style above by its path
+      name: offset, cursor, link, keyset, next, header-cursor, skip-take) whose parameters come in
+      the body: a JSON object (members of nested objects count by their own names, null is absent)
+      or a form; body values win over the query string's. /stats counts them as "search:{style}".
+  GET /api/{p}/{key}/{child}[/{style}]  the children of one parent record, paged by `style` (page
+      by default): orders, support_tickets and crm_events of a customer (their customer_id),
+      shipments and payments of an order (order_id), warehouse rows of a product (sku). 404 for an
+      unknown or hard-deleted parent (a soft-deleted one still lists its children); /stats counts
+      them under the child collection as "child:{style}".
+  --records-path PATH  where the records are in every body with paging fields: "data" (default),
+      a dotted path such as "result.items" (nested objects; the paging fields stay at the top),
+      or "" for the bare list (the paging fields are then left out).
+  --updated-since-format iso8601|epoch_s|epoch_ms  what updated_since values are: ISO 8601 text
+      (default), or seconds or milliseconds since the epoch (a number; 400 for anything else).
 
 Errors are JSON {"error": "<parameter>: <problem>"}: 400 for a bad parameter, cursor or body, 404
 for an unknown collection or key, 409 for a duplicate key or a change to a malformed record, and
@@ -151,6 +177,7 @@ from conflux.demo.store import build_collections
 from conflux.demo.upstream_app import UpstreamApp, bind, serve, url_of
 from conflux.demo.upstream_auth import AuthGate, AuthSettings
 from conflux.demo.upstream_hostile import HostileSettings
+from conflux.demo.upstream_shapes import SINCE_FORMATS
 from conflux.demo.upstream_time import PRECISION_UNIT_US
 from conflux.demo.upstream_webhooks import ENVELOPES, SIGNATURE_STYLES, WebhookSender, WebhookStyle
 
@@ -176,6 +203,12 @@ def _non_negative(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def _records_path(text: str) -> str:
+    if text and any(not part for part in text.split(".")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dotted path of field names (an empty name)")
+    return text
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not 0 < value < math.inf:
@@ -198,6 +231,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--records-per-system", type=count, default=1000, help="records each (default 1000)")
     data.add_argument("--timestamp-precision", choices=sorted(PRECISION_UNIT_US), default="s",
                       help="precision of updated_at (default s)")
+    shapes = parser.add_argument_group("API shapes (see API shapes below)")
+    shapes.add_argument("--records-path", type=_records_path, default="data", metavar="PATH",
+                        help='where the records are in a body: a dotted path, or "" for the bare list (default data)')
+    shapes.add_argument("--updated-since-format", choices=SINCE_FORMATS, default="iso8601",
+                        help="what updated_since values are (default %(default)s)")
     changes = parser.add_argument_group("changes and webhooks")
     changes.add_argument("--change-rate", type=number, default=0.0, metavar="PER_S",
                          help="random record updates per second in the background (default 0)")
@@ -345,7 +383,9 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
                        seed=args.seed, change_rate_per_s=args.change_rate,
                        malformed_rate=args.malformed_rate, webhooks=webhooks, auth=AuthGate(auth),
                        count_headers=tuple(args.count_header), hostile=_hostile_settings(args),
-                       delete_rate_per_s=args.delete_rate, delete_style=args.delete_style)
+                       delete_rate_per_s=args.delete_rate, delete_style=args.delete_style,
+                       records_path=tuple(args.records_path.split(".")) if args.records_path else (),
+                       since_format=args.updated_since_format)
 
 
 def _hostile_settings(args: argparse.Namespace) -> HostileSettings:

@@ -22,11 +22,12 @@ from aiohttp import web
 
 from conflux.demo.datagen import Key
 from conflux.demo.faults import Fault, FaultInjector
-from conflux.demo.paging_styles import STYLES, BadParameter
+from conflux.demo.paging_styles import LOOPING, STYLES, BadParameter
 from conflux.demo.store import Collection, StoreError
 from conflux.demo.upstream_auth import AuthGate
 from conflux.demo.upstream_changes import ChangeGenerator, DeleteGenerator, check_delete_style
 from conflux.demo.upstream_hostile import Hostile, HostileSettings
+from conflux.demo.upstream_shapes import Children, normalized_since, search_query
 from conflux.demo.upstream_stats import Stats
 from conflux.demo.upstream_time import now_us
 from conflux.demo.upstream_webhooks import WebhookSender
@@ -61,8 +62,12 @@ class UpstreamApp:
                  change_rate_per_s: float, malformed_rate: float, webhooks: WebhookSender | None,
                  auth: AuthGate, count_headers: tuple[str, ...] = (),
                  hostile: HostileSettings | None = None, delete_rate_per_s: float = 0.0,
-                 delete_style: str = "soft") -> None:
+                 delete_style: str = "soft", records_path: tuple[str, ...] = ("data",),
+                 since_format: str = "iso8601") -> None:
         self.collections = collections
+        self.records_path = records_path
+        self.since_format = since_format
+        self.children = Children(collections)
         self.hostile = Hostile(hostile or HostileSettings())
         self.faults = faults
         self.malformed_rate = malformed_rate
@@ -99,9 +104,14 @@ class UpstreamApp:
         router.add_post("/admin/auth", self.set_auth)
         router.add_post("/oauth/token", self.oauth_token)
         router.add_get("/api/{collection}/checksum", self.checksum)
-        for style in ("offset", "cursor", "link", "keyset"):
-            router.add_get(f"/api/{{collection}}/{style}", self._page_handler(style))
+        for style in STYLES:
+            if style != "page":
+                router.add_get(f"/api/{{collection}}/{style}", self._page_handler(style))
         router.add_get("/api/{collection}", self._page_handler("page"))
+        router.add_post("/api/{collection}/search", self.search)
+        router.add_post("/api/{collection}/search/{style}", self.search)
+        router.add_get("/api/{parent}/{key}/{child}", self.child_page)
+        router.add_get("/api/{parent}/{key}/{child}/{style}", self.child_page)
         router.add_post("/api/{collection}", self.create)
         router.add_put("/api/{collection}/{key}", self.update)
         # After the style and checksum routes, which win over a key of the same name.
@@ -149,8 +159,8 @@ class UpstreamApp:
                 return error_response(401, f"credentials: {denied.reason}", {"WWW-Authenticate": denied.challenge})
         return await handler(request)
 
-    def _collection(self, request: web.Request) -> Collection:
-        name = request.match_info["collection"]
+    def _collection(self, request: web.Request, part: str = "collection") -> Collection:
+        name = request.match_info[part]
         collection = self.collections.get(name)
         if collection is None:
             known = ", ".join(self.collections)
@@ -171,7 +181,38 @@ class UpstreamApp:
         with self.stats.in_flight(collection.name):
             return await self._page(request, collection, style)
 
-    async def _page(self, request: web.Request, collection: Collection, style: str) -> web.Response:
+    async def search(self, request: web.Request) -> web.Response:
+        """POST /api/{c}/search[/{style}]: a page of ``style`` (page by default) whose parameters come in a
+        JSON object or form body (and the query string)."""
+        collection = self._collection(request)
+        style = request.match_info.get("style", "page")
+        if style not in STYLES:
+            return error_response(404, f"style: unknown paging style {style!r}; known: {', '.join(STYLES)}")
+        body = await _search_body(request)
+        self.stats.record_request(collection.name, f"search:{style}", page=True, headers=request.headers)
+        with self.stats.in_flight(collection.name):
+            return await self._page(request, collection, style, search_query(request.query, body))
+
+    async def child_page(self, request: web.Request) -> web.Response:
+        """GET /api/{parent}/{key}/{child}[/{style}]: a page of the children of one parent record."""
+        parent = self._collection(request, "parent")
+        style = request.match_info.get("style", "page")
+        key = _key(parent, request)
+        try:
+            parent.lookup(key)
+            view = self.children.view(parent, key, request.match_info["child"])
+        except StoreError as exc:
+            return error_response(exc.status, str(exc))
+        except BadParameter as exc:
+            return error_response(404, str(exc))
+        if style not in STYLES:
+            return error_response(404, f"style: unknown paging style {style!r}; known: {', '.join(STYLES)}")
+        self.stats.record_request(view.name, f"child:{style}", page=True, headers=request.headers)
+        with self.stats.in_flight(view.name):
+            return await self._page(request, view, style)
+
+    async def _page(self, request: web.Request, collection: Collection, style: str,
+                    query: object = None) -> web.Response:
         delay_s = self.faults.delay_s()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
@@ -186,22 +227,40 @@ class UpstreamApp:
         if redirect is not None:
             return redirect
         try:
-            loop_after_pages = self.hostile.settings.loop_after_pages
-            looping = {"loop_after_pages": loop_after_pages} if loop_after_pages and style in ("cursor", "link") else {}
-            page = STYLES[style](collection, request.query, **looping)
+            query = normalized_since(query if query is not None else request.query, self.since_format)
+            page = STYLES[style](collection, query, **self._style_options(request, style))
         except BadParameter as exc:
             return error_response(400, str(exc))
-        headers = {}
+        headers = dict(page.headers)
         if page.next_page is not None:
             headers["Link"] = f'<{self.hostile.next_link(request, page.next_page)}>; rel="next"'
         return self.hostile.page_answer(page.body, headers)
 
+    def _style_options(self, request: web.Request, style: str) -> dict[str, object]:
+        options: dict[str, object] = {"records_path": self.records_path}
+        if self.hostile.settings.loop_after_pages and style in LOOPING:
+            options["loop_after_pages"] = self.hostile.settings.loop_after_pages
+        if style == "next":
+            options["link"] = lambda changes: self.hostile.next_url(request, changes)
+        return options
+
     async def checksum(self, request: web.Request) -> web.Response:
+        """The checksum of the live valid records; with ``?parent=P`` of those whose parent record in P
+        is live (what a child source holds), and ``&stamp=FIELD`` as forwarded with the parent key added."""
         collection = self._collection(request)
         self.stats.record_request(collection.name, "checksum", page=False)
-        canonical = request.query.get("canonical") in ("1", "true")
-        checksum = collection.canonical_checksum() if canonical else collection.checksum
-        return json_response({"collection": collection.name, **checksum.as_dict()})
+        parent_name = request.query.get("parent")
+        if parent_name is None:
+            canonical = request.query.get("canonical") in ("1", "true")
+            checksum = collection.canonical_checksum() if canonical else collection.checksum
+            return json_response({"collection": collection.name, **checksum.as_dict()})
+        parent = self.collections.get(parent_name)
+        if parent is None:
+            return error_response(404, f"parent: unknown collection {parent_name!r}")
+        try:
+            return json_response(self.children.checksum(parent, collection.name, request.query.get("stamp", "")))
+        except BadParameter as exc:
+            return error_response(404, str(exc))
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -388,6 +447,14 @@ def _key(collection: Collection, request: web.Request) -> Key:
         return collection.parse_key(text)
     except ValueError:
         raise _client_error(web.HTTPNotFound, f"key: no record {text!r} in {collection.name}") from None
+
+
+async def _search_body(request: web.Request) -> dict[str, object]:
+    """A search request's parameters: a JSON object, or a form (application/x-www-form-urlencoded)."""
+    if request.content_type == "application/x-www-form-urlencoded":
+        form = await request.post()
+        return {name: value for name, value in form.items() if isinstance(value, str)}
+    return await _json_object(request)
 
 
 async def _json_object(request: web.Request) -> dict[str, object]:

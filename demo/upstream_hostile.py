@@ -73,6 +73,13 @@ class Hostile:
             return self.settings.next_link_origin + url.path_qs
         return str(url)
 
+    def next_url(self, request: web.Request, changes: dict[str, str]) -> str:
+        """The next_url style's link: relative (``?limit=..&cursor=..``), or absolute on --next-link-origin."""
+        url = request.url.update_query(changes)
+        if self.settings.next_link_origin:
+            return self.settings.next_link_origin + url.path_qs
+        return "?" + url.query_string
+
     def page_answer(self, body: bytes, headers: dict[str, str]) -> web.Response:
         """The page as sent: padded and/or gzip-compressed when asked to."""
         settings = self.settings

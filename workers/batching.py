@@ -80,26 +80,35 @@ class PageMeta(NamedTuple):
     has_more: Any = None
     total: Any = None
     next_cursor: Any = None
+    next_url: Any = None
+
+
+# PageMeta's fields -> the [sources.pagination] key that names their path in the body.
+META_FIELDS = {"has_more": "has_more_field", "total": "total_field", "next_cursor": "next_cursor_field",
+               "next_url": "next_url_path"}
 
 
 class RecordSchema:
     """Per-source decoders, built once: where the records are, which fields identify them, and how
     they are shaped (``workers.shaping``)."""
 
-    def __init__(self, source: SourceConfig) -> None:
+    def __init__(self, source: SourceConfig, *, extra_fields: Sequence[str] = ()) -> None:
+        """``extra_fields``: more dotted paths to decode with the identity (a parent's fields its children use)."""
         self.source = source.name
-        self.shape = SourceShape(source)
+        self.shape = SourceShape(source, extra={f"extra{index}": path for index, path in enumerate(extra_fields)})
         self.max_clock_skew_s = source.max_clock_skew_s
         self._fields_type = fields = self.shape.identity.struct
         self._fields_decoder = msgspec.json.Decoder(list[fields])
         self._one_fields_decoder = msgspec.json.Decoder(fields)
         self._raw_list_decoder = msgspec.json.Decoder(list[Raw])
         options = source.pagination_options
-        self._path = [part for part in options.records_path.split(".") if part]
-        self._meta_names = meta_names = {"has_more": options.has_more_field, "total": options.total_field,
-                                          "next_cursor": options.next_cursor_field}
-        self._page_decoder = msgspec.json.Decoder(_nested(self._path, list[Raw], meta_names))
-        self._page_fields_decoder = msgspec.json.Decoder(_nested(self._path, list[fields]))
+        records_path = source.effective_records_path
+        self._path = records_path.split(".") if records_path else []
+        # The paging fields are read only from an envelope: a body that is the list has none.
+        self._meta_paths = {name: path.split(".") for name, option in META_FIELDS.items()
+                            for path in [getattr(options, option)] if path and self._path}
+        self._page = Envelope(self._path, list[Raw], self._meta_paths)
+        self._page_fields = Envelope(self._path, list[fields], {})
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -110,15 +119,14 @@ class RecordSchema:
     def page_records_fast(self, body: bytes) -> tuple[list[Raw], list[Any], PageMeta] | None:
         """``page_records`` all in msgspec; None when a record is too deep for it (then ``split_page``)."""
         try:
-            envelope = self._page_decoder.decode(body)
+            envelope = self._page.decoder.decode(body)
         except RecursionError:
             return None
         except _DECODE_ERRORS as exc:
             raise PageFormatError(f"page is not JSON with a list of records at {self._where()!r}: {exc}") from None
-        records = _dig(envelope, self._path)
-        meta = PageMeta(*(getattr(envelope, name, None) for name in PageMeta._fields)) if self._path else PageMeta()
-        fields = self._fields_for(records, lambda: _dig(self._page_fields_decoder.decode(body), self._path))
-        return records, fields, meta
+        records = self._page.records(envelope)
+        fields = self._fields_for(records, lambda: self._page_fields.records(self._page_fields.decoder.decode(body)))
+        return records, fields, self._page.meta(envelope)
 
     def body_records(self, body: bytes) -> tuple[list[Raw], list[Any]]:
         """Records from a webhook body: one JSON object or a JSON list of objects."""
@@ -137,6 +145,10 @@ class RecordSchema:
         if first == b"{" and len(records) != 1:  # `{...}, {...}` is valid JSON only once wrapped in [ ]
             raise PageFormatError("body must be a JSON object or a list of objects")
         return records, self._fields_for(records, lambda: self._fields_decoder.decode(body))
+
+    def fields_of(self, records: Sequence[Raw]) -> list[Any]:
+        """The identity fields of each record, decoded one by one (None: not an object)."""
+        return [self._fields_or_none(record) for record in records]
 
     def _where(self) -> str:
         return ".".join(self._path) or "the body"
@@ -163,7 +175,8 @@ class RecordSchema:
     def split_page(self, body: bytes) -> tuple[list[Raw], list[Any], PageMeta]:
         """``page_records`` for a page with a record too deep for msgspec: the page is cut into records
         by jsonscan (pure Python, about 10 MB/s on usual records), then each is decoded alone."""
-        root = _scan(body, len(self._path) + 1, f"page is not JSON with a list of records at {self._where()!r}")
+        depth = max([len(self._path) + 1, *map(len, self._meta_paths.values())])
+        root = _scan(body, depth, f"page is not JSON with a list of records at {self._where()!r}")
         node = root
         for name in self._path:
             node = node.member(name) if node.kind == b"{" else None
@@ -172,8 +185,7 @@ class RecordSchema:
         if node is None or node.kind != b"[":
             raise PageFormatError(f"page has no list of records at {self._where()!r}")
         records, fields = self._split_records(body, [child for _name, child in node.children])
-        meta = PageMeta(*(self._meta_value(body, root, self._meta_names[name]) for name in PageMeta._fields)) \
-            if self._path else PageMeta()
+        meta = PageMeta(**{name: self._meta_value(body, root, path) for name, path in self._meta_paths.items()})
         return records, fields, meta
 
     def _split_body(self, body: bytes, first: bytes) -> tuple[list[Raw], list[Any]]:
@@ -192,14 +204,17 @@ class RecordSchema:
                                             _member_value(record, node, self.shape.updated_name), field.reason)
         return records, fields
 
-    def _meta_value(self, body: bytes, root: jsonscan.Node, name: str) -> Any:
-        node = root.member(name) if root.kind == b"{" else None
-        if node is None:
-            return None
+    def _meta_value(self, body: bytes, root: jsonscan.Node, path: list[str]) -> Any:
+        node: jsonscan.Node | None = root
+        for name in path:
+            node = node.member(name) if node.kind == b"{" else None
+            if node is None:
+                return None
         try:
             return msgspec.json.decode(body[node.start:node.end])
         except _DECODE_ERRORS:
-            raise PageFormatError(f"the page's {name!r} field cannot be decoded (nested too deeply)") from None
+            where = ".".join(path)
+            raise PageFormatError(f"the page's {where!r} field cannot be decoded (nested too deeply)") from None
 
     # -- columns --------------------------------------------------------------------------------
 
@@ -350,21 +365,56 @@ def _batch(columns: Columns, source: str, sync: str, created_us: int, start: int
     return Batch(new_message_id(), source, sync, created_us, *cut(columns, start, stop))
 
 
-def _nested(path: list[str], leaf: Any, meta_names: dict[str, str] | None = None) -> Any:
-    """A Struct type that reaches ``leaf`` through the dotted records path (or ``leaf`` itself).
-    With ``meta_names``, the outermost level also picks up the paging fields."""
-    for depth, name in enumerate(reversed(path)):
-        outermost = depth == len(path) - 1
-        fields: list[Any] = [("inner", leaf)]
-        rename = {"inner": name}
-        if outermost and meta_names:
-            fields += [(field, Any, None) for field in meta_names]
-            rename.update(meta_names)
-        leaf = msgspec.defstruct(f"Envelope{depth}", fields, rename=rename)
-    return leaf
+class Envelope:
+    """A page body as one msgspec type: the records at their dotted path (required: a page without them
+    is not in the configured shape) and the paging fields at theirs (optional), decoded in one pass."""
+
+    def __init__(self, path: list[str], leaf: Any, meta: dict[str, list[str]]) -> None:
+        tree: dict[str, Any] = {}
+        for name, where in [("", path), *meta.items()]:
+            node = tree
+            for part in where[:-1]:
+                node = node.setdefault(part, {})
+            if where:
+                node[where[-1]] = name
+        self.type, getters = _envelope_type(tree, leaf, "Envelope", ()) if path else (leaf, {"": ()})
+        self._records = getters[""]
+        self._meta = {name: getters[name] for name in meta}
+        self.decoder = msgspec.json.Decoder(self.type)
+
+    def records(self, envelope: Any) -> Any:
+        for attribute in self._records:
+            envelope = getattr(envelope, attribute)
+        return envelope
+
+    def meta(self, envelope: Any) -> PageMeta:
+        return PageMeta(**{name: _follow(envelope, attributes) for name, attributes in self._meta.items()})
 
 
-def _dig(value: Any, path: list[str]) -> Any:
-    for _ in path:
-        value = value.inner
+def _envelope_type(tree: dict[str, Any], leaf: Any, name: str, prefix: tuple[str, ...]) -> tuple[type, dict]:
+    """A Struct for ``tree`` (member -> subtree, or a leaf's name: "" for the records); the branch that
+    holds the records is required, the rest optional. Also each leaf's attribute path."""
+    fields: list[tuple] = []
+    rename: dict[str, str] = {}
+    getters: dict[str, tuple[str, ...]] = {}
+    for index, (member, child) in enumerate(sorted(tree.items())):
+        attribute = f"f{index}"
+        rename[attribute] = member
+        if isinstance(child, dict):
+            inner, inner_getters = _envelope_type(child, leaf, f"{name}_{index}", (*prefix, attribute))
+            getters.update(inner_getters)
+            fields.append((attribute, inner) if "" in inner_getters else (attribute, inner | None, None))
+        else:
+            getters[child] = (*prefix, attribute)
+            fields.append((attribute, leaf) if child == "" else (attribute, Any, None))
+    # Required fields first: msgspec wants those without a default before those with one.
+    fields.sort(key=len)
+    return msgspec.defstruct(name, fields, rename=rename), getters
+
+
+def _follow(value: Any, attributes: tuple[str, ...]) -> Any:
+    for attribute in attributes:
+        value = getattr(value, attribute, None)
+        if value is None:
+            return None
     return value

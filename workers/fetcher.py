@@ -5,6 +5,10 @@ another. A source's first sync is full; after that it syncs incrementally every 
 from its watermark (inclusive), with a full pass every ``full_sync_interval_s``. Each page is
 decoded, split into per-partition batches and published as soon as it arrives; the watermark is
 saved only once every record of the sync (and every dead letter) is durable in the log.
+
+A source's paginator (``workers.paging``, a built-in style or a plugin) walks its pages; a child source
+(``parent = "..."``) is walked once per live parent record (``workers.parents``), in the fetcher that
+holds its parent.
 """
 
 from __future__ import annotations
@@ -34,7 +38,17 @@ from conflux.workers.batching import (
 from conflux.workers.columns import Columns
 from conflux.workers.keyindex import KeyIndex, key_index_dir
 from conflux.workers.ownership import ownership_for
-from conflux.workers.paging import STYLES, PageInfo
+from conflux.workers.page_request import PageRequests
+from conflux.workers.paging import PageInfo, make_paginator, native_text, since_text
+from conflux.workers.parents import (
+    Cascade,
+    ChildWalk,
+    Parent,
+    ParentIndex,
+    ParentStamp,
+    parent_changes,
+    parent_index_dir,
+)
 from conflux.workers.reconcile import Reconciler
 from conflux.workers.upstream import Response, UpstreamClient
 
@@ -55,42 +69,55 @@ class SyncPass:
         self.records = self.valid = self.deletes = 0
         self.newest: tuple[int, str] = (0, "")
         self.failure: BaseException | None = None
+        self.parents_changed = 0   # a parent source: parents that became live or deleted in this pass
 
-    async def get(self, url: str, params: dict[str, str]) -> Response:
+    async def get(self, url: str, params: dict[str, str], *, parent: Parent | None = None) -> Response:
+        """One page request (``parent``: the parent record a child source's page is asked for)."""
         if self.failure is not None:
             raise self.failure
         await self.room.acquire()  # released when the page's batches are durable
         try:
-            return await self.syncer.client.get(url, params)
+            outgoing = self.syncer.requests.outgoing(params, parent.fields if parent is not None else None)
+            return await self.syncer.client.send(url, outgoing)
         except BaseException:
             self.room.release()
             raise
 
-    async def handle(self, response: Response) -> PageInfo:
+    async def handle(self, response: Response, *, parent: Parent | None = None) -> PageInfo:
         syncer = self.syncer
         started = time.perf_counter()
         decoded = syncer.schema.page_records_fast(response.body)
         if decoded is None:  # a record too deep for msgspec: cutting the page apart is slow, keep it off the loop
             decoded = await asyncio.to_thread(syncer.schema.split_page, response.body)
         records, fields, meta = decoded
+        if parent is not None and syncer.stamp is not None:
+            records, fields = syncer.stamp.stamp(records, fields, parent.fields.get("", parent.key))
         columns = set_aside_oversized(syncer.schema.columns(records, fields), syncer.source.name, self.sync_type,
                                       syncer.max_batch_bytes)
-        self.records += len(records)
-        self.valid += len(columns)
-        self.deletes += sum(columns.deleted)
-        if columns.dead:
-            self.dead.extend(dead_letters(columns, syncer.source.name, "fetch", response.url))
-        if len(columns):
-            self.newest = max(self.newest, columns.max_updated())
+        self._count(columns, len(records), response.url)
+        seen_us = time.time_ns() // 1000
         if syncer.reconciler is not None:
-            await syncer.reconciler.seen(columns, time.time_ns() // 1000)
+            await syncer.reconciler.seen(columns, seen_us, parent=parent.key if parent is not None else "")
+        if syncer.parent_index is not None:
+            changes = parent_changes(syncer.schema, syncer.child_fields, columns, fields)
+            self.parents_changed += await asyncio.to_thread(syncer.parent_index.record, changes, seen_us)
         task = asyncio.create_task(self._publish(syncer.messages(columns, self.sync_type)))
         self.publishing.add(task)
         task.add_done_callback(self.publishing.discard)
         metrics.records_fetched.labels(syncer.source.name).inc(len(records))
         metrics.processing_duration.labels("decode").observe(time.perf_counter() - started)
-        last = (columns.native_text(-1), columns.keys[-1]) if len(columns) else None
+        last = (since_text(syncer.source, columns.updated_us[-1], columns.native_text(-1)), columns.keys[-1]) \
+            if len(columns) else None
         return PageInfo(len(records), meta, last)
+
+    def _count(self, columns: Columns, records: int, origin: str) -> None:
+        self.records += records
+        self.valid += len(columns)
+        self.deletes += sum(columns.deleted)
+        if columns.dead:
+            self.dead.extend(dead_letters(columns, self.syncer.source.name, "fetch", origin))
+        if len(columns):
+            self.newest = max(self.newest, columns.max_updated())
 
     async def _publish(self, messages: list[OutgoingMessage]) -> None:
         try:
@@ -126,19 +153,36 @@ class SourceSyncer:
         self.topic = worker.config.topic_of(source)
         self.partitions = worker.producer.partitions_for(self.topic)
         self.max_batch_bytes = publish_limit_bytes(worker.config.workers.ring_bytes, self.topic)
-        self.schema = RecordSchema(source)
+        # A parent source decodes the fields its children's urls use along with each record's identity.
+        self.child_fields = sorted({path for child in worker.config.children_of(source.name)
+                                    for path in child.parent_paths()})
+        self.schema = RecordSchema(source, extra_fields=self.child_fields)
         self.client = UpstreamClient(source, worker.config.retry, session)
         self.client.breaker.on_change_hooks.append(lambda state: self._send_report())
         self.producer: LogProducer = worker.producer
         self.checkpoints: CheckpointStore = worker.checkpoints
         self.dead_letters: DeadLetterStore = worker.dead_letters
-        self.walk = STYLES[source.pagination]
+        self.paginator = make_paginator(source)
+        self.requests = PageRequests(source)
         self.requested = asyncio.Event()
         self.force_full = False
         self.checkpoint: Checkpoint | None = None
         self.report = SourceReport(source=source.name)
-        self.reconciler = Reconciler(source, worker.key_index(source.name), self.client, self.publish_columns) \
-            if source.reconcile else None
+        self.reconciler = Reconciler(source, worker.key_index(source.name), self.client, self.publish_columns,
+                                     stable=self.paginator.stable) if source.reconcile else None
+        self.parent_index = worker.parent_index(source.name) if worker.config.children_of(source.name) else None
+        self._init_child(worker)
+
+    def _init_child(self, worker: FetcherWorker) -> None:
+        """A child source: its parent's index, its walk over the parents, the parent key it stamps."""
+        source = self.source
+        self.parents = worker.parent_index(source.parent) if source.parent else None
+        self.children = ChildWalk(source, self.parents, self.paginator) if self.parents is not None else None
+        identity = [*source.key_paths, source.updated, source.deleted, source.filter.field if source.filter else ""]
+        self.stamp = ParentStamp(self.schema, source.parent_key_field, identity) \
+            if source.parent and source.parent_key_field else None
+        self.cascade = Cascade(source, self.parents, self.reconciler.index, self.publish_columns) \
+            if self.parents is not None and self.reconciler is not None else None
 
     def messages(self, columns: Columns, sync_type: str) -> list[OutgoingMessage]:
         """The log messages of a page's (or a reconcile's) columns: per partition, cut to fit a ring frame."""
@@ -151,6 +195,9 @@ class SourceSyncer:
         """Publish and wait until durable (a reconcile's deletes)."""
         await self.producer.publish(self.messages(columns, sync_type))
         self.report.deletes_published += sum(columns.deleted)
+        if self.parent_index is not None and await asyncio.to_thread(
+                self.parent_index.record, parent_changes(self.schema, [], columns, []), time.time_ns() // 1000):
+            self.worker.parents_changed(self.source.name)
 
     def request(self, full: bool) -> None:
         self.force_full = self.force_full or full
@@ -161,24 +208,37 @@ class SourceSyncer:
         self.checkpoint = await loop.run_in_executor(None, self.checkpoints.load, self.source.name)
         if self.checkpoint is not None:
             self.report.watermark = self.checkpoint.watermark
+        if self.parents is not None:
+            await self._wait_for_parent()
         while True:
-            full = self._full_due()
+            full = await self._full_due()
             self.force_full = False
             self.requested.clear()
             await self._sync("full" if full else "incremental")
             await self._wait_for_next()
 
-    def _full_due(self) -> bool:
+    async def _full_due(self) -> bool:
         if self.force_full or self.checkpoint is None:
             return True
+        if self.parent_index is not None and not await asyncio.to_thread(self.parent_index.complete):
+            return True   # the parent index of this instance must learn every parent before children use it
         return time.time() >= self.checkpoint.last_full_sync_at + self.source.full_sync_interval_s
+
+    async def _wait_for_parent(self) -> None:
+        """A child syncs once its parent's index knows every parent (a full sync of the parent completed)."""
+        self.report.last_sync_result = f"waiting for the first complete full sync of its parent {self.source.parent!r}"
+        self._send_report()
+        while not await asyncio.to_thread(self.parents.complete):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.parents.ready.wait(), timeout=self.source.poll_interval_s)
 
     async def _wait_for_next(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.requested.wait(), timeout=self.source.poll_interval_s)
 
     async def _sync(self, sync_type: str) -> None:
-        since = self.checkpoint.watermark if sync_type == "incremental" and self.checkpoint else None
+        since = since_text(self.source, self.checkpoint.watermark_us, self.checkpoint.watermark) \
+            if sync_type == "incremental" and self.checkpoint else None
         if since is not None and self._beyond_skew(self.checkpoint.watermark_us):
             # Saved before future stamps were refused: asking for updated_since=2999 would never see a change.
             logger.warning("%s: the saved watermark %s is in the future; syncing in full instead", self.source.name,
@@ -189,7 +249,7 @@ class SourceSyncer:
         self.report.syncing = True
         self._send_report()
         try:
-            pages = await self.walk(self.source, sync, since)
+            pages = await self.walk(sync, since)
             await sync.finish()
         except (UpstreamError, PageFormatError, LogError) as exc:
             sync.abandon()
@@ -197,12 +257,33 @@ class SourceSyncer:
             logger.warning("%s: %s sync failed after %d records: %s", self.source.name, sync_type, sync.records, exc)
             return
         await self._save_checkpoint(sync, wall_started)
+        await self._family_synced(sync, wall_started)
         self._finished(sync, wall_started, "ok")
         logger.info("%s: %s sync ok: %d pages, %d records (%d dead-lettered) in %.2f s, watermark %s",
                     self.source.name, sync_type, pages, sync.records, len(sync.dead), time.monotonic() - started,
                     self.report.watermark or "-")
         if sync_type == "full" and self.reconciler is not None:
             await self._reconcile(round(wall_started * 1_000_000))
+
+    async def walk(self, sync: SyncPass, since: str | None) -> int:
+        """One walk of the source's pages over ``sync`` (its paginator; a child's over its live parents)."""
+        if self.children is None:
+            return await self.paginator.walk(sync, self.source.url, since)
+        if self.cascade is not None:
+            await self.cascade.run()
+        return await self.children.walk(sync, since)
+
+    async def _family_synced(self, sync: SyncPass, wall_started: float) -> None:
+        """After a complete sync: a parent's index learns it (and wakes its children), a child notes its start."""
+        started_us = round(wall_started * 1_000_000)
+        if self.parent_index is not None:
+            if sync.sync_type == "full":
+                await asyncio.to_thread(self.parent_index.full_sync_complete, started_us)
+                self.parent_index.ready.set()
+            if sync.parents_changed:
+                self.worker.parents_changed(self.source.name)
+        if self.parents is not None:
+            await asyncio.to_thread(self.parents.child_synced, self.source.name, started_us)
 
     async def _reconcile(self, started_us: int) -> None:
         """Only after a complete full sync whose records are all durable: see workers.reconcile."""
@@ -216,6 +297,12 @@ class SourceSyncer:
     async def _save_checkpoint(self, sync: SyncPass, wall_started: float) -> None:
         previous = self.checkpoint
         newest_us, newest_text = sync.newest
+        if self.parents is not None:
+            # Parents are walked one after another: a change to one walked early may be stamped before the
+            # newest record of one walked late. Resume no later than the start (less the clocks' skew).
+            bound_us = round((wall_started - self.source.max_clock_skew_s) * 1_000_000)
+            if newest_us > bound_us:
+                newest_us, newest_text = bound_us, native_text(self.source, bound_us)
         if previous is not None and previous.watermark_us >= newest_us and not self._beyond_skew(previous.watermark_us):
             newest_us, newest_text = previous.watermark_us, previous.watermark
         last_full = wall_started if sync.sync_type == "full" else (previous.last_full_sync_at if previous else 0.0)
@@ -266,9 +353,11 @@ class FetcherWorker(AsyncWorker):
         self.dead_letters = backend.dead_letters()
         self.syncers: dict[str, SourceSyncer] = {}
         self.key_indexes: dict[str, KeyIndex] = {}
+        self.parent_indexes: dict[str, ParentIndex] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.failure: BaseException | None = None
-        ownership = ownership_for(backend, list(self.spec.sources))
+        ownership = ownership_for(backend, list(self.spec.sources),
+                                  roots={name: self.config.root_of(name) for name in self.spec.sources})
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # No cookie jar: cookies match by host and ignore the port, so they could reach another origin.
         async with aiohttp.ClientSession(connector=connector, auto_decompress=True,
@@ -285,7 +374,7 @@ class FetcherWorker(AsyncWorker):
         await self.producer.close()
         self.checkpoints.close()
         self.dead_letters.close()
-        for index in self.key_indexes.values():
+        for index in [*self.key_indexes.values(), *self.parent_indexes.values()]:
             index.close()
         if self.failure is not None:
             raise self.failure
@@ -302,6 +391,18 @@ class FetcherWorker(AsyncWorker):
         if source not in self.key_indexes:
             self.key_indexes[source] = KeyIndex(key_index_dir(self.config), source)
         return self.key_indexes[source]
+
+    def parent_index(self, source: str) -> ParentIndex:
+        """The index of a parent source, shared by its syncer and its children's."""
+        if source not in self.parent_indexes:
+            self.parent_indexes[source] = ParentIndex(parent_index_dir(self.config), source)
+        return self.parent_indexes[source]
+
+    def parents_changed(self, source: str) -> None:
+        """Parents of ``source`` became live or were deleted: its children sync now rather than at their poll."""
+        for syncer in self.syncers.values():
+            if syncer.source.parent == source:
+                syncer.request(full=False)
 
     def gain(self, sources: list[str]) -> None:
         """Ownership handed us these sources: start syncing them (from their saved checkpoints)."""

@@ -23,17 +23,19 @@ from conflux.errors import LogError
 
 BUSY_TIMEOUT_S = 30.0
 # `rows` is append-only between reconciles; `missed` counts complete full syncs in a row that did not
-# list the key, and is carried by the folded row.
+# list the key, and is carried by the folded row. `parent` is the parent record's key of a child
+# source's record ("" otherwise): a parent's delete deletes the children listed under it.
 COLUMNS = """(
     key_hash INTEGER NOT NULL, key TEXT NOT NULL, seen_us INTEGER NOT NULL, updated_us INTEGER NOT NULL,
-    deleted INTEGER NOT NULL, missed INTEGER NOT NULL DEFAULT 0)"""
+    deleted INTEGER NOT NULL, missed INTEGER NOT NULL DEFAULT 0, parent TEXT NOT NULL DEFAULT '')"""
 # One row per key: the newest version decides `deleted` (a delete wins a tie of instants), the latest
 # sighting is `seen_us`, and a sighting since the last fold (missed = 0) clears `missed`. One GROUP BY of
 # plain aggregates: about half the cost of a window function over the same rows.
 FOLD = """
-INSERT INTO folded (key_hash, key, seen_us, updated_us, deleted, missed)
-SELECT key_hash, key, seen_us, packed >> 1 AS updated_us, packed & 1 AS deleted, missed FROM (
-    SELECT key_hash, key, max(seen_us) AS seen_us, max(updated_us * 2 + deleted) AS packed, min(missed) AS missed
+INSERT INTO folded (key_hash, key, seen_us, updated_us, deleted, missed, parent)
+SELECT key_hash, key, seen_us, packed >> 1 AS updated_us, packed & 1 AS deleted, missed, parent FROM (
+    SELECT key_hash, key, max(seen_us) AS seen_us, max(updated_us * 2 + deleted) AS packed, min(missed) AS missed,
+           max(parent) AS parent
     FROM rows WHERE rowid <= ? GROUP BY key_hash)
 """
 
@@ -50,6 +52,15 @@ class Candidate(NamedTuple):
     key_hash: int
     updated_us: int
     missed: int
+
+
+class Child(NamedTuple):
+    """A live key of a child source, and the parent it was last listed under."""
+
+    key: str
+    key_hash: int
+    updated_us: int
+    parent: str
 
 
 class KeyIndex:
@@ -69,18 +80,39 @@ class KeyIndex:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
                 db.execute(f"CREATE TABLE IF NOT EXISTS rows {COLUMNS}")
+                if "parent" not in {row[1] for row in db.execute("PRAGMA table_info(rows)")}:  # made by 0.1.0
+                    db.execute("ALTER TABLE rows ADD COLUMN parent TEXT NOT NULL DEFAULT ''")
             except sqlite3.Error as exc:
                 raise LogError(f"key index {self.path}: {exc}") from None
             self._db = db
         return self._db
 
     def seen(self, keys: Sequence[str], key_hashes: Sequence[int], updated_us: Sequence[int],
-             deleted: Sequence[bool], seen_us: int) -> None:
-        """Record that a page or webhook carried these keys at ``seen_us`` (wall clock)."""
+             deleted: Sequence[bool], seen_us: int, *, parent: str = "") -> None:
+        """Record that a page or webhook carried these keys at ``seen_us`` (wall clock); ``parent``: the
+        key of the parent record a child source's page was listed under."""
         count = len(keys)
-        rows = zip(map(_signed, key_hashes), keys, [seen_us] * count, updated_us, map(int, deleted), strict=True)
-        self.execute_many("INSERT INTO rows (key_hash, key, seen_us, updated_us, deleted) VALUES (?, ?, ?, ?, ?)",
-                          rows)
+        rows = zip(map(_signed, key_hashes), keys, [seen_us] * count, updated_us, map(int, deleted), [parent] * count,
+                   strict=True)
+        self.execute_many("INSERT INTO rows (key_hash, key, seen_us, updated_us, deleted, parent) "
+                          "VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def children_of(self, parents: Sequence[str]) -> list[Child]:
+        """The live keys whose latest sighting was under one of ``parents`` (a child source's index)."""
+        marks = ", ".join("?" * len(parents))
+        rows = self.query(f"SELECT key_hash, key, seen_us, updated_us, deleted, parent FROM rows WHERE key_hash IN "
+                          f"(SELECT key_hash FROM rows WHERE parent IN ({marks}))", tuple(parents))
+        newest: dict[int, tuple] = {}
+        latest: dict[int, tuple] = {}
+        for row in rows:
+            key_hash, _key, seen_us, updated_us, deleted, _parent = row
+            if key_hash not in newest or (updated_us, deleted) > newest[key_hash][3:5]:
+                newest[key_hash] = row
+            if _parent and (key_hash not in latest or seen_us >= latest[key_hash][2]):
+                latest[key_hash] = row   # a webhook's sighting (no parent) does not move a key to another parent
+        wanted = set(parents)
+        return [Child(row[1], _unsigned(key_hash), row[3], latest[key_hash][5]) for key_hash, row in newest.items()
+                if not row[4] and key_hash in latest and latest[key_hash][5] in wanted]
 
     def reconcile(self, started_us: int) -> Reconcile:
         """Fold what is recorded so far, for comparing with the full sync that started at ``started_us``."""
@@ -162,8 +194,9 @@ class Reconcile:
              "WHERE key_hash IN (SELECT key_hash FROM decided WHERE deleted = 1)", (self.started_us,)),
             ("UPDATE folded SET missed = missed + 1 WHERE key_hash IN (SELECT key_hash FROM decided WHERE deleted = 0)",
              ()),
-            ("INSERT INTO folded (key_hash, key, seen_us, updated_us, deleted, missed) "
-             "SELECT key_hash, key, seen_us, updated_us, deleted, missed FROM rows WHERE rowid > ?", (self.upto,)),
+            ("INSERT INTO folded (key_hash, key, seen_us, updated_us, deleted, missed, parent) "
+             "SELECT key_hash, key, seen_us, updated_us, deleted, missed, parent FROM rows WHERE rowid > ?",
+             (self.upto,)),
             ("DROP TABLE rows", ()), ("DROP TABLE decided", ()),
             ("ALTER TABLE folded RENAME TO rows", ()),
         ])

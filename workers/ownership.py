@@ -50,9 +50,11 @@ def source_partition(source: str, partitions: int) -> int:
     return xxh3_64_intdigest(source.encode()) % partitions
 
 
-def ownership_for(backend: LogBackend, sources: list[str]) -> SourceOwnership:
+def ownership_for(backend: LogBackend, sources: list[str], *, roots: dict[str, str] | None = None) -> SourceOwnership:
+    """``roots``: each source's family root (``Config.root_of``); a family is owned as one, by its root's
+    partition, because a child is walked from its parent's index in the same process."""
     if backend.name == "kafka":
-        return KafkaOwnership(backend, sources)
+        return KafkaOwnership(backend, sources, roots=roots)
     return StaticOwnership(sources)
 
 
@@ -73,10 +75,11 @@ class StaticOwnership:
 class KafkaOwnership:
     """A seat in the ``<group>.fetchers`` group; assigned partitions of the sources topic are owned sources."""
 
-    def __init__(self, backend, sources: list[str]) -> None:
+    def __init__(self, backend, sources: list[str], *, roots: dict[str, str] | None = None) -> None:
         self.member = backend.source_member()
         self.topic = backend.sources_topic
         self.sources = list(sources)
+        self.roots = roots or {}
         self.by_partition: dict[int, list[str]] = {}
         self.owner: Owner | None = None
 
@@ -86,7 +89,7 @@ class KafkaOwnership:
         partitions = self.member.partition_count(self.topic)
         by_partition = defaultdict(list)
         for name in self.sources:
-            by_partition[source_partition(name, partitions)].append(name)
+            by_partition[source_partition(self.roots.get(name, name), partitions)].append(name)
         self.by_partition = dict(by_partition)
         while True:
             self.member.poll(1, 0.0)

@@ -8,10 +8,10 @@ the candidates:
 - more than ``reconcile_max_fraction`` of the live keys missing refuses the whole reconcile (an
   upstream that briefly answers empty pages must not wipe analytics);
 - a key with a version at or after T0 is kept (something newer than the sync exists);
-- cursor and keyset styles list every record exactly once, so a candidate is deleted at once; with
-  page, offset and link styles a record can move past the pager while the sync runs, so a candidate
-  is deleted only at a second look: the next complete full sync misses it too, or ``lookup_url``
-  answers 404 for it.
+- cursor and keyset styles (a paginator whose ``stable`` is true) list every record exactly once, so a
+  candidate is deleted at once; with page, offset, link and next_url styles a record can move past the
+  pager while the sync runs, so a candidate is deleted only at a second look: the next complete full
+  sync misses it too, or ``lookup_url`` answers 404 for it.
 A delete is published like any other version (``updated_at`` = T0, ``op`` delete) and reaches every
 sink through the log, the consumers and the mergers; the index remembers it, so the key is not
 deleted again, and a late, older upsert cannot revive it there either.
@@ -39,7 +39,6 @@ from conflux.workers.upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
-STABLE_STYLES = frozenset({"cursor", "watermark"})
 CANDIDATE_BATCH = 1000
 NULL_RECORD = Raw(b"null")
 
@@ -51,17 +50,21 @@ class Reconciler:
     """A reconciled source's key index and the reconcile after each complete full sync. ``client`` is the
     source's own (lookups share its rate limit and credentials); ``publish`` makes columns durable."""
 
-    def __init__(self, source: SourceConfig, index: KeyIndex, client: UpstreamClient, publish: Publish) -> None:
+    def __init__(self, source: SourceConfig, index: KeyIndex, client: UpstreamClient, publish: Publish, *,
+                 stable: bool = False) -> None:
+        """``stable``: the source's paginator lists every record exactly once per sync (``Paginator.stable``)."""
         self.source = source
         self.index = index
         self.client = client
         self.publish = publish
+        self.stable = stable
 
-    async def seen(self, columns: Columns, seen_us: int) -> None:
-        """A page of the source was published: its keys are live (or deleted) as of ``seen_us``."""
+    async def seen(self, columns: Columns, seen_us: int, *, parent: str = "") -> None:
+        """A page of the source was published: its keys are live (or deleted) as of ``seen_us``; ``parent``:
+        the parent record's key a child source's page was listed under."""
         if len(columns):
             await asyncio.to_thread(self.index.seen, columns.keys, columns.key_hashes, columns.updated_us,
-                                    columns.deleted or [False] * len(columns), seen_us)
+                                    columns.deleted or [False] * len(columns), seen_us, parent=parent)
 
     async def run(self, started_us: int) -> ReconcileReport:
         """Compare the index with the full sync that started at ``started_us``; publish the deletes."""
@@ -103,7 +106,7 @@ class Reconciler:
         for candidate in batch:
             if candidate.updated_us >= started_us:
                 report.kept += 1            # a version at or after the sync's start: never deleted by it
-            elif self.source.pagination in STABLE_STYLES or candidate.missed >= 1:
+            elif self.stable or candidate.missed >= 1:
                 deleted.append(candidate)
             elif self.source.lookup_url:
                 look.append(candidate)

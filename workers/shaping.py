@@ -98,7 +98,8 @@ class SourceShape:
     of one or more fields, updated, the delete marker, the filter field), the timestamp format, the
     filter and the reshaper (None when the source keeps records as they are)."""
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: Any, *, extra: dict[str, str] | None = None) -> None:
+        """``extra``: more fields to decode with the identity, name -> dotted path (read with ``identity.value``)."""
         self.key_names = source.key_paths
         self.updated_name = source.updated
         self.max_clock_skew_s = source.max_clock_skew_s
@@ -109,6 +110,7 @@ class SourceShape:
             leaves["deleted"] = split_path(source.deleted)
         if source.filter is not None:
             leaves["filter"] = split_path(source.filter.field)
+        leaves.update({name: split_path(path) for name, path in (extra or {}).items()})
         self.identity = Identity(leaves)
         self.key_columns = [f"key{index}" for index in range(len(self.key_names))]
         self.timestamps = Timestamps(source.updated_format)

@@ -1,4 +1,4 @@
-"""HTTP GETs against one upstream source, with every protection a polite, persistent client needs.
+"""HTTP requests against one upstream source, with every protection a polite, persistent client needs.
 
 Runs in fetcher processes, one ``UpstreamClient`` per source, shared by every request to it: the
 pages of scheduled and manual (POST /sync) syncs and all their retries. A request first takes a
@@ -15,6 +15,10 @@ Credentials and static headers go only to the source's own origin (scheme, host,
 origins), at most MAX_REDIRECTS deep; a redirect or next link to another origin is refused with
 OriginRefused unless ``allowed_origins`` names it, and then it is requested without them. Bodies are
 read in chunks up to ``max_page_bytes`` after decompression.
+
+Pages are GETs, or POSTs with a body for search APIs (``workers.page_request``); a 307 or 308 redirect
+of a POST is followed with its method and body, a 301, 302 or 303 as a GET without them (what browsers
+and the RFC's note do).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from conflux.config import RetryConfig, SourceConfig
 from conflux.errors import ConfigError, UpstreamError
 from conflux.workers.auth import TokenUnavailable, make_auth
 from conflux.workers.bodies import OriginRefused, origin_of, read_capped, shown
+from conflux.workers.page_request import Outgoing
 from conflux.workers.ratelimit import TokenBucket
 from conflux.workers.resilience import MAX_RETRY_AFTER_S, Backoff, CircuitBreaker, parse_retry_after
 
@@ -43,6 +48,15 @@ RETRYABLE = frozenset({408, 429})
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 ERROR_BODY_BYTES = 64 << 10  # of a non-2xx answer: enough to show what the upstream said
+KEEP_METHOD = frozenset({307, 308})
+
+
+class UpstreamAnswered(UpstreamError):
+    """A final answer that is not a success (4xx other than 408/429): ``status`` says which."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Response(NamedTuple):
@@ -81,18 +95,22 @@ class UpstreamClient:
                   accept: frozenset[int] = frozenset()) -> Response:
         """One successful (2xx) response, or one whose status is in ``accept`` (a by-key lookup's 404),
         or UpstreamError after the retries are spent."""
+        return await self.send(url, Outgoing("GET", params), accept=accept)
+
+    async def send(self, url: str, outgoing: Outgoing, *, accept: frozenset[int] = frozenset()) -> Response:
+        """``get`` for any request: a page's POST with its body, say."""
         backoff = Backoff.from_config(self.retry)
         refreshed_auth = False
         last_problem = "no attempt made"
         for attempt_number in range(1, self.retry.max_attempts + 1):
             while not self.breaker.allow():
                 await asyncio.sleep(max(self.breaker.wait_s(), backoff.floor_s))
-            attempt = await self._attempt(url, params)
+            attempt = await self._attempt(url, outgoing)
             if _status(attempt) == 401 and attempt.credentials and not refreshed_auth:
                 refreshed_auth = True
                 if await self.auth.refresh(self.session, attempt.credentials):
                     self.breaker.record_success()  # the server answered; the credentials were stale
-                    attempt = await self._attempt(url, params)
+                    attempt = await self._attempt(url, outgoing)
             if self._settled(attempt, url, accept):
                 return attempt.response
             self.breaker.record_failure()
@@ -112,8 +130,8 @@ class UpstreamClient:
         self.breaker.record_success()
         if 200 <= response.status < 300 or response.status in accept:
             return True
-        raise UpstreamError(f"{self.source.name}: {url} answered {response.status}: "
-                            f"{response.body[:200].decode('utf-8', 'replace')}")
+        raise UpstreamAnswered(f"{self.source.name}: {url} answered {response.status}: "
+                               f"{response.body[:200].decode('utf-8', 'replace')}", response.status)
 
     async def _wait_to_retry(self, attempt: Attempt, backoff: Backoff) -> None:
         retry_after_s = None
@@ -127,7 +145,7 @@ class UpstreamClient:
         logger.info("%s: %s; retrying in %.2f s", self.source.name, attempt.problem, delay_s)
         await asyncio.sleep(delay_s)
 
-    async def _attempt(self, url: str, params: dict[str, str] | None) -> Attempt:
+    async def _attempt(self, url: str, outgoing: Outgoing) -> Attempt:
         """One try, following redirects itself so each hop gets only what its origin may see."""
         async with self.slots:
             try:
@@ -138,11 +156,13 @@ class UpstreamClient:
             for _hop in range(MAX_REDIRECTS + 1):
                 own = origin_of(target) == self.origin
                 headers = {**self.source.headers, **credentials} if own else {}
-                attempt = await self._exchange(target, params, headers, credentials if own else {})
+                attempt = await self._exchange(target, outgoing, headers, credentials if own else {})
                 location = _redirect_location(attempt)
                 if location is None:
                     return attempt
-                target, params = self._checked(location, "a redirect to", base=target), None
+                target = self._checked(location, "a redirect to", base=target)
+                keep = outgoing.method != "GET" and _status(attempt) in KEEP_METHOD
+                outgoing = outgoing._replace(params=None) if keep else Outgoing("GET")
         raise UpstreamError(f"{self.source.name}: more than {MAX_REDIRECTS} redirects from {shown(URL(url))}")
 
     def _checked(self, location: str, what: str, *, base: URL | None = None) -> URL:
@@ -159,15 +179,20 @@ class UpstreamClient:
                 f"({self.origin}) nor in allowed_origins (the source's credentials go only to its own origin)")
         return target
 
-    async def _exchange(self, target: URL, params: dict[str, str] | None, headers: dict[str, str],
+    async def _exchange(self, target: URL, outgoing: Outgoing, headers: dict[str, str],
                         sent: dict[str, str]) -> Attempt:
         """One HTTP request (one hop of a redirect chain), after a token of the rate limit."""
         await self.limiter.acquire()
         started = time.perf_counter()
         self.requests += 1
+        extra: dict[str, object] = {}
+        if outgoing.body is not None:
+            headers = {**headers, "Content-Type": outgoing.content_type}
+            extra["data"] = outgoing.body
+        send = self.session.get if outgoing.method == "GET" else self.session.post
         try:
-            async with self.session.get(target, params=params, headers=headers, timeout=self.timeout, ssl=self.ssl,
-                                        allow_redirects=False) as raw:
+            async with send(target, params=outgoing.params, headers=headers, timeout=self.timeout, ssl=self.ssl,
+                            allow_redirects=False, **extra) as raw:
                 response = Response(raw.status, raw.headers, await self._read(raw, target), str(raw.url))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             reason = _reason(exc)

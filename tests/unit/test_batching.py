@@ -78,6 +78,42 @@ def test_an_empty_records_path_means_the_body_is_the_list() -> None:
     assert columns.keys == ["a"] and meta == PageMeta()
 
 
+def test_paging_fields_may_be_dotted_paths_beside_or_inside_the_records_envelope() -> None:
+    s = schema(records_path="result.items", has_more_field="result.more", total_field="meta.paging.total",
+               next_cursor_field="response_metadata.next_cursor", next_url_path="links.next.href")
+    body = msgspec.json.encode({"result": {"items": [{"id": "a", "updated_at": T0}], "more": True},
+                                "meta": {"paging": {"total": 9}}, "response_metadata": {"next_cursor": "c1"},
+                                "links": {"next": {"href": "/api?page=2"}}})
+    columns, meta = parse(s, body)
+    assert columns.keys == ["a"]
+    assert meta == PageMeta(has_more=True, total=9, next_cursor="c1", next_url="/api?page=2")
+    # Missing or null objects on a paging field's path just mean "not sent".
+    _columns, meta = parse(s, msgspec.json.encode({"result": {"items": []}, "links": None}))
+    assert meta == PageMeta()
+
+
+def test_dotted_paging_fields_are_read_on_the_slow_path_too() -> None:
+    s = schema(records_path="result.items", next_url_path="links.next.href", has_more_field="result.more")
+    body = b'{"links": {"next": {"href": "?p=2"}}, "result": {"more": true, "items": [' \
+           b'{"id": "a", "updated_at": "%s", "x": %s}, {"id": "b", "updated_at": "%s"}]}}' % (
+               T0.encode(), deep(3000), T0.encode())
+    columns, meta = parse(s, body)
+    assert columns.keys == ["b"] and meta == PageMeta(has_more=True, next_url="?p=2")
+
+
+def test_the_source_level_records_path_wins_and_empty_means_the_body_is_the_list() -> None:
+    def parsed(**keys: Any) -> list[str]:
+        source = SourceConfig(name="crm", url="http://upstream/api", **keys)
+        bodies = {"": [{"id": "x", "updated_at": T0}], "items.items": {"items": {"items": [{"id": "y",
+                                                                                            "updated_at": T0}]}}}
+        return parse(RecordSchema(source), msgspec.json.encode(bodies[source.effective_records_path]))[0].keys
+
+    assert parsed(records_path="") == ["x"]
+    assert parsed(records_path="items.items") == ["y"]
+    with pytest.raises(PageFormatError, match="at 'the body'"):
+        RecordSchema(SourceConfig(name="crm", url="http://u/api", records_path="")).page_records(b'{"data": []}')
+
+
 @pytest.mark.parametrize("body", [
     b"", b"not json", b"[]", b'{"data": {}}', b'{"data": "x"}', b'{"records": []}', b'{"data": [1,', b"\xff\xfe",
     b'{"data": null}',

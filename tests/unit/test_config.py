@@ -88,7 +88,7 @@ def test_a_file_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
     ("sources = 5", "sources: Expected `array`, got `int`"),
     (SOURCE + "page_size = []", "sources[0].page_size: Expected `int`, got `array`"),
     ("[log]\nbackend = \"cassandra\"", "log.backend: Invalid enum value 'cassandra'"),
-    (SOURCE + 'pagination = "scroll"', "sources[0].pagination: Invalid enum value 'scroll'"),
+    (SOURCE + 'pagination = "scroll"', "sources[0] (crm).pagination: unknown pagination style 'scroll' (known: "),
     ("[[sources]]\nname = \"crm\"", "sources[0].url: missing"),
 ])
 def test_wrong_keys_and_types_name_the_field(text: str, field: str) -> None:
@@ -159,7 +159,89 @@ def test_the_pagination_table_renames_fields_and_may_carry_the_style() -> None:
     assert source.pagination_options.cursor_param == "cursor"  # the rest keeps the demo's names
     plain = load(SOURCE + 'pagination = "link"\n').sources[0]
     assert plain.pagination == "link" and plain.pagination_options.records_path == "data"
-    assert error(SOURCE + '[sources.pagination]\nstyle = "pages"').startswith("sources[0].pagination: Invalid enum")
+    assert error(SOURCE + '[sources.pagination]\nstyle = "pages"').startswith(
+        "sources[0] (crm).pagination: unknown pagination style 'pages'")
+
+
+# -- API shapes ------------------------------------------------------------------------------------
+
+
+def test_the_api_shape_keys_load_with_their_defaults() -> None:
+    [plain] = load(SOURCE).sources
+    assert (plain.method, plain.body, plain.body_type, plain.updated_since_format, plain.parent) == (
+        "GET", {}, "json", "native", "")
+    assert plain.effective_records_path == "data" and plain.parent_key_field == "parent_key"
+    text = (SOURCE + 'records_path = "result.items"\nmethod = "POST"\n'
+            'updated_since_format = "epoch_ms"\n[sources.pagination]\nstyle = "next_url"\n'
+            'next_url_path = "links.next.href"\n'
+            '[sources.body]\nquery = "status:open"\npage = { cursor = "{cursor}", size = "{limit}" }\n')
+    [source] = load(text).sources
+    assert source.effective_records_path == "result.items" and source.pagination == "next_url"
+    assert source.body == {"query": "status:open", "page": {"cursor": "{cursor}", "size": "{limit}"}}
+    assert source.pagination_options.next_url_path == "links.next.href"
+
+
+def test_a_child_source_names_its_parent_and_uses_its_fields() -> None:
+    text = (SOURCE + '[[sources]]\nname = "issues"\nurl = "http://upstream/api/projects/{parent.id}/issues"\n'
+            'parent = "crm"\nkey = ["parent_key", "number"]\n')
+    config = load(text)
+    child = config.source("issues")
+    assert child.parent_paths() == ["id"] and config.children_of("crm") == [child]
+    assert (config.root_of("issues"), config.root_of("crm")) == ("crm", "crm")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (SOURCE + 'pagination = "next_url"', "sources[0] (crm).pagination.next_url_path: required"),
+    (SOURCE + '[sources.pagination]\nstyle = "cursor"\nrecords_path = ""',
+     "sources[0] (crm).pagination.next_cursor_header: the body is the list"),
+    (SOURCE + '[sources.pagination]\nnext_cursor_header = "X Next"', "next_cursor_header: 'X Next' is not an HTTP"),
+    (SOURCE + '[sources.pagination]\nrecords_path = "a..b"', "records_path: 'a..b' is not a dotted path"),
+    (SOURCE + 'records_path = "a."', "records_path: 'a.' is not a dotted path"),
+    (SOURCE + 'records_path = "items"\n[sources.pagination]\nrecords_path = "rows"',
+     "records_path: 'items', but pagination.records_path says 'rows'"),
+    (SOURCE + '[sources.pagination]\nrecords_path = "data"\nhas_more_field = "data.more"',
+     "has_more_field: 'data.more' runs through the value of records_path 'data'"),
+    (SOURCE + 'records_path = "result"\n[sources.pagination]\nnext_url_path = "result.next"',
+     "pagination.next_url_path: 'result.next' runs through the value of records_path 'result'"),
+    (SOURCE + '[sources.body]\nq = "x"', 'body: only with method = "POST"'),
+    (SOURCE + 'method = "PUT"', "sources[0].method: Invalid enum value 'PUT'"),
+    (SOURCE + 'method = "POST"\nbody_type = "form"\n[sources.body]\nfilter = { a = 1 }',
+     "body.filter: a form body holds text, numbers, booleans or lists of them"),
+    (SOURCE + 'updated_since_format = "rfc2822"', "sources[0].updated_since_format: Invalid enum value"),
+    (SOURCE.replace("customers", "{parent.id}/x"), 'url: {parent.FIELD} needs parent = "SOURCE"'),
+    (SOURCE.replace("customers", "{parent.id}") + 'parent = "nobody"', "sources[0] (crm).parent: no source named"),
+    (SOURCE + 'parent = "crm"', "parent: a source cannot be its own parent"),
+    (SOURCE + 'parent = "other"\n' + SOURCE.replace('"crm"', '"other"'),
+     "url: a child source's url (or body) must use {parent.FIELD}"),
+    (SOURCE.replace("customers", "{parent.id}") + 'parent = "b"\n'
+     + SOURCE.replace('"crm"', '"b"').replace("customers", "{parent.id}") + 'parent = "crm"\n',
+     "sources[0] (crm).parent: the parents go round in a circle (crm -> b -> crm)"),
+    (SOURCE.replace("http://upstream", "http://{parent.host}") + 'parent = "p"\n'
+     + SOURCE.replace('"crm"', '"p"'), "url: placeholders may stand in the path and query"),
+    (SOURCE + '[sources.pagination_options]\nskip = 1', "sources[0] (crm).pagination_options.skip: unknown key"),
+])
+def test_api_shape_mistakes_name_the_field(text: str, message: str) -> None:
+    assert message in error(text)
+
+
+def test_every_example_of_connecting_your_api_in_the_readme_loads() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Connecting your API", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```toml\n")[1:]]
+    assert len(blocks) == 5
+    for block in blocks:
+        config = load(block if "[[sources]]" in block else SOURCE + block)
+        assert config.sources
+
+
+def test_the_api_shape_keys_survive_the_redacted_round_trip() -> None:
+    text = (SOURCE + 'method = "POST"\nrecords_path = ""\nupdated_since_format = "epoch_s"\n'
+            '[sources.pagination]\nstyle = "cursor"\nnext_cursor_header = "X-Next"\n'
+            '[sources.body]\nq = ["a", "{cursor}"]\n'
+            '[[sources]]\nname = "kids"\nurl = "http://upstream/api/{parent.id}/kids"\nparent = "crm"\n')
+    config = load(text)
+    again = load(to_toml(redacted(config)))
+    assert again.sources == config.sources
 
 
 # -- environment overrides ---------------------------------------------------------------------

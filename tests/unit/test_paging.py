@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from conflux.config import PaginationConfig, SourceConfig
 from conflux.errors import PageFormatError, UpstreamError
 from conflux.workers.batching import RecordSchema
-from conflux.workers.paging import STYLES, PageInfo
+from conflux.workers.paging import PageInfo, make_paginator, since_text
 from conflux.workers.upstream import Response
 
 URL = "http://upstream.test/api/customers"
@@ -69,7 +69,8 @@ class FakeUpstream:
         records, fields, meta = self.schema.page_records(response.body)
         columns = self.schema.columns(records, fields)
         self.handled += columns.keys
-        last = (columns.native_text(-1), columns.keys[-1]) if len(columns) else None
+        last = (since_text(self.source, columns.updated_us[-1], columns.native_text(-1)), columns.keys[-1]) \
+            if len(columns) else None
         return PageInfo(len(records), meta, last)
 
     # -- the upstream ------------------------------------------------------------------------------
@@ -84,44 +85,54 @@ class FakeUpstream:
             return [r for r in rows if r["updated_at"] >= since]
         return [r for r in rows if (r["updated_at"], r.get("id", "")) > (since, after)]
 
+    def window(self, query: dict[str, str]) -> tuple[int, int]:
+        """(page size, first position) of the page a request asks for, in the style's own terms."""
+        style, options = self.source.pagination, self.options
+        if style in ("page", "link"):
+            size = int(query[options.size_param])
+            return size, (int(query[options.page_param]) - options.first_page) * size
+        position = {"offset": query.get(options.offset_param), "cursor": query.get(options.cursor_param),
+                    "next_url": query.get("from")}.get(style)
+        return int(query[options.limit_param]), int(position or "0")
+
     def serve(self, url: str, query: dict[str, str]) -> Response:
         rows, style, options = self.visible(query), self.source.pagination, self.options
         headers: CIMultiDict[str] = CIMultiDict()
-        if style in ("page", "link"):
-            size = int(query[options.size_param])
-            start = (int(query[options.page_param]) - options.first_page) * size
-        elif style == "offset":
-            size, start = int(query[options.limit_param]), int(query[options.offset_param])
-        elif style == "cursor":
-            size, start = int(query[options.limit_param]), int(query.get(options.cursor_param, "0"))
-        else:
-            size, start = int(query[options.limit_param]), 0
+        size, start = self.window(query)
         data, more = rows[start:start + size], start + size < len(rows)
         body: dict[str, Any] = {"data": data}
         if self.send_has_more and style != "link":
             body[options.has_more_field] = more
         if self.send_total and style in ("page", "offset"):
             body[options.total_field] = len(rows)
-        if style == "cursor":
+        if style == "cursor" and options.next_cursor_header and more:
+            headers.add(options.next_cursor_header, str(start + size))
+        elif style == "cursor" and not options.next_cursor_header:
             body[options.next_cursor_field] = str(start + size) if more else None
+        if style == "next_url":
+            body["links"] = {"next": f"?{urlencode({**query, 'from': str(start + size)})}" if more else None}
         if style == "link" and more:
             page = int(query[options.page_param])
             prev, after = (urlencode({**query, options.page_param: str(n)}) for n in (page - 1, page + 1))
             headers.add("Link", f'<{self.link_base}?{prev}>; rel="prev", <{self.link_base}?{after}>; rel="next"')
+        url = f"{url.split('?')[0]}?{urlencode(query)}"   # the URL as requested, as aiohttp reports it
         return Response(200, CIMultiDictProxy(headers), msgspec.json.encode(body), url)
 
 
 def source(style: str, *, page_size: int = 7, max_concurrency: int = 3, max_pages_per_sync: int = 100_000,
-           **options: Any) -> SourceConfig:
+           updated_since_format: str = "native", **options: Any) -> SourceConfig:
+    if style == "next_url":
+        options.setdefault("next_url_path", "links.next")
     return SourceConfig(name="crm", url=URL, pagination=style, page_size=page_size, max_concurrency=max_concurrency,
-                        max_pages_per_sync=max_pages_per_sync, pagination_options=PaginationConfig(**options))
+                        max_pages_per_sync=max_pages_per_sync, pagination_options=PaginationConfig(**options),
+                        updated_since_format=updated_since_format)
 
 
 def walk(upstream: FakeUpstream, since: str | None = None) -> int:
-    return asyncio.run(STYLES[upstream.source.pagination](upstream.source, upstream, since))
+    return asyncio.run(make_paginator(upstream.source).walk(upstream, URL, since))
 
 
-ALL_STYLES = ["page", "offset", "cursor", "link", "watermark"]
+ALL_STYLES = ["page", "offset", "cursor", "link", "watermark", "next_url"]
 
 
 @pytest.mark.parametrize("style", ALL_STYLES)
@@ -139,7 +150,7 @@ def test_without_has_more_a_full_page_means_there_may_be_more(style: str) -> Non
     upstream = FakeUpstream(source(style), dataset(49), has_more=False, total=False)
     pages = walk(upstream)
     assert sorted(upstream.handled) == [r["id"] for r in upstream.records]
-    assert pages == (7 if style in ("cursor", "link") else 8)  # the 8th page is empty and ends the walk
+    assert pages == (7 if style in ("cursor", "link", "next_url") else 8)  # the 8th page is empty and ends the walk
 
 
 @pytest.mark.parametrize("style", ["page", "offset"])
@@ -232,7 +243,7 @@ def test_a_failed_page_stops_the_concurrent_fetches() -> None:
 
     async def scenario() -> int:
         with pytest.raises(UpstreamError):
-            await STYLES["page"](upstream.source, upstream, None)
+            await make_paginator(upstream.source).walk(upstream, URL, None)
         requested = len(upstream.requests)
         for _ in range(20):
             await asyncio.sleep(0)
@@ -326,3 +337,98 @@ def test_a_huge_total_fails_before_any_page_list_is_built(style: str) -> None:
     with pytest.raises(PageFormatError, match="max_pages_per_sync"):
         walk(upstream)
     assert len(upstream.requests) == 1
+
+
+# -- next URL in the body, cursor in a header, updated_since formats ----------------------------------------
+
+
+def test_next_url_follows_the_relative_link_in_the_body_until_it_is_null() -> None:
+    upstream = FakeUpstream(source("next_url"), dataset(20))
+    assert walk(upstream, since=stamp(0)) == 3
+    assert upstream.handled == [r["id"] for r in upstream.records]
+    # The first request asks for the page size and updated_since; every next URL is taken as it is.
+    assert upstream.requests[0] == {"limit": "7", "updated_since": stamp(0)}
+    assert [q["from"] for q in upstream.requests[1:]] == ["7", "14"]
+
+
+@pytest.mark.parametrize("end", [None, "", "missing"])
+def test_next_url_ends_on_null_empty_or_missing(end: object) -> None:
+    upstream = FakeUpstream(source("next_url"), dataset(20))
+    links = {} if end == "missing" else {"next": end}
+    upstream.serve = lambda url, query: Response(200, CIMultiDictProxy(CIMultiDict()), msgspec.json.encode(
+        {"data": dataset(7), "links": links}), url)
+    assert walk(upstream) == 1
+
+
+def test_next_url_that_is_not_a_string_fails_the_sync_naming_the_path() -> None:
+    upstream = FakeUpstream(source("next_url", next_url_path="paging.next.href"), dataset(20))
+    upstream.serve = lambda url, query: Response(200, CIMultiDictProxy(CIMultiDict()), msgspec.json.encode(
+        {"data": dataset(7), "paging": {"next": {"href": 42}}}), url)
+    with pytest.raises(PageFormatError, match=r"'paging\.next\.href' must be a URL"):
+        walk(upstream)
+
+
+def test_a_next_url_that_comes_back_fails_the_sync() -> None:
+    upstream = FakeUpstream(source("next_url"), dataset(70))
+    serve = upstream.serve
+
+    def looping(url: str, query: dict[str, str]) -> Response:
+        response = serve(url, query)
+        body = msgspec.json.decode(response.body)
+        if query.get("from") == "21":
+            body["links"]["next"] = "?limit=7&from=7"
+        return response._replace(body=msgspec.json.encode(body))
+
+    upstream.serve = looping
+    with pytest.raises(PageFormatError, match="pagination loops: the upstream sent the next URL"):
+        walk(upstream)
+    assert [q.get("from") for q in upstream.requests] == [None, "7", "14", "21"]
+
+
+def test_the_cursor_can_come_from_a_response_header() -> None:
+    upstream = FakeUpstream(source("cursor", next_cursor_header="X-Next-Cursor"), dataset(20))
+    assert walk(upstream) == 3
+    assert upstream.handled == [r["id"] for r in upstream.records]
+    assert [q.get("cursor") for q in upstream.requests] == [None, "7", "14"]
+
+
+def test_a_header_cursor_that_comes_back_fails_the_sync() -> None:
+    upstream = FakeUpstream(source("cursor", next_cursor_header="X-Next-Cursor"), dataset(70))
+    serve = upstream.serve
+
+    def looping(url: str, query: dict[str, str]) -> Response:
+        response = serve(url, query)
+        return response._replace(headers=CIMultiDictProxy(CIMultiDict({"X-Next-Cursor": "7"})))
+
+    upstream.serve = looping
+    with pytest.raises(PageFormatError, match="'X-Next-Cursor' header '7' again"):
+        walk(upstream)
+
+
+@pytest.mark.parametrize(("form", "expected"), [
+    ("native", "2024-05-01T10:00:07+00:00"), ("iso8601", "2024-05-01T10:00:07Z"),
+    ("epoch_s", "1714557607"), ("epoch_ms", "1714557607000")])
+def test_updated_since_is_sent_in_the_configured_format(form: str, expected: str) -> None:
+    instant_us = 1714557607_000_000
+    assert since_text(source("page", updated_since_format=form), instant_us, "2024-05-01T10:00:07+00:00") == expected
+    assert since_text(source("page", updated_since_format="epoch_ms"), instant_us + 999, "") == "1714557607000"
+
+
+def test_the_keyset_position_is_sent_in_the_updated_since_format_too() -> None:
+    upstream = FakeUpstream(source("watermark", updated_since_format="epoch_s"), dataset(20))
+    upstream.visible = lambda query: upstream.records[int(query["after_key"][1:]) + 1 if "after_key" in query else 0:]
+    walk(upstream)
+    assert upstream.handled == [r["id"] for r in upstream.records]
+    assert (upstream.requests[1]["updated_since"], upstream.requests[1]["after_key"]) == ("1714557606", "k0006")
+
+
+@pytest.mark.parametrize(("style", "options", "problem"), [
+    ("next_url", {"next_url_path": ""}, "pagination.next_url_path: required"),
+    ("next_url", {"records_path": ""}, "records_path: the next_url style reads the next URL from the body"),
+    ("cursor", {"records_path": ""}, "pagination.next_cursor_header: the body is the list of records"),
+])
+def test_a_style_refuses_a_source_it_cannot_walk(style: str, options: dict, problem: str) -> None:
+    config = source(style, **options)
+    paginator = make_paginator(config)
+    with pytest.raises(ValueError, match=problem):
+        paginator.check(config, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from urllib.parse import parse_qsl
 
 import msgspec
 import pytest
@@ -22,11 +23,19 @@ from conflux.demo.store import Collection
 from conflux.demo.upstream_time import format_us, parse_iso_us
 
 
+class Links(msgspec.Struct):
+    next: str | None = None
+
+
 class Body(msgspec.Struct):
     data: list[msgspec.Raw]
     next_cursor: str | None = None
     has_more: bool = False
     total: int | None = None
+    links: Links | None = None
+
+
+BARE = ("header-cursor", "skip-take")   # styles whose body is the bare list of records
 
 
 def make(spec=datagen.CUSTOMERS, count=350) -> Collection:
@@ -36,14 +45,21 @@ def make(spec=datagen.CUSTOMERS, count=350) -> Collection:
 def walk(collection: Collection, style: str, **query: str) -> list[bytes]:
     """Every record of a full pass, following each style's own way to the next page."""
     records: list[bytes] = []
-    query = {"page": "1", "offset": "0", **query} if style in ("page", "link", "offset") else dict(query)
-    size = query.setdefault("size" if style in ("page", "link") else "limit", "40")
+    query = {"page": "1", "offset": "0", "skip": "0", **query} if style in ("page", "link", "offset", "skip-take") \
+        else dict(query)
+    size = query.setdefault({"page": "size", "link": "size", "skip-take": "take"}.get(style, "limit"), "40")
     while True:
         page = STYLES[style](collection, query)
-        body = msgspec.json.decode(page.body, type=Body)
+        body = msgspec.json.decode(b'{"data":%s}' % page.body if style in BARE else page.body, type=Body)
         records += [bytes(raw) for raw in body.data]
         if style == "cursor" and body.next_cursor:
             query["cursor"] = body.next_cursor
+        elif style == "header-cursor" and "X-Next-Cursor" in page.headers:
+            query["cursor"] = page.headers["X-Next-Cursor"]
+        elif style == "next" and body.links.next:
+            query = dict(parse_qsl(body.links.next.lstrip("?")))
+        elif style == "skip-take" and int(query["skip"]) + int(size) < int(page.headers["X-Total-Count"]):
+            query["skip"] = str(int(query["skip"]) + int(size))
         elif style == "link" and page.next_page:
             query["page"] = str(page.next_page)
         elif style in ("page", "offset", "keyset") and body.has_more:
