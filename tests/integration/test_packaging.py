@@ -4,6 +4,7 @@ python-daemon (or PyPI's `daemon`, `ipc`, `workers`, `demo`), and `python -m con
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,9 +20,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # A copy of the tree: a build leaves build/ and *.egg-info behind, and an egg-info in the checkout
+    # would shadow the installed metadata (entry points) of every process started there.
+    source = tmp_path_factory.mktemp("source") / "conflux"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "dist", "*.egg-info", "var", "__pycache__", "examples", "node_modules"))
     # No build isolation: the test venv already has setuptools and wheel, and the build needs no network.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     (found,) = out.glob("conflux_daemon-*.whl")
     return found
 
