@@ -155,8 +155,10 @@ class AsyncWorker(Worker):
         messages, closed = self.channel.receive()
         for message in messages:
             self.on_control(message)
-        if closed:  # the supervisor is gone: nobody will restart us or read our reports
-            self.stopping.set()
+        if closed:  # the supervisor is gone: nobody will read our reports or kill us at a drain deadline
+            asyncio.get_running_loop().remove_reader(self.channel.fileno())
+            logger.warning("the supervisor is gone; stopping at once (the log keeps what was not committed)")
+            self._quit()
 
     def on_control(self, message: object) -> None:
         """Supervisor -> worker messages; roles override what they understand."""

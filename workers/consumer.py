@@ -140,13 +140,16 @@ class ConsumerWorker(Worker):
         """While draining: has our drain deadline passed? The first call starts the drain."""
         if not self.draining:
             return False
+        messages, closed = self.channel.receive()
         if self.drain_deadline is None:
-            messages, _closed = self.channel.receive()
             budgets = [message.timeout_s for message in messages if isinstance(message, Drain)]
             # No Drain message: the TERM came from elsewhere (the kernel when the supervisor died, an operator).
             budget_s = budgets[-1] if budgets else self.config.daemon.shutdown_timeout_s
             self.drain_deadline = drain_deadline(time.monotonic(), budget_s)
             self._ask_mergers_to_flush()
+        if closed:  # the supervisor is gone: nobody will wait for us, or kill us at its deadline
+            logger.warning("the supervisor is gone; committing what is acknowledged and stopping")
+            return True
         return time.monotonic() >= self.drain_deadline
 
     def _shutdown(self) -> None:

@@ -168,7 +168,10 @@ class MergerWorker(AsyncWorker):
                     self._start_reading()
                 continue
             self.wake.clear()
-            waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(self.stopping.wait())]
+            # Once stopping, the stop is no news: waiting on it again would spin this loop while a
+            # delivery retries (a sink that is down during a drain).
+            events = [self.wake] if stopping else [self.wake, self.stopping]
+            waits = [asyncio.ensure_future(event.wait()) for event in events]
             await asyncio.wait(waits, timeout=delay_s, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waits:
                 waiter.cancel()

@@ -107,3 +107,19 @@ def test_second_sigterm_stops_at_once(upstream_factory, analytics_factory, daemo
     daemon.send_signal(signal.SIGTERM)
     # The drain alone would wait 600 s for the sink; the poll's timeout is far shorter.
     assert daemon.wait_exit(timeout_s=60) == 0
+
+
+def test_workers_of_a_killed_supervisor_exit_even_while_the_sink_is_down(upstream_factory, analytics_factory,
+                                                                         daemon_factory):
+    """No worker outlives its supervisor: a merger draining towards a sink that is down used to spin in its
+    flush loop forever once nobody was left to kill it at the drain deadline."""
+    upstream = upstream_factory(customers=1000, products=1000)
+    sink = analytics_factory(outage_s="0:600")
+    daemon = daemon_factory(sources=both_sources(upstream.url), sink_url=sink.url,
+                            daemon={"shutdown_timeout_s": 600.0})
+    daemon.wait_running()
+    wait_until(lambda: daemon.metric("conflux_sink_retries_total"), timeout_s=60, message="deliveries to be failing")
+    workers = [psutil.Process(worker["pid"]) for worker in daemon.workers()]
+    daemon.send_signal(signal.SIGKILL)
+    wait_until(lambda: all(_gone(worker) for worker in workers), timeout_s=30,
+               message="every worker to exit after its supervisor died")
