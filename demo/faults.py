@@ -1,4 +1,4 @@
-"""Fault injection for the demo upstream's page responses: latency, 500s, 429s.
+"""Fault injection for the demo upstream's page responses: latency, 500s, 429s, empty listings.
 
 Used by the upstream process's page handlers. Settings come from the command line and can be
 replaced at run time through ``POST /admin/faults``; both paths validate through the same Struct,
@@ -27,6 +27,8 @@ class FaultSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     error_rate: Fraction = 0.0
     throttle_rate: Fraction = 0.0
     retry_after_s: Annotated[int, msgspec.Meta(ge=0)] = 1
+    # An upstream that briefly lists nothing: every page of every style is an empty last page.
+    empty_pages: bool = False
 
     def updated(self, changes: Mapping[str, object]) -> FaultSettings:
         """A copy with ``changes`` applied; raises ValueError naming the offending field."""

@@ -138,6 +138,7 @@ import uvloop
 
 from conflux.demo.datagen import HostileRecords
 from conflux.demo.faults import FaultInjector, FaultSettings
+from conflux.demo.record_layout import LAYOUTS, TIMESTAMP_FORMATS, RecordLayout, layout_problem
 from conflux.demo.store import build_collections
 from conflux.demo.upstream_app import UpstreamApp, bind, serve, url_of
 from conflux.demo.upstream_auth import AuthGate, AuthSettings
@@ -189,6 +190,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--records-per-system", type=count, default=1000, help="records each (default 1000)")
     data.add_argument("--timestamp-precision", choices=sorted(PRECISION_UNIT_US), default="s",
                       help="precision of updated_at (default s)")
+    data.add_argument("--timestamp-format", choices=TIMESTAMP_FORMATS, default="iso8601",
+                      help="updated_at as ISO 8601 text, or an integer of seconds/ms/us since the epoch "
+                           "(default %(default)s)")
+    data.add_argument("--layout", choices=LAYOUTS, default="flat",
+                      help="flat: key and updated_at at the top level; nested: in a \"meta\" object, with "
+                           "\"deleted\" (default %(default)s)")
     changes = parser.add_argument_group("changes and webhooks")
     changes.add_argument("--change-rate", type=number, default=0.0, metavar="PER_S",
                          help="random record updates per second in the background (default 0)")
@@ -208,6 +215,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--error-rate", type=_fraction, default=0.0, help="fraction of pages answered 500")
     faults.add_argument("--throttle-rate", type=_fraction, default=0.0, help="fraction answered 429")
     faults.add_argument("--retry-after-s", type=count, default=1, help="Retry-After of a 429 (default 1)")
+    faults.add_argument("--empty-pages", action="store_true",
+                        help="every page is an empty last page, as if nothing were listed (see /admin/faults)")
     faults.add_argument("--malformed-rate", type=_fraction, default=0.0,
                         help="fraction of records generated malformed (no key / bad updated_at)")
     faults.add_argument("--count-header", action="append", default=[], metavar="NAME",
@@ -249,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
     """Generate the data, then serve until SIGTERM/SIGINT. Runs in the `conflux upstream` process."""
     if bool(args.webhook_url) != bool(args.webhook_secret):
         print("conflux upstream: --webhook-url and --webhook-secret go together", file=sys.stderr)
+        return EXIT_BAD_OPTIONS
+    problem = layout_problem(args.timestamp_precision, args.timestamp_format)
+    if problem:
+        print(f"conflux upstream: --timestamp-format, --timestamp-precision: {problem}", file=sys.stderr)
         return EXIT_BAD_OPTIONS
     try:
         ssl_context = _tls_context(args.tls_cert, args.tls_key)
@@ -303,7 +316,10 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
                                     products=args.products, systems=args.systems,
                                     records_per_system=args.records_per_system,
                                     hostile=HostileRecords(deep=args.deep_records, depth=args.deep_record_depth,
-                                                           future=args.future_records))
+                                                           future=args.future_records),
+                                    layout=RecordLayout(precision=args.timestamp_precision,
+                                                        timestamp_format=args.timestamp_format,
+                                                        nested=args.layout == "nested"))
     gc.freeze()
     gc.enable()
     total = sum(len(collection) for collection in collections.values())
@@ -311,7 +327,7 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
           f"in {time.perf_counter() - started:.2f}s", flush=True)
     faults = FaultSettings(latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms,
                            error_rate=args.error_rate, throttle_rate=args.throttle_rate,
-                           retry_after_s=args.retry_after_s)
+                           retry_after_s=args.retry_after_s, empty_pages=args.empty_pages)
     webhooks = None
     if args.webhook_url:
         webhooks = WebhookSender(url_template=args.webhook_url, secret=args.webhook_secret,
