@@ -201,6 +201,7 @@ class ReconcileReport(Struct, kw_only=True):
     kept: int = 0
     refused: bool = False
     detail: str = ""
+    duration_s: float = 0.0                 # fold, decisions, lookups and the deletes' publish
 
 
 class SourceReport(Struct, kw_only=True, tag="source"):

@@ -65,10 +65,12 @@ class Reconciler:
 
     async def run(self, started_us: int) -> ReconcileReport:
         """Compare the index with the full sync that started at ``started_us``; publish the deletes."""
+        began = time.monotonic()
         reconcile = await asyncio.to_thread(self.index.reconcile, started_us)
         report = ReconcileReport(at=time.time(), live=reconcile.live, checked=reconcile.missing)
         if reconcile.live and reconcile.missing > self.source.reconcile_max_fraction * reconcile.live:
             await asyncio.to_thread(reconcile.abandon)
+            report.duration_s = round(time.monotonic() - began, 3)
             return self._refused(report)
         try:
             candidates = reconcile.candidates(CANDIDATE_BATCH)
@@ -82,9 +84,10 @@ class Reconciler:
             await asyncio.to_thread(reconcile.abandon)
             raise
         self._count(report)
+        report.duration_s = round(time.monotonic() - began, 3)
         logger.info("%s: reconcile after the full sync: %d live keys, %d not listed: %d deleted, %d waiting "
-                    "for a second look, %d kept", self.source.name, report.live, report.checked, report.deleted,
-                    report.waiting, report.kept)
+                    "for a second look, %d kept, in %.2f s", self.source.name, report.live, report.checked,
+                    report.deleted, report.waiting, report.kept, report.duration_s)
         return report
 
     def _refused(self, report: ReconcileReport) -> ReconcileReport:

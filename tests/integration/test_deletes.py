@@ -105,6 +105,7 @@ def test_cursor_style_reconcile_deletes_keys_the_full_sync_did_not_list_at_once(
     report = daemon.wait_reconcile("customers", asked)
     assert (report["live"], report["checked"], report["deleted"], report["waiting"], report["refused"]) == \
         (COUNT, 3, 3, 0, False), report
+    assert 0 < report["duration_s"] < 30
     wait_converged(upstream.url, analytics.url, CUSTOMERS, timeout_s=30)
     for record in gone:
         # The delete is stamped with the full sync's start: after the request, before the report.
