@@ -11,6 +11,10 @@ Collections: customers (key `id`, integer), products (key `sku`, "SKU-000001"), 
 marketing, support_tickets, system_11, system_12, ... (key `id`, "ord-000001"). Every record has
 `updated_at` (ISO 8601 UTC, e.g. 2026-01-05T10:11:12Z). Records are always ordered by
 (updated_at, key). Every style accepts `updated_since` (ISO 8601, inclusive: updated_at >= it).
+--timestamp-format epoch_s|epoch_ms|epoch_us makes `updated_at` an integer of seconds, ms or us
+since the epoch (and `updated_since` may then be such a number); --layout nested moves the key,
+`updated_at` and `deleted` into a "meta" object ({"meta": {"id": 7, "updated_at": ...}, "name": ...});
+request bodies stay flat, and "meta" in one is refused.
 Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
 
   GET /api/{c}?page=1&size=100[&updated_since=T]                       (page style)
@@ -48,8 +52,9 @@ Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
       429 was answered. Also changes (api, background), deletes (api, background, soft, hard),
       webhook counters and auth counters.
   GET /admin/faults, POST /admin/faults -> latency_ms, latency_jitter_ms, error_rate,
-      throttle_rate, retry_after_s, change_rate_per_s, delete_rate_per_s, delete_style (settable)
-      and malformed_rate (fixed at start)
+      throttle_rate, retry_after_s, empty_pages (every page an empty last page, as an upstream that
+      briefly lists nothing; also --empty-pages), change_rate_per_s, delete_rate_per_s, delete_style
+      (settable) and malformed_rate (fixed at start)
   GET /admin/change-rate, POST /admin/change-rate {"change_rate_per_s": R}
   GET /admin/delete-rate, POST /admin/delete-rate {"delete_rate_per_s": R, "delete_style": S}
   GET /admin/malformed -> {c: [{"key": k, "reason": "missing_key" | "bad_updated_at", "record": {...}}]}
