@@ -66,8 +66,11 @@ class BackendRun:
         neighbours_cpu = {name: _tree_cpu_s(process) - neighbours_cpu[name] for name, process in neighbours.items()}
         self._stop.set()
         sampler.join()
-        delay = self.after_export(daemon.url, sink.url)
-        code = daemon.stop(timeout_s=60)
+        try:
+            delay = self.after_export(daemon.url, sink.url)
+        finally:
+            code = daemon.stop(timeout_s=60)
+            sink.stop()  # each run has a sink of its own; the world closes only the last one it knows
         records = self.args.records
         return {
             "backend": self.backend, "records": records, "startup_s": round(up - launched, 3),
