@@ -18,8 +18,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from xxhash import xxh3_64_intdigest
+
 from conflux.config import Config
 from conflux.errors import LogError
+from conflux.workers.columns import Columns
 
 BUSY_TIMEOUT_S = 30.0
 # `rows` is append-only between reconciles; `missed` counts complete full syncs in a row that did not
@@ -81,6 +84,20 @@ class KeyIndex:
         rows = zip(map(_signed, key_hashes), keys, [seen_us] * count, updated_us, map(int, deleted), strict=True)
         self.execute_many("INSERT INTO rows (key_hash, key, seen_us, updated_us, deleted) VALUES (?, ?, ?, ?, ?)",
                           rows)
+
+    def seen_columns(self, columns: Columns, seen_us: int) -> None:
+        """A page or webhook carried these records: the valid ones, and the dead-lettered ones whose key
+        could be read. The upstream still lists a record it serves invalid, so it is not a hard delete; its
+        sighting carries the oldest instant, so it never outranks a version actually delivered (or deleted)."""
+        keys, key_hashes, updated_us = list(columns.keys), list(columns.key_hashes), list(columns.updated_us)
+        deleted = list(columns.deleted or [False] * len(columns))
+        readable = [key for _record, key, _reason in columns.dead if key]
+        keys += readable
+        key_hashes += [xxh3_64_intdigest(key.encode()) for key in readable]
+        updated_us += [0] * len(readable)
+        deleted += [False] * len(readable)
+        if keys:
+            self.seen(keys, key_hashes, updated_us, deleted, seen_us)
 
     def reconcile(self, started_us: int) -> Reconcile:
         """Fold what is recorded so far, for comparing with the full sync that started at ``started_us``."""

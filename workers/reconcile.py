@@ -58,10 +58,10 @@ class Reconciler:
         self.publish = publish
 
     async def seen(self, columns: Columns, seen_us: int) -> None:
-        """A page of the source was published: its keys are live (or deleted) as of ``seen_us``."""
-        if len(columns):
-            await asyncio.to_thread(self.index.seen, columns.keys, columns.key_hashes, columns.updated_us,
-                                    columns.deleted or [False] * len(columns), seen_us)
+        """A page of the source was published: its keys are live (or deleted) as of ``seen_us``, and so are
+        those of its dead-lettered records whose key could be read (see ``KeyIndex.seen_columns``)."""
+        if len(columns) or columns.dead:
+            await asyncio.to_thread(self.index.seen_columns, columns, seen_us)
 
     async def run(self, started_us: int) -> ReconcileReport:
         """Compare the index with the full sync that started at ``started_us``; publish the deletes."""

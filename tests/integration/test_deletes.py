@@ -248,3 +248,23 @@ def test_a_record_outside_the_filter_is_sent_as_a_delete(upstream_factory, analy
     assert tombstone(analytics.url, "customers", str(leaving)) == moved["updated_at"]
     assert stored_record(analytics.url, "customers", str(joining))["data"]["tier"] == "platinum"
     assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def test_a_listed_record_that_turned_invalid_is_dead_lettered_not_deleted_by_reconcile(upstream_factory, analytics,
+                                                                                      daemon_factory):
+    upstream = upstream_factory(customers=0, products=0)
+    for index in range(20):
+        requests.post(f"{upstream.url}/api/customers", json={"name": f"c{index}", "modified": "2026-01-01T00:00:00Z"},
+                      timeout=10).raise_for_status()
+    daemon = daemon_factory(sources=[source("customers", upstream.url, path="customers/cursor", pagination="cursor",
+                                            updated="modified", reconcile=True, **QUIET)], sink_url=analytics.url)
+    wait_until(lambda: sink_checksum(analytics.url, "customers")[1] == 20, timeout_s=60, message="20 customers")
+    requests.put(f"{upstream.url}/api/customers/5", json={"modified": "last tuesday"}, timeout=10).raise_for_status()
+    report = daemon.wait_reconcile("customers", daemon.sync_now("customers"))
+    # The full sync saw key 5 (listed, but its newest version is invalid): nothing to delete.
+    assert (report["checked"], report["deleted"]) == (0, 0), report
+    daemon.wait_committed()
+    assert stored_record(analytics.url, "customers", "5")["data"]["modified"] == "2026-01-01T00:00:00Z"
+    [dead] = daemon.dead_letters()
+    assert (dead["key"], dead["reason"]) == ("5", "'modified' is not an ISO 8601 timestamp: 'last tuesday'")
+    assert daemon.stop() == 0, daemon.log()[-3000:]
