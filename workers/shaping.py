@@ -65,6 +65,14 @@ class Identity:
         """One field of every decoded record; AttributeError if an object on the path is missing."""
         return list(map(self.getters[name], decoded))
 
+    def optional_column(self, decoded: Sequence[Any], name: str) -> list[Any]:
+        """Like ``column``, but None where an object on the path is missing: a delete marker or filter field
+        inside an object that live records leave out (``deletion.at`` without ``deletion``) is simply unset."""
+        try:
+            return self.column(decoded, name)
+        except AttributeError:
+            return [self.value(record, name)[1] for record in decoded]
+
     def value(self, decoded: Any, name: str) -> tuple[bool, Any]:
         """(found, value) of one field of one record: not found when an object on its path is missing."""
         try:
