@@ -74,7 +74,7 @@ class DeletePhase:
         while time.monotonic() < deadline:
             sources = requests.get(f"{daemon_url}/status", timeout=10).json()["sources"]
             reports = {name: sources[name].get("reconcile") for name in self.collections}
-            reconciled = all(report and report["at"] > asked_at for report in reports.values())
+            reconciled = all(report and report["sync_started_at"] > asked_at for report in reports.values())
             if reconciled and self._checksums_equal():
                 return True, reports
             time.sleep(0.1)  # watching the sink converge is the measurement

@@ -67,7 +67,8 @@ class Reconciler:
         """Compare the index with the full sync that started at ``started_us``; publish the deletes."""
         began = time.monotonic()
         reconcile = await asyncio.to_thread(self.index.reconcile, started_us)
-        report = ReconcileReport(at=time.time(), live=reconcile.live, checked=reconcile.missing)
+        report = ReconcileReport(at=time.time(), live=reconcile.live, checked=reconcile.missing,
+                                 sync_started_at=started_us / 1_000_000)
         if reconcile.live and reconcile.missing > self.source.reconcile_max_fraction * reconcile.live:
             await asyncio.to_thread(reconcile.abandon)
             report.duration_s = round(time.monotonic() - began, 3)

@@ -110,7 +110,7 @@ def test_cursor_style_reconcile_deletes_keys_the_full_sync_did_not_list_at_once(
     for record in gone:
         # The delete is stamped with the full sync's start: after the request, before the report.
         deleted_at = instant(tombstone(analytics.url, "customers", str(record["id"])))
-        assert asked <= deleted_at <= report["at"]
+        assert asked < deleted_at <= report["at"] and abs(deleted_at - report["sync_started_at"]) < 1e-3
     assert daemon.metric("conflux_reconcile_keys_total", source="customers", outcome="deleted") == 3
     assert daemon.metric("conflux_reconcile_refused_total", source="customers") == 0
     assert daemon.stop() == 0, daemon.log()[-3000:]
@@ -267,4 +267,24 @@ def test_a_listed_record_that_turned_invalid_is_dead_lettered_not_deleted_by_rec
     assert stored_record(analytics.url, "customers", "5")["data"]["modified"] == "2026-01-01T00:00:00Z"
     [dead] = daemon.dead_letters()
     assert (dead["key"], dead["reason"]) == ("5", "'modified' is not an ISO 8601 timestamp: 'last tuesday'")
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+@pytest.mark.kafka
+def test_soft_and_hard_deletes_reach_the_sink_through_the_kafka_log(upstream_factory, analytics, daemon_factory,
+                                                                    kafka_bootstrap, kafka_group_id):
+    upstream = upstream_factory(customers=COUNT, products=0)
+    log = {"backend": "kafka", "bootstrap_servers": kafka_bootstrap, "group": kafka_group_id,
+           "topic_prefix": f"{kafka_group_id}.", "partitions": 4}
+    daemon = daemon_factory(sources=[source("customers", upstream.url, path="customers/cursor", pagination="cursor",
+                                            deleted="deleted", reconcile=True, poll_interval_s=0.5,
+                                            full_sync_interval_s=3600)], sink_url=analytics.url, log=log)
+    wait_converged(upstream.url, analytics.url, CUSTOMERS, timeout_s=90)
+    soft = delete(upstream.url, 7, "soft")
+    delete(upstream.url, 8, "hard")
+    report = daemon.wait_reconcile("customers", daemon.sync_now("customers"))
+    assert (report["checked"], report["deleted"]) == (1, 1), report   # 7 is listed, marked; 8 is missing
+    wait_converged(upstream.url, analytics.url, CUSTOMERS, timeout_s=60)
+    assert tombstone(analytics.url, "customers", "7") == soft["updated_at"]
+    assert abs(instant(tombstone(analytics.url, "customers", "8")) - report["sync_started_at"]) < 1e-3
     assert daemon.stop() == 0, daemon.log()[-3000:]
