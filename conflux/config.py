@@ -12,13 +12,13 @@ import math
 import os
 import re
 import tomllib
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
+from conflux import plugins
 from conflux.errors import ConfigError
 from conflux.ipc.codec import (
     MAX_LOG_BATCH_BYTES,
@@ -273,6 +273,7 @@ class PostgresColumn(_Section):
 
     field: str
     type: str = "text"
+    index: bool = False               # create an index on the column (with create_tables)
 
     def __post_init__(self) -> None:
         _require(not _path_problem(self.field), f"field: {_path_problem(self.field)}")
@@ -295,9 +296,13 @@ class PostgresSinkConfig(_SinkSection):
     timeout_s: float = 30.0
     # source name -> column name -> {field, type}: typed columns beside `data`, for indexes and queries.
     columns: dict[str, dict[str, PostgresColumn]] = {}
+    # Ledger rows older than this are deleted; a chunk replayed later is still applied once in effect,
+    # because a version only replaces an older (or the same) version of its key.
+    ledger_retention_s: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(self.ledger_retention_s >= 3600, "ledger_retention_s must be >= 3600 s")
         _require(sum(map(bool, (self.dsn, self.dsn_env, self.dsn_file))) == 1,
                  "give exactly one of dsn, dsn_env and dsn_file")
         _require(not dsn_password(self.dsn),
@@ -353,7 +358,7 @@ class SinkSpec(_Section):
 # the conflux.sinks entry points.
 BUILTIN_SINK_OPTIONS: dict[str, type] = {"http": SinkConfig, "postgres": PostgresSinkConfig,
                                          "kafka": KafkaSinkConfig}
-SINK_ENTRY_POINTS = "conflux.sinks"
+SINK_ENTRY_POINTS = plugins.GROUPS["sinks"]
 DEFAULT_SINK = "default"
 
 
@@ -701,7 +706,21 @@ def _resolve_sinks(config: Config, *, sink_given: bool) -> Config:
     for spec in specs:
         if spec.type == "kafka" and not (spec.options.bootstrap_servers or config.log.bootstrap_servers):
             raise ConfigError(f"{sink_where(specs, spec)}.bootstrap_servers: required with the embedded log")
+    _check_postgres_tables(config, specs)
     return msgspec.structs.replace(config, sinks=specs)
+
+
+def _check_postgres_tables(config: Config, specs: list[SinkSpec]) -> None:
+    """PostgreSQL truncates names past 63 bytes silently, so two sources' tables could become one."""
+    for spec in specs:
+        if spec.type != "postgres":
+            continue
+        suffix = "" if spec.options.delete_mode == "soft" else "_deleted"
+        for source in config.sources:
+            table = spec.options.table.replace("{source}", source.name) + suffix
+            if spec.name in (source.sinks or [s.name for s in specs]) and len(table.encode()) > 63:
+                raise ConfigError(f"{sink_where(specs, spec)}.table: {table!r} (for source {source.name!r}) is "
+                                  "longer than PostgreSQL's 63 bytes; choose a shorter table name")
 
 
 def sink_where(specs: list[SinkSpec], spec: SinkSpec) -> str:
@@ -716,14 +735,7 @@ def sink_options_type(kind: str, where: str = "type") -> type:
     """The Struct of a sink type's config keys: a built-in's, or a plugin's (its class's ``Options``)."""
     if kind in BUILTIN_SINK_OPTIONS:
         return BUILTIN_SINK_OPTIONS[kind]
-    for entry in entry_points(group=SINK_ENTRY_POINTS):
-        if entry.name == kind:
-            try:
-                return entry.load().Options
-            except Exception as exc:  # a broken plugin is the config's problem, named as such
-                raise ConfigError(f"{where}: the sink plugin {kind!r} cannot be loaded: {exc}") from None
-    known = sorted({*BUILTIN_SINK_OPTIONS, *(entry.name for entry in entry_points(group=SINK_ENTRY_POINTS))})
-    raise ConfigError(f"{where}: unknown sink type {kind!r} (known: {', '.join(known)})")
+    return getattr(plugins.load("sinks", kind, where), "Options", None) or plugins.NoOptions
 
 
 def _within(prefix: str, message: str) -> str:

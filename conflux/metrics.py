@@ -62,6 +62,10 @@ sink_records = Counter("conflux_sink_records_total",
                        "Records each sink took or refused for good (to the dead-letter queue)",
                        ["sink", "source", "result"])
 sink_retries = Counter("conflux_sink_retries_total", "Sink deliveries retried, by reason and sink", ["reason", "sink"])
+sink_effects = Counter("conflux_sink_effects_total",
+                       "What the records a sink took did there, where the sink says (PostgreSQL does): applied "
+                       "(changed the destination, deletes included), deleted (the deletes among them), stale "
+                       "(older than what it holds, or a batch applied before)", ["sink", "source", "effect"])
 dlq_write_failures = Counter("conflux_dlq_write_failures_total",
                              "Failed writes of dead letters (retried with backoff, then the worker exits)", ["source"])
 oldest_unacked = Gauge("conflux_oldest_unacked_seconds",

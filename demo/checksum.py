@@ -5,10 +5,15 @@ as the upstream served them. The checksum of a collection is the sum of its reco
 2**64, so it does not depend on order and can be kept up to date one record at a time. The sink
 hashes the ``data`` bytes it receives, so the checksums match only if Conflux forwarded every record
 unchanged and kept the latest version of each.
+
+A sink that stores parsed JSON (PostgreSQL's jsonb reorders members and drops whitespace) cannot give
+the bytes back; the *canonical* checksum digests each record re-encoded with sorted members and no
+whitespace instead, which the upstream computes on request (``GET /api/{c}/checksum?canonical=true``).
 """
 
 from __future__ import annotations
 
+import msgspec
 import xxhash
 
 MASK_64 = (1 << 64) - 1
@@ -20,6 +25,16 @@ def record_digest(key: str, data: bytes | memoryview) -> int:
     hasher.update(b"\x00")
     hasher.update(data)
     return hasher.intdigest()
+
+
+def canonical_json(data: bytes | memoryview | str) -> bytes:
+    """The record as canonical JSON: members sorted by name at every level, no whitespace, numbers as
+    Python reads them (1.50 -> 1.5), so jsonb's text and the upstream's bytes give the same result."""
+    return msgspec.json.encode(msgspec.json.decode(data), order="sorted")
+
+
+def canonical_digest(key: str, data: bytes | memoryview | str) -> int:
+    return record_digest(key, canonical_json(data))
 
 
 class Checksum:

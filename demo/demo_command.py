@@ -4,19 +4,27 @@ Starts the demo upstream, the analytics sink and the daemon in a temporary direc
 full sync's progress (records/s per source), and ends with a summary: records synced, time, rate,
 and whether the sink's checksums equal the upstream's. Without ``--once`` it keeps running with the
 upstream changing records every second (polled and pushed through signed webhooks) until Ctrl-C.
+``--sink postgres`` delivers into PostgreSQL tables instead (``--dsn``, or a server of
+deploy/postgres/pg-local started for the demo) and prints the psql line to look at them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 COLLECTIONS = {"customers": "id", "products": "sku"}
+PG_LOCAL = Path(__file__).resolve().parent.parent / "deploy" / "postgres" / "pg-local"
+DSN_ENV = "CONFLUX_DEMO_POSTGRES_DSN"  # the daemon reads the DSN from here: a password never lands in the file
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +35,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="records changed per second after the full sync, without --once (default 20)")
     parser.add_argument("--dir", help="keep the demo's files here instead of a temporary directory")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on the full sync after this many s")
+    parser.add_argument("--sink", choices=("analytics", "postgres"), default="analytics",
+                        help="where the records go: the demo analytics sink (default) or PostgreSQL tables")
+    parser.add_argument("--dsn", default=os.environ.get(DSN_ENV, ""),
+                        help=f"with --sink postgres: the server (default ${DSN_ENV}; without one, "
+                             "deploy/postgres/pg-local start runs a local server, left running afterwards)")
+    parser.add_argument("--pg-schema", default="conflux_demo",
+                        help="with --sink postgres: the demo's own schema, emptied at start (default conflux_demo)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,19 +60,19 @@ def run(args: argparse.Namespace) -> int:
         upstream = world.add(start("upstream", ["upstream", "--port", "0", "--customers", str(args.customers),
                                                 "--products", str(args.products), *change_args],
                                    directory / "upstream.log"))
-        sink = world.add(start("analytics", ["analytics", "--port", "0", "--db", str(directory / "analytics.db")],
-                               directory / "analytics.log"))
-        config = directory / "conflux.toml"
-        config.write_text(config_toml(directory, upstream_url=upstream.url, sink_url=sink.url, collections=COLLECTIONS,
-                                      control_listen=f"127.0.0.1:{control_port}",
-                                      webhook_secret="" if args.once else secret))
         print(f"  upstream  {upstream.url}   (try {upstream.url}/api/customers?page=1&size=5)")
-        print(f"  analytics {sink.url}   ({sink.url}/stats)")
+        sink_url, sinks_toml, env = _sink(args, world, directory)
+        config = directory / "conflux.toml"
+        config.write_text(config_toml(directory, upstream_url=upstream.url, sink_url=sink_url, collections=COLLECTIONS,
+                                      control_listen=f"127.0.0.1:{control_port}",
+                                      webhook_secret="" if args.once else secret, sinks_toml=sinks_toml))
         started = time.monotonic()
-        daemon = world.add(start("daemon", ["run", "-c", str(config)], directory / "conflux.log"))
+        daemon = world.add(start("daemon", ["run", "-c", str(config)], directory / "conflux.log", env=env))
         print(f"  conflux   {daemon.url}   (status page {daemon.url}/, {daemon.url}/metrics)\n")
         ok = _follow_full_sync(world, {"customers": args.customers, "products": args.products}, started,
                                args.timeout, stop)
+        if world.postgres is not None:
+            print(f"  {_look(world.postgres)}")
         if args.once or not ok:
             return 0 if ok else 1
         _live(world, upstream.url, args.change_rate, stop)
@@ -67,6 +82,70 @@ def run(args: argparse.Namespace) -> int:
         if codes.get("daemon") not in (None, 0):
             print(f"conflux demo: the daemon exited with {codes['daemon']}; see {directory / 'conflux.log'}",
                   file=sys.stderr)
+
+
+def _sink(args: argparse.Namespace, world, directory: Path) -> tuple[str, str, dict[str, str]]:
+    """Start the chosen sink: (the analytics URL, or "", the [[sinks]] TOML, or "", the daemon's env)."""
+    from conflux.demo.world import start
+
+    if args.sink == "analytics":
+        sink = world.add(start("analytics", ["analytics", "--port", "0", "--db", str(directory / "analytics.db")],
+                               directory / "analytics.log"))
+        print(f"  analytics {sink.url}   ({sink.url}/stats)")
+        return sink.url, "", {}
+    from conflux.demo.world import PostgresTarget
+
+    dsn = args.dsn or _start_pg_local()
+    _empty_schema(dsn, args.pg_schema)
+    world.postgres = PostgresTarget(dsn, args.pg_schema)
+    print(f"  postgres  {_shown(dsn)}   tables {args.pg_schema}.customers, {args.pg_schema}.products")
+    print(f"            {_look(world.postgres)}")
+    sinks_toml = (f'[[sinks]]\nname = "warehouse"\ntype = "postgres"\ndsn_env = "{DSN_ENV}"\n'
+                  f'schema = "{args.pg_schema}"\n')
+    return "", sinks_toml, {DSN_ENV: dsn}
+
+
+def _look(target) -> str:
+    return (f"look at them: {_psql()} '{_shown(target.dsn)}' -c 'SELECT key, updated_at, data FROM "
+            f"{target.schema}.customers ORDER BY updated_at DESC LIMIT 5'")
+
+
+def _start_pg_local() -> str:
+    """The DSN of deploy/postgres/pg-local's server, started if it is not running (and left running, so the
+    tables can still be looked at after the demo)."""
+    if not PG_LOCAL.exists():
+        raise SystemExit("conflux demo: no --dsn, and deploy/postgres/pg-local is not here (run the demo from a "
+                         f"checkout, or give --dsn or ${DSN_ENV})")
+    print("  postgres  starting deploy/postgres/pg-local (stop it with: deploy/postgres/pg-local stop)")
+    result = subprocess.run([str(PG_LOCAL), "start"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"conflux demo: pg-local could not start PostgreSQL:\n{result.stderr[-2000:]}")
+    return lines[-1]
+
+
+def _empty_schema(dsn: str, schema: str) -> None:
+    """The demo's schema, emptied: the tables of an earlier run hold versions of another log."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+
+
+def _shown(dsn: str) -> str:
+    """The DSN as printed: a password masked (in user:password@ or a password= pair), the rest usable."""
+    dsn = re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)[^\s&]+", r"\1***", dsn)
+
+
+def _psql() -> str:
+    """psql as the user can run it: on PATH (Debian's postgresql-client), else the server package's own."""
+    if shutil.which("psql"):
+        return "psql"
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))
+    return str(found[-1]) if found else "psql"
 
 
 def _install_interrupt() -> dict[str, bool]:

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 
 from sortedcontainers import SortedList
 
-from conflux.demo.checksum import Checksum, record_digest
+from conflux.demo.checksum import Checksum, canonical_digest, record_digest
 from conflux.demo.datagen import (
     NO_HOSTILE_RECORDS,
     CollectionSpec,
@@ -141,6 +141,19 @@ class Collection:
     def is_live(self, key: Key) -> bool:
         """Whether ``key`` is a valid record that is not deleted: what changes and deletes may pick."""
         return key in self._by_key and key not in self._soft_deleted and key not in self._malformed
+
+    def live_records(self) -> Iterator[tuple[Key, bytes]]:
+        """(key, json) of each live valid record: the ones the checksum covers."""
+        for _sort_us, key, data in self._order:
+            if key not in self._soft_deleted and key not in self._malformed:
+                yield key, data
+
+    def canonical_checksum(self) -> Checksum:
+        """The checksum over the live valid records as canonical JSON (computed now, not kept)."""
+        checksum = Checksum()
+        for key, data in self.live_records():
+            checksum.add(canonical_digest(str(key), data))
+        return checksum
 
     def malformed(self) -> Iterator[tuple[Key, str, bytes]]:
         """(key, reason, json) of each malformed record, in key order."""

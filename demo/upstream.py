@@ -30,7 +30,8 @@ Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
       -> {"data": [...], "has_more": b}; without after_key: updated_at >= W; with it:
          (updated_at, key) > (W, K). Advance W and K to the last record of each page.
   GET /api/{c}/checksum -> {"collection": c, "checksum": "<16 hex>", "count": n} (live valid records:
-      neither malformed nor deleted)
+      neither malformed nor deleted); with ?canonical=true over each record as canonical JSON (members
+      sorted, no whitespace: demo/checksum.py), for a sink that stores parsed JSON (PostgreSQL's jsonb)
   GET /api/{c}/{key}     -> 200 + the record (a soft-deleted one with "deleted": true); 404 when the
       key is unknown or hard-deleted
   POST /api/{c}          body: JSON object; the key is assigned if absent -> 201 + the record; naming

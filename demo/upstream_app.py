@@ -200,7 +200,9 @@ class UpstreamApp:
     async def checksum(self, request: web.Request) -> web.Response:
         collection = self._collection(request)
         self.stats.record_request(collection.name, "checksum", page=False)
-        return json_response({"collection": collection.name, **collection.checksum.as_dict()})
+        canonical = request.query.get("canonical") in ("1", "true")
+        checksum = collection.canonical_checksum() if canonical else collection.checksum
+        return json_response({"collection": collection.name, **checksum.as_dict()})
 
     # -- changes ------------------------------------------------------------------------------
 

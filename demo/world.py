@@ -111,12 +111,22 @@ def _pump(proc: subprocess.Popen, log) -> None:
     log.close()
 
 
+@dataclass(frozen=True)
+class PostgresTarget:
+    """Where a PostgreSQL sink writes in a demo: the sources' tables are ``schema.<source>``."""
+
+    dsn: str
+    schema: str
+
+
 @dataclass
 class World:
-    """The three services of a demo or benchmark run, stopped together."""
+    """The three services of a demo or benchmark run, stopped together. With ``postgres`` set, the sink's
+    side is read from the tables there instead of the analytics sink's /stats."""
 
     directory: Path
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    postgres: PostgresTarget | None = None
 
     def add(self, service: ServiceProcess) -> ServiceProcess:
         self.services[service.name] = service
@@ -130,10 +140,17 @@ class World:
         return codes
 
     def sink_counts(self) -> dict[str, int]:
+        if self.postgres is not None:
+            from conflux.demo.pg_tables import live_count
+
+            return {name: live_count(self.postgres.dsn, self.postgres.schema, name)
+                    for name in self._collections()}
         stats = requests.get(f"{self.services['analytics'].url}/stats", timeout=10).json()
         return {name: value["count"] for name, value in stats["sources"].items()}
 
     def checksums(self, collections: list[str]) -> tuple[dict[str, tuple], dict[str, tuple]]:
+        if self.postgres is not None:
+            return self._postgres_checksums(collections)
         upstream_url = self.services["upstream"].url
         stats = requests.get(f"{self.services['analytics'].url}/stats", timeout=10).json()["sources"]
         upstream = {}
@@ -144,14 +161,34 @@ class World:
         return upstream, sink
 
 
+    def _postgres_checksums(self, collections: list[str]) -> tuple[dict[str, tuple], dict[str, tuple]]:
+        """The upstream's canonical checksums (jsonb keeps parsed JSON, not the bytes) and the tables'."""
+        from conflux.demo.pg_tables import table_checksum
+
+        upstream_url = self.services["upstream"].url
+        upstream, sink = {}, {}
+        for collection in collections:
+            data = requests.get(f"{upstream_url}/api/{collection}/checksum", params={"canonical": "true"},
+                                timeout=10).json()
+            upstream[collection] = (data["checksum"], data["count"])
+            sink[collection] = table_checksum(self.postgres.dsn, self.postgres.schema, collection)
+        return upstream, sink
+
+    def _collections(self) -> list[str]:
+        stats = requests.get(f"{self.services['upstream'].url}/stats", timeout=10).json()
+        return list(stats["collections"])
+
+
 def config_toml(directory: Path, *, upstream_url: str, sink_url: str, collections: dict[str, str],
-                control_listen: str, webhook_secret: str = "", extra: str = "") -> str:
-    """A daemon config for the demo collections (name -> key field)."""
+                control_listen: str, webhook_secret: str = "", extra: str = "", sinks_toml: str = "") -> str:
+    """A daemon config for the demo collections (name -> key field); ``sinks_toml`` ([[sinks]] tables)
+    replaces the [sink] table of ``sink_url``."""
     sources = []
     for name, key in collections.items():
         webhook = f'webhook_secret = "{webhook_secret}"\n' if webhook_secret else ""
         sources.append(f'[[sources]]\nname = "{name}"\nurl = "{upstream_url}/api/{name}"\nkey = "{key}"\n'
                        f"page_size = 1000\npoll_interval_s = 5\n{webhook}")
+    sinks = sinks_toml or f'[sink]\nurl = "{sink_url}/ingest"\n'
     return (f'[log]\npath = "{directory}/var/conflux.db"\npartitions = 4\n\n' + "\n".join(sources) +
-            f'\n[sink]\nurl = "{sink_url}/ingest"\n\n[control]\nlisten = "{control_listen}"\n\n'
+            f'\n{sinks}\n[control]\nlisten = "{control_listen}"\n\n'
             f'[daemon]\nstate_dir = "{directory}/var"\n{extra}')

@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.fixtures.upstream",
     "tests.fixtures.analytics",
     "tests.fixtures.daemon",
+    "tests.fixtures.postgres",
 ]
 
 # CI machines are shared and slow at times: property tests must not fail on how fast examples are

@@ -111,6 +111,7 @@ class Dispatcher:
             metrics.sink_records.labels(sink.name, chunk.source, "taken").inc(len(chunk) - len(rejected))
             if rejected:
                 metrics.sink_records.labels(sink.name, chunk.source, "rejected").inc(len(rejected))
+            _count_effects(sink, chunk.source, outcome)
         return True
 
     async def _dead_letter(self, sink: Sink, chunk: Chunk, rejected: dict[int, str]) -> bool:
@@ -158,6 +159,13 @@ def _reasons(sink: Sink, outcome: Delivery) -> dict[int, str]:
     if outcome.too_large:
         return {index: f"{prefix}too large even alone: {reason}" for index, reason in outcome.rejected.items()}
     return {index: prefix + reason for index, reason in outcome.rejected.items()} if prefix else outcome.rejected
+
+
+def _count_effects(sink: Sink, source: str, outcome: Delivery) -> None:
+    """The applied, deleted and stale counts a sink reports (0 from one that does not say)."""
+    for effect, count in (("applied", outcome.applied), ("deleted", outcome.deleted), ("stale", outcome.stale)):
+        if count:
+            metrics.sink_effects.labels(sink.name, source, effect).inc(count)
 
 
 def _stage_id(sink: Sink) -> str:

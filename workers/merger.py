@@ -34,6 +34,7 @@ from conflux.log import open_log
 from conflux.workers.base import AsyncWorker
 from conflux.workers.delivery import Dispatcher, Route
 from conflux.workers.merge import FlushUnit, MergeState, Token
+from conflux.workers.resilience import sleep_unless
 from conflux.workers.sinks import make_sinks
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,7 @@ class MergerWorker(AsyncWorker):
 
     async def _pause(self, delay_s: float) -> bool:
         """Sleep, but wake at once on a quick stop; False if we are stopping quickly."""
-        try:
-            await asyncio.wait_for(self.quick_stop.wait(), timeout=delay_s)
-        except TimeoutError:
-            return True
-        return False
+        return await sleep_unless(self.quick_stop, delay_s)
 
     # -- reading ----------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Pure logic with an injectable clock, so the unit tests drive time instead of sle
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -123,3 +124,15 @@ class CircuitBreaker:
         self.state = state
         for hook in self.on_change_hooks:
             hook(state)
+
+
+async def sleep_unless(stopping: asyncio.Event | None, delay_s: float) -> bool:
+    """Sleep ``delay_s``, but wake at once when ``stopping`` is set; False if it was (a quick stop)."""
+    if stopping is None:
+        await asyncio.sleep(delay_s)
+        return True
+    try:
+        await asyncio.wait_for(stopping.wait(), timeout=delay_s)
+    except TimeoutError:
+        return True
+    return False

@@ -118,6 +118,11 @@ STATUS_PAGE_HTML = r"""<!doctype html>
   <th class="num">records synced</th><th class="num">delivered/s</th><th class="num">success</th><th>watermark</th>
   <th class="num">sync lag</th><th>breaker</th></tr></thead><tbody></tbody></table>
 
+<h2>Sinks</h2>
+<table id="sinks"><thead><tr><th>sink</th><th>type</th><th>sources</th><th>breaker</th>
+  <th class="num">failing for</th><th class="num">last answer</th><th class="num">in flight</th></tr></thead>
+  <tbody></tbody></table>
+
 <h2>Workers</h2>
 <table id="workers"><thead><tr><th>worker</th><th>role</th><th class="num">pid</th><th>state</th>
   <th class="num">restarts</th><th>partitions</th><th class="num">heartbeat</th><th>detail</th></tr></thead>
@@ -188,6 +193,18 @@ function renderSources(status, now) {
   });
 }
 
+function renderSinks(status) {
+  const rows = Object.entries(status.sinks || {}).map(([name, s]) => ({name, ...s}));
+  fill("sinks", rows, "sink", s => s.name, s => [
+    cell("name", s.name), cell("type", s.type), cell("sources", (s.sources || []).join(", ") || NA),
+    cell("circuit", s.circuit || NA, s.circuit || ""),
+    cell("failing_s", s.failing_s ? duration(s.failing_s) : NA, "num"),
+    cell("last_status", s.last_status === undefined || s.last_status < 0 ? NA
+         : (s.last_status === 0 ? "unreachable" : s.last_status), "num"),
+    cell("in_flight", fmt(s.in_flight || 0), "num"),
+  ]);
+}
+
 function workerDetail(w) {
   const stats = w.stats || {};
   const shown = Object.entries(stats).filter(([k]) => k !== "sink_circuit" && k !== "sources");
@@ -255,6 +272,7 @@ function render(status) {
   const now = status.generated_at || Date.now() / 1000;
   renderHeader(status);
   renderSources(status, now);
+  renderSinks(status);
   renderWorkers(status);
   renderPartitions(status);
   renderChart(status.throughput);

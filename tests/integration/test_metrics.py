@@ -96,7 +96,7 @@ def test_every_documented_series_is_exported_with_its_labels_after_a_sync(upstre
         assert abs(value(series, "conflux_sync_lag_seconds", source=name) - (time.time() - watermark_s)) < 30
         assert value(series, "conflux_upstream_request_duration_seconds_count", source=name, status="200") >= 1
         assert value(series, "conflux_circuit_state", target=f"upstream:{name}") == 0
-    assert value(series, "conflux_sink_request_duration_seconds_count", status="200") >= 1
+    assert value(series, "conflux_sink_request_duration_seconds_count", status="200", sink="default") >= 1
     assert value(series, "conflux_circuit_state", target="sink") == 0
     for stage in ("decode", "consume", "merge", "sink"):
         assert value(series, "conflux_processing_duration_seconds_count", stage=stage) >= 1

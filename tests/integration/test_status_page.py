@@ -35,7 +35,7 @@ VIRTUAL_TIME_MS = 4500  # the page refreshes every 2 s: at least two refreshes
 class Page(HTMLParser):
     """What the rendered page shows: table rows by their data-* key, texts by id, chart points by series."""
 
-    ROW_KEYS = ("data-source", "data-worker", "data-partition")
+    ROW_KEYS = ("data-source", "data-sink", "data-worker", "data-partition")
 
     def __init__(self, html: str) -> None:
         super().__init__()
@@ -154,6 +154,9 @@ def test_status_page_renders_in_chromium_and_follows_a_sync(upstream_factory, an
         f"{p['topic']}/{p['partition']}": p["owner"] for p in status["partitions"]}
     assert all(row["lag"] == "0" for row in before.rows["partition"].values())
     assert before.texts["total-lag"] == "0" and before.texts["sink-breaker"] == "closed"
+    sink_row = before.rows["sink"]["default"]
+    assert (sink_row["type"], sink_row["circuit"], sink_row["last_status"]) == ("http", "closed", "200")
+    assert sink_row["sources"] == "customers, products"
     assert before.chart["fetched"] and before.chart["delivered"]
 
     synced = daemon.status()["sources"]["customers"]["last_sync_at"]

@@ -14,40 +14,15 @@ import requests
 
 from conflux.errors import ExitCode
 from tests.fixtures.daemon import config_settings, source, wait_converged, write_config
+from tests.fixtures.tls import make_tls_files
 from tests.support import REPO, wait_until
 
 TOKEN = "tls-tok-91c2d4e6"
 CLIENT_SECRET = "tls-cs-0b7e5a13"
-EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA and a server certificate for IP 127.0.0.1 signed by it, valid for a day."""
-    directory = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=Conflux test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
-    _openssl("req", *EC_KEY, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=directory)
-    (directory / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "1", "-extfile", "server.ext", cwd=directory)
-    return {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
-
-
-def _metric(daemon, name: str, **labels: str) -> float:
-    text = requests.get(f"{daemon.url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
 def test_https_sources_verify_with_ca_file_refuse_unknown_cas_and_may_skip_checks(
@@ -71,7 +46,7 @@ def test_https_sources_verify_with_ca_file_refuse_unknown_cas_and_may_skip_check
     report = wait_until(lambda: (r := daemon.status()["sources"]["products"]).get("syncs_failed") and r,
                         timeout_s=30, message="the unverifiable source to fail")
     assert "certificate verify failed" in report["last_sync_result"], report
-    assert _metric(daemon, "conflux_upstream_retries_total", source="products", reason="tls") == 0
+    assert (daemon.metric("conflux_upstream_retries_total", source="products", reason="tls") or 0.0) == 0
     stats = requests.get(f"{upstream.url}/stats", verify=ca_file, timeout=10).json()
     assert stats["collections"]["products"]["requests"] == {}  # no request got past the handshake
     assert stats["auth"]["tokens_issued"] >= 1 and stats["auth"]["accepted"]["oauth2"] >= 1

@@ -18,7 +18,8 @@ FOLDERS = {"conflux": "conflux", "conflux.ipc": "ipc", "conflux.log": "log", "co
            "conflux.daemon": "daemon", "conflux.cli": "cli", "conflux.demo": "demo"}
 FLOORS = ["conflux.ipc", "conflux.ground", "conflux.log", "conflux.workers", "conflux.daemon", "conflux.cli",
           "conflux.demo"]
-GROUND = {"conflux.errors", "conflux.config", "conflux.metrics", "conflux.logs", "conflux.secrets"}
+GROUND = {"conflux.errors", "conflux.config", "conflux.metrics", "conflux.logs", "conflux.secrets", "conflux.redact",
+          "conflux.plugins"}
 BARE = {"daemon", "workers", "ipc", "log", "demo", "cli"}
 
 
@@ -73,6 +74,11 @@ def internal_edges() -> dict[str, set[str]]:
             if target in ALL and target != name:
                 edges[name].add(target)
     return edges
+
+
+def test_every_module_of_the_root_package_has_a_floor():
+    unplaced = [name for name in ALL if floor_of(name) is None and name not in ("conflux", "conflux.__main__")]
+    assert not unplaced, f"modules on no floor (add them to GROUND or a package): {unplaced}"
 
 
 def test_the_tree_is_where_setup_cfg_says():

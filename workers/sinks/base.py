@@ -26,7 +26,7 @@ from xxhash import xxh3_64_hexdigest, xxh3_128_hexdigest
 from conflux import metrics
 from conflux.config import RetryConfig
 from conflux.workers.merge import DELETED, HASH, POSITION, RECORD, UPDATED
-from conflux.workers.resilience import Backoff, CircuitBreaker
+from conflux.workers.resilience import Backoff, CircuitBreaker, sleep_unless
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class Delivery(NamedTuple):
     applied: int = 0         # records that changed the destination (where the sink says)
     stale: int = 0           # records it ignored as older than what it holds
     duplicate: bool = False  # the whole chunk was applied before (a retry after a lost answer)
+    deleted: int = 0         # of the applied records, the deletes (where the sink says)
 
     @property
     def too_large(self) -> bool:
@@ -132,6 +133,7 @@ class Sink:
     """Base of every sink type. ``__init__`` runs in the merger after fork and opens nothing;
     ``start`` opens clients inside the running loop; ``attempt`` makes one try."""
 
+    api_version: ClassVar[int] = 1   # the plugin API this class implements (conflux.plugins.API_VERSION)
     kind: ClassVar[str] = ""
     Options: ClassVar[type] = msgspec.Struct
 
@@ -188,14 +190,7 @@ class Sink:
 
     async def pause(self, delay_s: float) -> bool:
         """Sleep, but wake at once on a quick stop; False if we are stopping quickly."""
-        if self._stopping is None:
-            await asyncio.sleep(delay_s)
-            return True
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-        except TimeoutError:
-            return True
-        return False
+        return await sleep_unless(self._stopping, delay_s)
 
     def _label(self) -> str:
         return "sink" if self.name == "default" else f"sink {self.name!r}"
