@@ -17,6 +17,7 @@ import msgspec
 
 from conflux.demo.datagen import Key
 from conflux.demo.store import Collection
+from conflux.demo.upstream_time import parse_iso_us
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -86,19 +87,15 @@ def int_param(query: Query, name: str, default: int, *, minimum: int, maximum: i
     return value
 
 
-def since_param(collection: Collection, query: Query) -> int | None:
-    """``updated_since`` in microseconds since the epoch, or None when absent: ISO 8601 text, or with an
-    epoch timestamp format a number in its unit (as the records carry it)."""
+def since_param(query: Query) -> int | None:
+    """``updated_since`` in microseconds since the epoch, or None when absent."""
     text = query.get("updated_since")
     if text is None:
         return None
     try:
-        return collection.layout.parse_since(text)
+        return parse_iso_us(text)
     except ValueError:
-        expected = "an ISO 8601 timestamp"
-        if collection.layout.epoch_unit_us:
-            expected += f" or a number ({collection.layout.timestamp_format})"
-        raise BadParameter("updated_since", f"must be {expected}, got {text!r}") from None
+        raise BadParameter("updated_since", f"must be an ISO 8601 timestamp, got {text!r}") from None
 
 
 def _size(query: Query, name: str) -> int:
@@ -117,7 +114,7 @@ def page_style(collection: Collection, query: Query) -> Page:
     """``?page=1&size=100``: numbered pages of ``size`` records."""
     page = int_param(query, "page", 1, minimum=1)
     size = _size(query, "size")
-    first = collection.index_since(since_param(collection, query))
+    first = collection.index_since(since_param(query))
     start = first + (page - 1) * size
     total = len(collection) - first
     body = _data(collection, start, start + size) + b',"page":%d,"size":%d,"total":%d,"has_more":%s}' % (
@@ -129,7 +126,7 @@ def offset_style(collection: Collection, query: Query) -> Page:
     """``?offset=0&limit=100``: ``limit`` records from position ``offset``."""
     offset = int_param(query, "offset", 0, minimum=0)
     limit = _size(query, "limit")
-    first = collection.index_since(since_param(collection, query))
+    first = collection.index_since(since_param(query))
     start = first + offset
     total = len(collection) - first
     body = _data(collection, start, start + limit) + b',"offset":%d,"limit":%d,"total":%d,"has_more":%s}' % (
@@ -141,7 +138,7 @@ def cursor_style(collection: Collection, query: Query, *, loop_after_pages: int 
     """``?limit=100[&cursor=…]``: the cursor is a keyset position, so changes never shift pages. With
     ``loop_after_pages`` (a hostile upstream), from that page on next_cursor points back to page 2."""
     limit = _size(query, "limit")
-    first = start = collection.index_since(since_param(collection, query))
+    first = start = collection.index_since(since_param(query))
     cursor = query.get("cursor")
     if cursor:
         start = max(start, collection.index_after(*decode_cursor(collection, cursor)))
@@ -162,7 +159,7 @@ def link_style(collection: Collection, query: Query, *, loop_after_pages: int = 
     ``loop_after_pages`` (a hostile upstream), from that page on the next link points back to page 1."""
     page = int_param(query, "page", 1, minimum=1)
     size = _size(query, "size")
-    start = collection.index_since(since_param(collection, query)) + (page - 1) * size
+    start = collection.index_since(since_param(query)) + (page - 1) * size
     next_page = page + 1 if start + size < len(collection) else None
     if next_page is not None and loop_after_pages and page >= loop_after_pages:
         next_page = 1
@@ -172,7 +169,7 @@ def link_style(collection: Collection, query: Query, *, loop_after_pages: int = 
 def keyset_style(collection: Collection, query: Query) -> Page:
     """``?updated_since=W&limit=100[&after_key=K]``: records after (W, K), or from W without K."""
     limit = _size(query, "limit")
-    since_us = since_param(collection, query)
+    since_us = since_param(query)
     after_key = query.get("after_key")
     if after_key is None:
         start = collection.index_since(since_us)
@@ -187,34 +184,6 @@ def keyset_style(collection: Collection, query: Query) -> Page:
     has_more = _bool(start + limit < len(collection))
     body = _data(collection, start, start + limit) + b',"has_more":%s}' % has_more
     return Page(body)
-
-
-class EmptyListing:
-    """A collection as an upstream that briefly lists nothing shows it (the ``empty_pages`` fault): every
-    style answers one empty last page, while lookups by key and the checksum still see the records."""
-
-    def __init__(self, collection: Collection) -> None:
-        self.collection = collection
-        self.name = collection.name
-        self.layout = collection.layout
-
-    def __len__(self) -> int:
-        return 0
-
-    def index_since(self, _since_us: int | None) -> int:
-        return 0
-
-    def index_after(self, _sort_us: int, _key: Key) -> int:
-        return 0
-
-    def entries(self, _start: int, _stop: int) -> list:
-        return []
-
-    def parse_key(self, text: str) -> Key:
-        return self.collection.parse_key(text)
-
-    def is_key(self, value: object) -> bool:
-        return self.collection.is_key(value)
 
 
 STYLES: dict[str, Callable[..., Page]] = {

@@ -17,12 +17,13 @@ wrote it), or ISO 8601 text.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from conflux.demo.upstream_time import PRECISION_UNIT_US, format_us, parse_iso_us
+from conflux.demo.upstream_time import PRECISION_UNIT_US, format_us
 
 TIMESTAMP_FORMATS = ("iso8601", "epoch_s", "epoch_ms", "epoch_us")
 EPOCH_UNIT_US = {"epoch_s": 1_000_000, "epoch_ms": 1_000, "epoch_us": 1}
@@ -58,13 +59,14 @@ class RecordLayout:
         unit_us = self.epoch_unit_us
         return us // unit_us if unit_us else format_us(us, self.precision)
 
-    def parse_since(self, text: str) -> int:
-        """``updated_since`` in microseconds: ISO 8601 text, or with an epoch format a number in its unit.
-        Raises ValueError."""
+    def iso_since(self, query: Mapping[str, str]) -> Mapping[str, str]:
+        """The query with an ``updated_since`` given as an epoch number in this layout's unit (as the records
+        carry it) rewritten as the ISO 8601 text the paging styles read; anything else as it is."""
+        text = query.get("updated_since")
         unit_us = self.epoch_unit_us
-        if unit_us and text.strip().lstrip("-").isdigit():
-            return int(text) * unit_us
-        return parse_iso_us(text)
+        if text is None or not unit_us or not text.strip().lstrip("-").isdigit():
+            return query
+        return {**query, "updated_since": format_us(int(text) * unit_us, "us")}
 
     def row_fields(self, key_field: str, columns: list[str]) -> list[str]:
         """The field names of a generated row type, in the order ``rows`` fills them."""

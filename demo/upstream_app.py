@@ -21,8 +21,8 @@ import msgspec
 from aiohttp import web
 
 from conflux.demo.datagen import Key
-from conflux.demo.faults import Fault, FaultInjector
-from conflux.demo.paging_styles import STYLES, BadParameter, EmptyListing
+from conflux.demo.faults import EmptyListing, Fault, FaultInjector
+from conflux.demo.paging_styles import STYLES, BadParameter
 from conflux.demo.store import Collection, StoreError
 from conflux.demo.upstream_auth import AuthGate
 from conflux.demo.upstream_changes import ChangeGenerator, DeleteGenerator, check_delete_style
@@ -189,7 +189,7 @@ class UpstreamApp:
             loop_after_pages = self.hostile.settings.loop_after_pages
             looping = {"loop_after_pages": loop_after_pages} if loop_after_pages and style in ("cursor", "link") else {}
             listing = EmptyListing(collection) if self.faults.settings.empty_pages else collection
-            page = STYLES[style](listing, request.query, **looping)
+            page = STYLES[style](listing, collection.layout.iso_since(request.query), **looping)
         except BadParameter as exc:
             return error_response(400, str(exc))
         headers = {}

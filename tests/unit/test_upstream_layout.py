@@ -7,7 +7,8 @@ import msgspec
 import pytest
 
 from conflux.demo import datagen
-from conflux.demo.paging_styles import STYLES, BadParameter, EmptyListing, since_param
+from conflux.demo.faults import EmptyListing
+from conflux.demo.paging_styles import STYLES, BadParameter
 from conflux.demo.record_layout import RecordLayout, layout_problem
 from conflux.demo.store import Collection, StoreError
 from conflux.demo.upstream_time import format_us, parse_iso_us
@@ -84,15 +85,19 @@ def test_updated_since_is_an_epoch_number_or_iso_text():
     collection = make(NESTED_MS)
     entries = collection.entries(0, len(collection))
     since_us = entries[60][0]
-    as_number = since_param(collection, {"updated_since": str(since_us // 1000)})
-    assert as_number == since_us == since_param(collection, {"updated_since": format_us(since_us, "ms")})
+    as_number = collection.layout.iso_since({"updated_since": str(since_us // 1000), "limit": "1000"})
+    assert as_number == {"updated_since": format_us(since_us, "us"), "limit": "1000"}
+    as_text = {"updated_since": format_us(since_us, "ms")}
+    assert collection.layout.iso_since(as_text) is as_text
     for style in ("page", "cursor", "keyset"):
         size = {"page": "size"}.get(style, "limit")
-        body = msgspec.json.decode(STYLES[style](collection, {"updated_since": str(since_us // 1000), size: "1000"})
-                                   .body, type=Body)
+        query = collection.layout.iso_since({"updated_since": str(since_us // 1000), size: "1000"})
+        body = msgspec.json.decode(STYLES[style](collection, query).body, type=Body)
         assert [bytes(raw) for raw in body.data] == [data for sort_us, _k, data in entries if sort_us >= since_us]
-    with pytest.raises(BadParameter, match=r"^updated_since: must be an ISO 8601 timestamp or a number \(epoch_ms\)"):
-        since_param(collection, {"updated_since": "soon"})
+    with pytest.raises(BadParameter, match=r"^updated_since: must be an ISO 8601 timestamp"):
+        STYLES["page"](collection, collection.layout.iso_since({"updated_since": "soon"}))
+    # An ISO 8601 upstream takes no numbers: they stay as they are, and the style refuses them.
+    assert RecordLayout().iso_since({"updated_since": "1767225600"}) == {"updated_since": "1767225600"}
 
 
 def test_an_epoch_format_coarser_than_the_precision_is_refused():

@@ -147,13 +147,10 @@ def test_int_param_default_and_bounds():
 
 
 def test_since_param():
-    collection = make(count=1)
-    assert since_param(collection, {}) is None
-    assert since_param(collection, {"updated_since": "2026-01-05T10:11:12Z"}) == parse_iso_us("2026-01-05T10:11:12Z")
-    with pytest.raises(BadParameter, match=r"^updated_since: must be an ISO 8601 timestamp, got"):
-        since_param(collection, {"updated_since": "2026-13-45T99:00:00Z"})
-    with pytest.raises(BadParameter, match=r"^updated_since:"):  # a number is no ISO 8601 upstream's watermark
-        since_param(collection, {"updated_since": "1767225600"})
+    assert since_param({}) is None
+    assert since_param({"updated_since": "2026-01-05T10:11:12Z"}) == parse_iso_us("2026-01-05T10:11:12Z")
+    with pytest.raises(BadParameter, match=r"^updated_since:"):
+        since_param({"updated_since": "2026-13-45T99:00:00Z"})
 
 
 def test_keyset_after_key_needs_a_watermark_and_the_right_type():
