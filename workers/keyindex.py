@@ -41,6 +41,14 @@ SELECT key_hash, key, seen_us, packed >> 1 AS updated_us, packed & 1 AS deleted,
 """
 
 
+# The candidates, taken from the folded rows once: walking them in batches is then a rowid range each,
+# where a query per batch over the folded rows would scan all of them every time.
+PENDING = """
+INSERT INTO pending (key, key_hash, updated_us, missed)
+SELECT key, key_hash, updated_us, missed FROM folded WHERE deleted = 0 AND seen_us < ? ORDER BY key_hash
+"""
+
+
 def key_index_dir(config: Config) -> Path:
     """Where the key indexes of the reconciled sources live: ``<state_dir>/keys``."""
     return Path(config.daemon.state_dir) / "keys"
@@ -148,23 +156,20 @@ class Reconcile:
         index.execute_many("", (), script=[("DROP TABLE IF EXISTS folded", ()), ("DROP TABLE IF EXISTS decided", ()),
                                            (f"CREATE TABLE folded {COLUMNS}", ()), (FOLD, (self.upto,)),
                                            ("CREATE TABLE decided (key_hash INTEGER PRIMARY KEY, deleted INTEGER)",
-                                            ())])
+                                            ()), *_pending_script(started_us)])
         (self.live,), = index.query("SELECT count(*) FROM folded WHERE deleted = 0")
-        (self.missing,), = index.query("SELECT count(*) FROM folded WHERE deleted = 0 AND seen_us < ?",
-                                       (started_us,))
+        (self.missing,), = index.query("SELECT count(*) FROM pending")
 
     def candidates(self, batch: int = 1000) -> Iterator[list[Candidate]]:
         """Live keys not seen since the sync started, in batches (never all of them in memory)."""
-        query = ("SELECT key, key_hash, updated_us, missed FROM folded WHERE deleted = 0 AND seen_us < ? "
-                 "AND key_hash {} ? ORDER BY key_hash LIMIT ?")
-        after, compare = -(1 << 63), ">="
+        after = 0
         while True:
-            rows = self.index.query(query.format(compare), (self.started_us, after, batch))
-            compare = ">"
+            rows = self.index.query("SELECT rowid, key, key_hash, updated_us, missed FROM pending WHERE rowid > ? "
+                                    "ORDER BY rowid LIMIT ?", (after, batch))
             if not rows:
                 return
-            yield [Candidate(key, _unsigned(key_hash), updated, missed) for key, key_hash, updated, missed in rows]
-            after = rows[-1][1]
+            yield [Candidate(key, _unsigned(key_hash), updated, missed) for _, key, key_hash, updated, missed in rows]
+            after = rows[-1][0]
 
     def decide(self, *, deleted: Sequence[int] = (), missed: Sequence[int] = ()) -> None:
         """Remember what was done with these candidates (by key hash): a delete was published for
@@ -175,6 +180,7 @@ class Reconcile:
     def commit(self) -> None:
         """Apply the decisions and make the folded rows, plus whatever was appended since, the index."""
         self.index.execute_many("", (), script=[
+            ("DROP TABLE pending", ()),
             ("UPDATE folded SET deleted = 1, missed = 0, updated_us = max(updated_us, ?) "
              "WHERE key_hash IN (SELECT key_hash FROM decided WHERE deleted = 1)", (self.started_us,)),
             ("UPDATE folded SET missed = missed + 1 WHERE key_hash IN (SELECT key_hash FROM decided WHERE deleted = 0)",
@@ -187,7 +193,14 @@ class Reconcile:
 
     def abandon(self) -> None:
         self.index.execute_many("", (), script=[("DROP TABLE IF EXISTS folded", ()),
-                                                ("DROP TABLE IF EXISTS decided", ())])
+                                                ("DROP TABLE IF EXISTS decided", ()),
+                                                ("DROP TABLE IF EXISTS pending", ())])
+
+
+def _pending_script(started_us: int) -> list[tuple[str, tuple]]:
+    return [("DROP TABLE IF EXISTS pending", ()),
+            ("CREATE TABLE pending (key TEXT NOT NULL, key_hash INTEGER NOT NULL, updated_us INTEGER NOT NULL, "
+             "missed INTEGER NOT NULL)", ()), (PENDING, (started_us,))]
 
 
 def _signed(value: int) -> int:

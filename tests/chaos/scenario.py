@@ -56,12 +56,7 @@ class ChaosRun:
         requests.post(f"{self.upstream_url}/admin/faults", json={"error_rate": 0, "throttle_rate": 0, "latency_ms": 0,
                                                                   "change_rate_per_s": 0, "delete_rate_per_s": 0},
                       timeout=10).raise_for_status()
-        # A hard delete shows only as a key a complete full sync no longer lists: ask for one now rather than
-        # wait for full_sync_interval_s. The regular schedule takes over if a fault swallows the request.
-        for name in self.collections:
-            wait_until(lambda name=name: requests.post(f"{self.daemon.url}/sync/{name}", params={"full": "true"},
-                                                       timeout=30).status_code == 202,
-                       timeout_s=30, interval_s=0.5, message=f"a full sync of {name} to be accepted")
+        self.request_full_syncs()
 
         def equal():
             upstream, sink = checksums(self.upstream_url, self.sink_url, self.collections)
@@ -90,6 +85,16 @@ class ChaosRun:
                 "sink_tombstones": {name: sink.get(name, {}).get("tombstones") for name in self.collections},
                 "reconciled": self.daemon.metric("conflux_reconcile_keys_total", outcome="deleted") or 0,
                 "last_reconcile": {name: sources[name].get("reconcile") for name in self.collections}}
+
+    def request_full_syncs(self) -> list[str]:
+        """A hard delete shows only as a key a complete full sync no longer lists: ask for one now rather than
+        wait for full_sync_interval_s. The regular schedule takes over if a fault swallows a request."""
+        accepted = []
+        for name in self.collections:
+            response = requests.post(f"{self.daemon.url}/sync/{name}", params={"full": "true"}, timeout=30)
+            if response.status_code == 202:
+                accepted.append(name)
+        return accepted
 
     def dead_letters(self) -> list[dict]:
         out = subprocess.run([sys.executable, "-m", "conflux", "dlq", "list", "-c", str(self.daemon.config_path),
@@ -167,6 +172,16 @@ def bad_config_reload() -> Fault:
         wait_until(lambda: "reload refused" in run.daemon.log(), timeout_s=20, message="the refused reload")
         path.write_text(good)
         return "SIGHUP with an invalid config (refused, old config kept)"
+    return fault
+
+
+def deletes_stop() -> Fault:
+    """The upstream stops deleting, and every source is asked for a full sync: its reconcile finds the hard
+    deletes while the other faults still run, as the soft ones already flowed with the incremental syncs."""
+    def fault(run: ChaosRun) -> str:
+        requests.post(f"{run.upstream_url}/admin/delete-rate", json={"delete_rate_per_s": 0},
+                      timeout=10).raise_for_status()
+        return f"upstream stops deleting; full syncs asked of {', '.join(run.request_full_syncs()) or 'none'}"
     return fault
 
 

@@ -19,6 +19,7 @@ from tests.chaos.scenario import (
     ChaosRun,
     bad_config_reload,
     broker_restart,
+    deletes_stop,
     kill_random_worker,
     report,
     sink_apply_then_fail,
@@ -70,6 +71,7 @@ COMMON_FAULTS = [
     (5.0, sink_apply_then_fail(0.3, seconds=8)),
     (7.0, bad_config_reload()),
     (9.0, kill_random_worker(("fetcher",))),
+    (20.0, deletes_stop()),
 ]
 
 
