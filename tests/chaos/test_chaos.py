@@ -1,12 +1,14 @@
 """The chaos suite: at least 200k records with live changes and deletes under every kind of fault, fixed
 seeds.
 
-Runs in CI at this moderate size. The upstream deletes records in the background, half soft (listed
-with "deleted": true) and half hard (gone from every listing); both sources mark deletes
-(``deleted``) and reconcile: customers page by cursor (a missing key is deleted at once), products by
-page number (a missing key is confirmed by the by-key lookup's 404). At the end the sink must equal the
-upstream's live records (no record lost, none deleted kept) and the dead-letter queue must hold exactly
-the upstream's malformed records.
+Runs in CI at this moderate size. For the first 14 s, through the storm, the kills and the sink's
+failures, the upstream deletes records in the background, half soft (listed with "deleted": true) and
+half hard (gone from every listing); then it stops and both sources are asked for a full sync, whose
+reconcile finds the hard deletes while the remaining faults run. Both sources mark deletes (``deleted``)
+and reconcile: customers page by cursor (a missing key is deleted at once), products by page number (a
+missing key is confirmed by the by-key lookup's 404). At the end the sink must equal the upstream's live
+records (no record lost, none deleted kept) and the dead-letter queue must hold exactly the upstream's
+malformed records.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tests.fixtures.daemon import source
 
 RECORDS = 200_000
 SEED = 20261127
-DELETES_PER_S = 20
+DELETES_PER_S = 40
 COLLECTIONS = {"customers": "customers", "products": "products"}
 
 
@@ -71,7 +73,7 @@ COMMON_FAULTS = [
     (5.0, sink_apply_then_fail(0.3, seconds=8)),
     (7.0, bad_config_reload()),
     (9.0, kill_random_worker(("fetcher",))),
-    (20.0, deletes_stop()),
+    (14.0, deletes_stop()),
 ]
 
 
