@@ -19,6 +19,7 @@ import requests
 from conflux.demo.datagen import CUSTOMERS, PRODUCTS, system_spec
 
 SAMPLE_PER_SOURCE = 200
+SINK_READ_S = 600.0
 TIMESTAMP_FLAGS = ["--timestamp-precision", "ms", "--timestamp-format", "epoch_ms", "--layout", "nested"]
 
 
@@ -67,7 +68,8 @@ class ShapedExport:
             for offset in rng.sample(range(count), min(SAMPLE_PER_SOURCE, count)):
                 [record] = requests.get(f"{upstream_url}/api/{name}/offset", params={"offset": offset, "limit": 1},
                                         timeout=10).json()["data"]
-                stored = requests.get(f"{sink_url}/records/{name}/{record['meta'][key_field]}", timeout=10)
+                # The demo sink folds its journal before it answers the first of these: minutes for 1M records.
+                stored = requests.get(f"{sink_url}/records/{name}/{record['meta'][key_field]}", timeout=SINK_READ_S)
                 if stored.status_code != 200 or stored.json()["data"] != shaped(record, name):
                     return False
         return True
