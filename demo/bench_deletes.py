@@ -20,6 +20,7 @@ DELETE_FRACTION = 0.10
 # do (about 18,000/s on 2 busy cores): a saturated deleter catches up in bursts that hold its event loop,
 # and the request that stops it at the target waits behind them (16% over the target at 20,000/s).
 MAX_DELETE_RATE_PER_S = 10_000.0
+MIN_DELETE_RATE_PER_S = 1_000.0
 DELETE_SPREAD_S = 10.0
 POLL_S = 0.01
 CONVERGE_TIMEOUT_S = 600.0
@@ -60,7 +61,7 @@ class DeletePhase:
 
     def _delete(self, upstream: str) -> float:
         started = time.monotonic()
-        rate_per_s = min(MAX_DELETE_RATE_PER_S, self.target / DELETE_SPREAD_S)
+        rate_per_s = min(MAX_DELETE_RATE_PER_S, max(MIN_DELETE_RATE_PER_S, self.target / DELETE_SPREAD_S))
         requests.post(f"{upstream}/admin/delete-rate", json={"delete_rate_per_s": rate_per_s,
                                                              "delete_style": "mixed"}, timeout=10).raise_for_status()
         with requests.Session() as session:
