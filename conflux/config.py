@@ -299,6 +299,11 @@ class SourceConfig(_Section):
             _require(not _path_problem(path), f"{name}: {_path_problem(path)}")
         _require(not (self.pagination == "watermark" and len(paths) > 1),
                  "key: the watermark (keyset) style pages by one key field (after_key), not a composite key")
+        named = [*(("key", path) for path in paths), ("updated", self.updated),
+                 *([("deleted", self.deleted)] if self.deleted else []),
+                 *([("filter.field", self.filter.field)] if self.filter is not None else [])]
+        clash = _path_clash(named)
+        _require(not clash, clash)
 
     @property
     def effective_records_path(self) -> str:
@@ -710,6 +715,17 @@ def _strings_in(value: Any) -> list[str]:
 def _form_value(value: Any) -> bool:
     scalar = (str, int, float, bool)
     return isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(v, scalar) for v in value))
+
+
+def _path_clash(named: list[tuple[str, str]]) -> str:
+    """Why two of a source's paths cannot both be read (one runs inside the other's value), or "". The
+    same path twice is fine: one field may be, say, the key and the filter's field."""
+    for name, path in named:
+        for other_name, other in named:
+            if other.startswith(path + "."):
+                return (f"{other_name}: {other!r} runs inside {name} {path!r}: one field cannot be both a "
+                        "value and an object holding others")
+    return ""
 
 
 def _require(condition: bool, message: str) -> None:

@@ -1,16 +1,19 @@
 """One backend's part of `conflux bench`: start the daemon, time the export, sample the stages, then
-measure the webhook-to-sink delay under a steady change load."""
+measure the webhook-to-sink delay under a steady change load (or, for the shaping and delete-heavy runs,
+whatever their own phase measures)."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import requests
 
+from conflux.config import to_toml
 from conflux.demo.svgchart import line_chart, rates
 
 SAMPLE_S = 0.25
@@ -18,8 +21,14 @@ STAGES = {"fetched": "conflux_records_fetched_total", "delivered": "conflux_reco
 
 
 class BackendRun:
+    """``source_options`` adds or replaces keys of each collection's [[sources]] table; ``exported`` says when
+    the export is complete (default: the sink's checksums equal the upstream's); ``after_export(daemon_url,
+    sink_url)`` runs while the daemon still runs and adds its figures (default: the webhook delay)."""
+
     def __init__(self, args, backend: str, world, directory: Path, collections: dict[str, str], control_port: int,
-                 secret: str, log_settings: dict) -> None:
+                 secret: str, log_settings: dict, *, source_options: dict[str, dict] | None = None,
+                 exported: Callable[[], bool] | None = None,
+                 after_export: Callable[[str, str], dict] | None = None) -> None:
         self.args = args
         self.backend = backend
         self.world = world
@@ -28,6 +37,9 @@ class BackendRun:
         self.control_port = control_port
         self.secret = secret
         self.log_settings = log_settings
+        self.source_options = source_options or {}
+        self.exported = exported or self._checksums_equal
+        self.after_export = after_export or (lambda _daemon_url, sink_url: self._webhook_delay(sink_url))
         self.samples: list[dict] = []
         self.peak_rss = 0
         self._stop = threading.Event()
@@ -54,8 +66,11 @@ class BackendRun:
         neighbours_cpu = {name: _tree_cpu_s(process) - neighbours_cpu[name] for name, process in neighbours.items()}
         self._stop.set()
         sampler.join()
-        delay = self._webhook_delay(sink.url)
-        code = daemon.stop(timeout_s=60)
+        try:
+            delay = self.after_export(daemon.url, sink.url)
+        finally:
+            code = daemon.stop(timeout_s=60)
+            sink.stop()  # each run has a sink of its own; the world closes only the last one it knows
         records = self.args.records
         return {
             "backend": self.backend, "records": records, "startup_s": round(up - launched, 3),
@@ -69,27 +84,26 @@ class BackendRun:
 
     def _config(self, sink_url: str) -> str:
         upstream = self.world.services["upstream"].url
-        log = "\n".join(f"{key} = {_toml(value)}" for key, value in self.log_settings.items())
-        workers = "".join(f"{role} = {getattr(self.args, role)}\n" for role in ("consumers", "mergers")
-                          if getattr(self.args, role))
-        sources = "".join(
-            f'[[sources]]\nname = "{name}"\nurl = "{upstream}/api/{name}"\nkey = "{key}"\n'
-            f'page_size = {self.args.page_size}\nwebhook_secret = "{self.secret}"\n\n'
-            for name, key in self.collections.items())
-        return (f'[log]\npath = "{self.directory}/var/conflux.db"\n{log}\n\n{sources}'
-                f'[sink]\nurl = "{sink_url}/ingest"\n\n[workers]\n{workers}\n'
-                f'[control]\nlisten = "127.0.0.1:{self.control_port}"\n\n'
-                f'[daemon]\nstate_dir = "{self.directory}/var"\n')
+        sources = [{"name": name, "url": f"{upstream}/api/{name}", "key": key, "page_size": self.args.page_size,
+                    **({"webhook_secret": self.secret} if self.secret else {}), **self.source_options.get(name, {})}
+                   for name, key in self.collections.items()]
+        workers = {role: getattr(self.args, role) for role in ("consumers", "mergers") if getattr(self.args, role)}
+        return to_toml({"log": {"path": f"{self.directory}/var/conflux.db", **self.log_settings}, "sources": sources,
+                        "sink": {"url": f"{sink_url}/ingest"}, "workers": workers,
+                        "control": {"listen": f"127.0.0.1:{self.control_port}"},
+                        "daemon": {"state_dir": f"{self.directory}/var"}})
+
+    def _checksums_equal(self) -> bool:
+        upstream, sink = self.world.checksums(list(self.collections))
+        return upstream == sink
 
     def _await_export(self, up: float) -> tuple[float, bool]:
         total = self.args.records
         deadline = up + max(300.0, total / 2000)
         while time.monotonic() < deadline:
             counts = self.world.sink_counts()
-            if sum(counts.values()) >= total:
-                upstream, sink = self.world.checksums(list(self.collections))
-                if upstream == sink:
-                    return time.monotonic() - up, True
+            if sum(counts.values()) >= total and self.exported():
+                return time.monotonic() - up, True
             time.sleep(0.02)  # polling the sink's counters is the measurement itself
         return time.monotonic() - up, False
 
@@ -171,6 +185,3 @@ def _children(tree: psutil.Process) -> list[psutil.Process]:
     except psutil.Error:
         return []
 
-
-def _toml(value) -> str:
-    return f'"{value}"' if isinstance(value, str) else str(value)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from conflux.demo.upstream_time import PRECISION_UNIT_US, format_us, parse_iso_us
+from conflux.demo.record_layout import RecordLayout
+from conflux.demo.upstream_time import PRECISION_UNIT_US, parse_iso_us
 
 Key = int | str
 # A column generator: (rng, count, columns generated so far, keys) -> one value per record.
@@ -31,10 +32,10 @@ BAD_UPDATED_AT = "bad_updated_at"
 TOO_DEEP = "too_deep"                    # a valid record nested past any recursive decoder's limit
 FUTURE_UPDATED_AT = "future_updated_at"  # a valid record stamped in the year 2999
 FUTURE_STAMP = "2999-01-01T00:00:00Z"
+FUTURE_US = parse_iso_us(FUTURE_STAMP)
 _BAD_DATES = ("not-a-date", "2026-13-45T99:00:00Z")
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 
 def uniform_ints(rng: random.Random, count: int, span: int) -> list[int]:
@@ -204,8 +205,11 @@ class Generated:
 
 
 def generate(spec: CollectionSpec, count: int, *, seed: int, precision: str,
-             malformed_rate: float = 0.0, hostile: HostileRecords = NO_HOSTILE_RECORDS) -> Generated:
-    """Generate ``count`` records of ``spec``; deterministic in (seed, spec, count, precision)."""
+             malformed_rate: float = 0.0, hostile: HostileRecords = NO_HOSTILE_RECORDS,
+             layout: RecordLayout | None = None) -> Generated:
+    """Generate ``count`` records of ``spec``; deterministic in (seed, spec, count, precision, layout).
+    ``layout`` (flat, ISO 8601 by default) says where the key and updated_at go and what updated_at is."""
+    layout = layout or RecordLayout(precision=precision)
     rng = random.Random(f"{seed}:{spec.name}:data")
     width = max(6, len(str(count)))
     burst_of, burst_us = _bursts(rng, count, precision)
@@ -214,17 +218,18 @@ def generate(spec: CollectionSpec, count: int, *, seed: int, precision: str,
     order = sorted(range(count), key=burst_of.__getitem__)  # stable: ties stay in key order
     keys = spec.keys(map((1).__add__, order), width)
     sorted_bursts = sorted(burst_of)
-    stamps = [format_us(us, precision) for us in burst_us]
+    stamps = [layout.stamp(us) for us in burst_us]
     columns: dict[str, list] = {}
     for name, column in spec.columns:
         columns[name] = column(rng, count, columns, keys)
     # A gc-free Struct per record is about twice as fast to build and encode as a dict.
-    row_type = msgspec.defstruct(f"{spec.name}_row", [spec.key_field, *columns, "updated_at"], gc=False)
-    rows = map(row_type, keys, *columns.values(), map(stamps.__getitem__, sorted_bursts))
+    rows = layout.rows(spec.key_field, columns, keys, list(map(stamps.__getitem__, sorted_bursts)))
     encoded = list(map(_encode, rows))
-    malformed = _malform(spec, keys, encoded, random.Random(f"{seed}:{spec.name}:malformed"), malformed_rate)
+    malformed = _malform(spec, keys, encoded, random.Random(f"{seed}:{spec.name}:malformed"), malformed_rate,
+                         layout)
     if hostile != NO_HOSTILE_RECORDS:
-        _make_hostile(keys, encoded, random.Random(f"{seed}:{spec.name}:hostile"), hostile, malformed)
+        _make_hostile(spec, keys, encoded, random.Random(f"{seed}:{spec.name}:hostile"), hostile, malformed,
+                      layout)
     sort_us = map(burst_us.__getitem__, sorted_bursts)
     items = list(zip(sort_us, keys, encoded, strict=True))
     return Generated(items=items, malformed=malformed, key_width=width)
@@ -241,24 +246,24 @@ def _bursts(rng: random.Random, count: int, precision: str) -> tuple[list[int], 
 
 
 def _malform(spec: CollectionSpec, keys: list[Key], encoded: list[bytes], rng: random.Random,
-             rate: float) -> dict[Key, str]:
+             rate: float, layout: RecordLayout) -> dict[Key, str]:
     """Corrupt ``rate`` of the records in place: alternately drop the key, or garble ``updated_at``."""
     chosen = sorted(rng.sample(range(len(keys)), round(rate * len(keys))))
     malformed: dict[Key, str] = {}
     for position, index in enumerate(chosen):
-        record = _decode(encoded[index])
+        record = layout.read(encoded[index], spec.key_field)
         if position % 2 == 0:
             del record[spec.key_field]
             malformed[keys[index]] = MISSING_KEY
         else:
             record["updated_at"] = _BAD_DATES[(position // 2) % 2]
             malformed[keys[index]] = BAD_UPDATED_AT
-        encoded[index] = _encode(record)
+        encoded[index] = layout.write(record, spec.key_field)
     return malformed
 
 
-def _make_hostile(keys: list[Key], encoded: list[bytes], rng: random.Random, hostile: HostileRecords,
-                  malformed: dict[Key, str]) -> None:
+def _make_hostile(spec: CollectionSpec, keys: list[Key], encoded: list[bytes], rng: random.Random,
+                  hostile: HostileRecords, malformed: dict[Key, str], layout: RecordLayout) -> None:
     """Turn records not malformed yet into ``hostile``'s deep and future ones, in place."""
     candidates = [index for index, key in enumerate(keys) if key not in malformed]
     chosen = rng.sample(candidates, min(len(candidates), hostile.deep + hostile.future))
@@ -268,7 +273,7 @@ def _make_hostile(keys: list[Key], encoded: list[bytes], rng: random.Random, hos
             encoded[index] = encoded[index][:-1] + b',"nested":' + nested + b"}"
             malformed[keys[index]] = TOO_DEEP
         else:
-            record = _decode(encoded[index])
-            record["updated_at"] = FUTURE_STAMP
-            encoded[index] = _encode(record)
+            record = layout.read(encoded[index], spec.key_field)
+            record["updated_at"] = layout.stamp(FUTURE_US) if layout.epoch_unit_us else FUTURE_STAMP
+            encoded[index] = layout.write(record, spec.key_field)
             malformed[keys[index]] = FUTURE_UPDATED_AT

@@ -1,4 +1,4 @@
-"""Fault injection for the demo upstream's page responses: latency, 500s, 429s.
+"""Fault injection for the demo upstream's page responses: latency, 500s, 429s, empty listings.
 
 Used by the upstream process's page handlers. Settings come from the command line and can be
 replaced at run time through ``POST /admin/faults``; both paths validate through the same Struct,
@@ -11,9 +11,13 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Mapping
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
+
+if TYPE_CHECKING:
+    from conflux.demo.datagen import Key
+    from conflux.demo.store import Collection
 
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
@@ -27,6 +31,8 @@ class FaultSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     error_rate: Fraction = 0.0
     throttle_rate: Fraction = 0.0
     retry_after_s: Annotated[int, msgspec.Meta(ge=0)] = 1
+    # An upstream that briefly lists nothing: every page of every style is an empty last page.
+    empty_pages: bool = False
 
     def updated(self, changes: Mapping[str, object]) -> FaultSettings:
         """A copy with ``changes`` applied; raises ValueError naming the offending field."""
@@ -71,3 +77,32 @@ class FaultInjector:
         if roll < settings.throttle_rate + settings.error_rate:
             return Fault.ERROR
         return None
+
+
+class EmptyListing:
+    """A collection as an upstream that briefly lists nothing shows it (the ``empty_pages`` fault): handed
+    to a paging style in place of the collection, every style answers one empty last page. Lookups by key
+    and the checksum still see the records."""
+
+    def __init__(self, collection: Collection) -> None:
+        self.collection = collection
+        self.name = collection.name
+        self.layout = collection.layout
+
+    def __len__(self) -> int:
+        return 0
+
+    def index_since(self, _since_us: int | None) -> int:
+        return 0
+
+    def index_after(self, _sort_us: int, _key: Key) -> int:
+        return 0
+
+    def entries(self, _start: int, _stop: int) -> list:
+        return []
+
+    def parse_key(self, text: str) -> Key:
+        return self.collection.parse_key(text)
+
+    def is_key(self, value: object) -> bool:
+        return self.collection.is_key(value)

@@ -14,6 +14,10 @@ soft-deleted record stays in the order (every listing serves it, as the newest c
 one leaves the order and the key index, and only its last JSON is kept aside so that a later PUT can
 restore it. The checksum covers live valid records only. A PUT of a deleted key, or a POST that names
 a hard-deleted key, brings the record back (without the ``deleted`` flag) as a new version.
+
+The JSON's shape is the collection's ``RecordLayout`` (demo/record_layout.py): the store edits records
+as flat dicts and the layout puts the key, updated_at and deleted where they are served (top level, or
+a ``meta`` object) and writes updated_at as ISO 8601 text or an epoch number.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Mapping
 
-import msgspec
 from sortedcontainers import SortedList
 
 from conflux.demo.checksum import Checksum, canonical_digest, record_digest
@@ -34,10 +37,8 @@ from conflux.demo.datagen import (
     collection_plan,
     generate,
 )
-from conflux.demo.upstream_time import format_us, truncate_us
-
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(dict).decode
+from conflux.demo.record_layout import META, RecordLayout
+from conflux.demo.upstream_time import truncate_us
 
 
 class StoreError(Exception):
@@ -70,10 +71,12 @@ DELETED_FIELD = "deleted"
 class Collection:
     """One collection: the ordered records, a key index, the running checksum of the live valid ones."""
 
-    def __init__(self, spec: CollectionSpec, generated: Generated, *, precision: str) -> None:
+    def __init__(self, spec: CollectionSpec, generated: Generated, *, precision: str,
+                 layout: RecordLayout | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.precision = precision
+        self.layout = layout or RecordLayout(precision=precision)  # must be the one ``generated`` was made with
         self._order = SortedList(generated.items)
         self._by_key = {item[1]: item for item in generated.items}
         self._malformed = generated.malformed
@@ -179,7 +182,7 @@ class Collection:
     def create(self, fields: Mapping[str, object], now_us: int) -> bytes:
         """Add a record; its key comes from ``fields`` (a hard-deleted key is created anew) or is the
         next free one. Returns its JSON."""
-        _refuse_deleted_field(fields)
+        self._refuse_reserved_fields(fields)
         key_field = self.spec.key_field
         if key_field in fields:
             key = fields[key_field]
@@ -196,7 +199,7 @@ class Collection:
     def update(self, key: Key, fields: Mapping[str, object], now_us: int) -> bytes:
         """Merge ``fields`` into the record, stamp it and move it to the end; a deleted record is
         restored. Returns its JSON."""
-        _refuse_deleted_field(fields)
+        self._refuse_reserved_fields(fields)
         current = self._by_key.get(key)
         current_data = current[2] if current is not None else self._hard_deleted.get(key)
         if current_data is None:
@@ -206,7 +209,7 @@ class Collection:
         key_field = self.spec.key_field
         if key_field in fields and fields[key_field] != key:
             raise StoreError(f"{key_field}: the key of a record cannot change")
-        record = _decode(current_data)
+        record = self.layout.read(current_data, key_field)
         record.pop(DELETED_FIELD, None)
         record.update(fields)
         self._hard_deleted.pop(key, None)
@@ -222,7 +225,7 @@ class Collection:
             raise UnknownKey(f"key: no record {key!r} in {self.name}")
         if key in self._malformed:
             raise ReadOnlyRecord(f"key: {key!r} is a malformed fixture record and read-only")
-        record = _decode(current[2])
+        record = self.layout.read(current[2], self.spec.key_field)
         record[DELETED_FIELD] = True
         data = self._put(key, record, now_us, live=False)
         if hard:
@@ -238,8 +241,8 @@ class Collection:
         stamp_us = max(truncate_us(now_us, self.precision), self._max_us)  # never before an earlier change
         self._max_us = stamp_us
         self.version += 1
-        record["updated_at"] = format_us(stamp_us, self.precision)
-        data = _encode(record)
+        record["updated_at"] = self.layout.stamp(stamp_us)
+        data = self.layout.write(record, self.spec.key_field)
         old = self._by_key.get(key)
         if old is not None:
             self._order.remove(old)
@@ -264,24 +267,29 @@ class Collection:
         self._next_index += 1
         return key
 
+    def _refuse_reserved_fields(self, fields: Mapping[str, object]) -> None:
+        if DELETED_FIELD in fields:
+            raise StoreError(f"{DELETED_FIELD}: set by DELETE /api/{{c}}/{{key}}; a PUT restores a deleted record")
+        if self.layout.nested and META in fields:
+            raise StoreError(f"{META}: set by the upstream in the nested layout (the key and updated_at live there)")
+
     def _key_type_name(self) -> str:
         return "integer" if self.spec.key_prefix is None else "non-empty string"
 
 
-def _refuse_deleted_field(fields: Mapping[str, object]) -> None:
-    if DELETED_FIELD in fields:
-        raise StoreError(f"{DELETED_FIELD}: set by DELETE /api/{{c}}/{{key}}; a PUT restores a deleted record")
 
 
 def build_collections(*, seed: int, precision: str, malformed_rate: float, customers: int, products: int,
                       systems: int, records_per_system: int,
-                      hostile: HostileRecords = NO_HOSTILE_RECORDS) -> dict[str, Collection]:
+                      hostile: HostileRecords = NO_HOSTILE_RECORDS,
+                      layout: RecordLayout | None = None) -> dict[str, Collection]:
     """Generate every collection the upstream serves; called once, before the server starts."""
+    layout = layout or RecordLayout(precision=precision)
     plan = collection_plan(customers=customers, products=products, systems=systems,
                            records_per_system=records_per_system)
     collections = {}
     for spec, count in plan:
         generated = generate(spec, count, seed=seed, precision=precision, malformed_rate=malformed_rate,
-                             hostile=hostile)
-        collections[spec.name] = Collection(spec, generated, precision=precision)
+                             hostile=hostile, layout=layout)
+        collections[spec.name] = Collection(spec, generated, precision=precision, layout=layout)
     return collections

@@ -11,6 +11,10 @@ Collections: customers (key `id`, integer), products (key `sku`, "SKU-000001"), 
 marketing, support_tickets, system_11, system_12, ... (key `id`, "ord-000001"). Every record has
 `updated_at` (ISO 8601 UTC, e.g. 2026-01-05T10:11:12Z). Records are always ordered by
 (updated_at, key). Every style accepts `updated_since` (ISO 8601, inclusive: updated_at >= it).
+--timestamp-format epoch_s|epoch_ms|epoch_us makes `updated_at` an integer of seconds, ms or us
+since the epoch (and `updated_since` may then be such a number); --layout nested moves the key,
+`updated_at` and `deleted` into a "meta" object ({"meta": {"id": 7, "updated_at": ...}, "name": ...});
+request bodies stay flat, and "meta" in one is refused.
 Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
 
   GET /api/{c}?page=1&size=100[&updated_since=T]                       (page style)
@@ -59,8 +63,9 @@ Page sizes (`size`, `limit`) default to 100 and may be at most 1000.
       429 was answered. Also changes (api, background), deletes (api, background, soft, hard),
       webhook counters and auth counters.
   GET /admin/faults, POST /admin/faults -> latency_ms, latency_jitter_ms, error_rate,
-      throttle_rate, retry_after_s, change_rate_per_s, delete_rate_per_s, delete_style (settable)
-      and malformed_rate (fixed at start)
+      throttle_rate, retry_after_s, empty_pages (every page an empty last page, as an upstream that
+      briefly lists nothing; also --empty-pages), change_rate_per_s, delete_rate_per_s, delete_style
+      (settable) and malformed_rate (fixed at start)
   GET /admin/change-rate, POST /admin/change-rate {"change_rate_per_s": R}
   GET /admin/delete-rate, POST /admin/delete-rate {"delete_rate_per_s": R, "delete_style": S}
   GET /admin/malformed -> {c: [{"key": k, "reason": "missing_key" | "bad_updated_at", "record": {...}}]}
@@ -173,6 +178,7 @@ import uvloop
 
 from conflux.demo.datagen import HostileRecords
 from conflux.demo.faults import FaultInjector, FaultSettings
+from conflux.demo.record_layout import LAYOUTS, TIMESTAMP_FORMATS, RecordLayout, layout_problem
 from conflux.demo.store import build_collections
 from conflux.demo.upstream_app import UpstreamApp, bind, serve, url_of
 from conflux.demo.upstream_auth import AuthGate, AuthSettings
@@ -231,6 +237,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--records-per-system", type=count, default=1000, help="records each (default 1000)")
     data.add_argument("--timestamp-precision", choices=sorted(PRECISION_UNIT_US), default="s",
                       help="precision of updated_at (default s)")
+    data.add_argument("--timestamp-format", choices=TIMESTAMP_FORMATS, default="iso8601",
+                      help="updated_at as ISO 8601 text, or an integer of seconds/ms/us since the epoch "
+                           "(default %(default)s)")
+    data.add_argument("--layout", choices=LAYOUTS, default="flat",
+                      help="flat: key and updated_at at the top level; nested: in a \"meta\" object, with "
+                           "\"deleted\" (default %(default)s)")
     shapes = parser.add_argument_group("API shapes (see API shapes below)")
     shapes.add_argument("--records-path", type=_records_path, default="data", metavar="PATH",
                         help='where the records are in a body: a dotted path, or "" for the bare list (default data)')
@@ -265,6 +277,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--error-rate", type=_fraction, default=0.0, help="fraction of pages answered 500")
     faults.add_argument("--throttle-rate", type=_fraction, default=0.0, help="fraction answered 429")
     faults.add_argument("--retry-after-s", type=count, default=1, help="Retry-After of a 429 (default 1)")
+    faults.add_argument("--empty-pages", action="store_true",
+                        help="every page is an empty last page, as if nothing were listed (see /admin/faults)")
     faults.add_argument("--malformed-rate", type=_fraction, default=0.0,
                         help="fraction of records generated malformed (no key / bad updated_at)")
     faults.add_argument("--count-header", action="append", default=[], metavar="NAME",
@@ -306,6 +320,10 @@ def run(args: argparse.Namespace) -> int:
     """Generate the data, then serve until SIGTERM/SIGINT. Runs in the `conflux upstream` process."""
     if bool(args.webhook_url) != bool(args.webhook_secret):
         print("conflux upstream: --webhook-url and --webhook-secret go together", file=sys.stderr)
+        return EXIT_BAD_OPTIONS
+    problem = layout_problem(args.timestamp_precision, args.timestamp_format)
+    if problem:
+        print(f"conflux upstream: --timestamp-format, --timestamp-precision: {problem}", file=sys.stderr)
         return EXIT_BAD_OPTIONS
     try:
         ssl_context = _tls_context(args.tls_cert, args.tls_key)
@@ -360,7 +378,10 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
                                     products=args.products, systems=args.systems,
                                     records_per_system=args.records_per_system,
                                     hostile=HostileRecords(deep=args.deep_records, depth=args.deep_record_depth,
-                                                           future=args.future_records))
+                                                           future=args.future_records),
+                                    layout=RecordLayout(precision=args.timestamp_precision,
+                                                        timestamp_format=args.timestamp_format,
+                                                        nested=args.layout == "nested"))
     gc.freeze()
     gc.enable()
     total = sum(len(collection) for collection in collections.values())
@@ -368,7 +389,7 @@ def _build_app(args: argparse.Namespace) -> UpstreamApp:
           f"in {time.perf_counter() - started:.2f}s", flush=True)
     faults = FaultSettings(latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms,
                            error_rate=args.error_rate, throttle_rate=args.throttle_rate,
-                           retry_after_s=args.retry_after_s)
+                           retry_after_s=args.retry_after_s, empty_pages=args.empty_pages)
     webhooks = None
     if args.webhook_url:
         style = WebhookStyle(signature=args.webhook_style, envelope=args.webhook_envelope,

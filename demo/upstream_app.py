@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import web
 
 from conflux.demo.datagen import Key
-from conflux.demo.faults import Fault, FaultInjector
+from conflux.demo.faults import EmptyListing, Fault, FaultInjector
 from conflux.demo.paging_styles import LOOPING, STYLES, BadParameter
 from conflux.demo.store import Collection, StoreError
 from conflux.demo.upstream_auth import AuthGate
@@ -228,7 +228,8 @@ class UpstreamApp:
             return redirect
         try:
             query = normalized_since(query if query is not None else request.query, self.since_format)
-            page = STYLES[style](collection, query, **self._style_options(request, style))
+            listing = EmptyListing(collection) if self.faults.settings.empty_pages else collection
+            page = STYLES[style](listing, collection.layout.iso_since(query), **self._style_options(request, style))
         except BadParameter as exc:
             return error_response(400, str(exc))
         headers = dict(page.headers)

@@ -201,6 +201,8 @@ class ReconcileReport(Struct, kw_only=True):
     kept: int = 0
     refused: bool = False
     detail: str = ""
+    duration_s: float = 0.0                 # fold, decisions, lookups and the deletes' publish
+    sync_started_at: float = 0.0            # when the full sync it compared with started: the deletes' updated_at
 
 
 class SourceReport(Struct, kw_only=True, tag="source"):

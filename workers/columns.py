@@ -77,9 +77,9 @@ def _fast(shape: SourceShape, records: Sequence[Raw], fields: Sequence[Any], lat
     try:
         parts = [identity.column(fields, name) for name in shape.key_columns]
         stamps = identity.column(fields, "updated")
-        markers = identity.column(fields, "deleted") if shape.deleted_name else None
-        filtered = identity.column(fields, "filter") if shape.filter is not None else None
-    except AttributeError:  # an object on some path is missing in some record
+        markers = identity.optional_column(fields, "deleted") if shape.deleted_name else None
+        filtered = identity.optional_column(fields, "filter") if shape.filter is not None else None
+    except AttributeError:  # an object on the key's or updated's path is missing in some record
         return None
     keys = _keys(parts)
     times = _times(shape, stamps) if keys is not None else None

@@ -298,9 +298,8 @@ class ControlWorker(AsyncWorker):
         await self.producer.publish([OutgoingMessage(topic, partition, batch.keys[0].encode(), encode_batch(batch))
                                      for partition, batch in batches])
         index = self.key_indexes.get(source)
-        if index is not None and len(columns):  # a reconciled source: these keys are live (or deleted) now
-            await asyncio.to_thread(index.seen, columns.keys, columns.key_hashes, columns.updated_us,
-                                    columns.deleted or [False] * len(columns), time.time_ns() // 1000)
+        if index is not None and (len(columns) or columns.dead):  # a reconciled source: these keys are listed now
+            await asyncio.to_thread(index.seen_columns, columns, time.time_ns() // 1000)
         if columns.dead:
             received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             entries = dead_letters(columns, source, "fetch", f"webhook received {received}")

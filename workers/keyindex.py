@@ -18,8 +18,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from xxhash import xxh3_64_intdigest
+
 from conflux.config import Config
 from conflux.errors import LogError
+from conflux.workers.columns import Columns
 
 BUSY_TIMEOUT_S = 30.0
 # `rows` is append-only between reconciles; `missed` counts complete full syncs in a row that did not
@@ -37,6 +40,14 @@ SELECT key_hash, key, seen_us, packed >> 1 AS updated_us, packed & 1 AS deleted,
     SELECT key_hash, key, max(seen_us) AS seen_us, max(updated_us * 2 + deleted) AS packed, min(missed) AS missed,
            max(parent) AS parent
     FROM rows WHERE rowid <= ? GROUP BY key_hash)
+"""
+
+
+# The candidates, taken from the folded rows once: walking them in batches is then a rowid range each,
+# where a query per batch over the folded rows would scan all of them every time.
+PENDING = """
+INSERT INTO pending (key, key_hash, updated_us, missed)
+SELECT key, key_hash, updated_us, missed FROM folded WHERE deleted = 0 AND seen_us < ? ORDER BY key_hash
 """
 
 
@@ -114,6 +125,20 @@ class KeyIndex:
         return [Child(row[1], _unsigned(key_hash), row[3], latest[key_hash][5]) for key_hash, row in newest.items()
                 if not row[4] and key_hash in latest and latest[key_hash][5] in wanted]
 
+    def seen_columns(self, columns: Columns, seen_us: int, *, parent: str = "") -> None:
+        """A page or webhook carried these records: the valid ones, and the dead-lettered ones whose key
+        could be read. The upstream still lists a record it serves invalid, so it is not a hard delete; its
+        sighting carries the oldest instant, so it never outranks a version actually delivered (or deleted)."""
+        keys, key_hashes, updated_us = list(columns.keys), list(columns.key_hashes), list(columns.updated_us)
+        deleted = list(columns.deleted or [False] * len(columns))
+        readable = [key for _record, key, _reason in columns.dead if key]
+        keys += readable
+        key_hashes += [xxh3_64_intdigest(key.encode()) for key in readable]
+        updated_us += [0] * len(readable)
+        deleted += [False] * len(readable)
+        if keys:
+            self.seen(keys, key_hashes, updated_us, deleted, seen_us, parent=parent)
+
     def reconcile(self, started_us: int) -> Reconcile:
         """Fold what is recorded so far, for comparing with the full sync that started at ``started_us``."""
         return Reconcile(self, started_us)
@@ -163,23 +188,20 @@ class Reconcile:
         index.execute_many("", (), script=[("DROP TABLE IF EXISTS folded", ()), ("DROP TABLE IF EXISTS decided", ()),
                                            (f"CREATE TABLE folded {COLUMNS}", ()), (FOLD, (self.upto,)),
                                            ("CREATE TABLE decided (key_hash INTEGER PRIMARY KEY, deleted INTEGER)",
-                                            ())])
+                                            ()), *_pending_script(started_us)])
         (self.live,), = index.query("SELECT count(*) FROM folded WHERE deleted = 0")
-        (self.missing,), = index.query("SELECT count(*) FROM folded WHERE deleted = 0 AND seen_us < ?",
-                                       (started_us,))
+        (self.missing,), = index.query("SELECT count(*) FROM pending")
 
     def candidates(self, batch: int = 1000) -> Iterator[list[Candidate]]:
         """Live keys not seen since the sync started, in batches (never all of them in memory)."""
-        query = ("SELECT key, key_hash, updated_us, missed FROM folded WHERE deleted = 0 AND seen_us < ? "
-                 "AND key_hash {} ? ORDER BY key_hash LIMIT ?")
-        after, compare = -(1 << 63), ">="
+        after = 0
         while True:
-            rows = self.index.query(query.format(compare), (self.started_us, after, batch))
-            compare = ">"
+            rows = self.index.query("SELECT rowid, key, key_hash, updated_us, missed FROM pending WHERE rowid > ? "
+                                    "ORDER BY rowid LIMIT ?", (after, batch))
             if not rows:
                 return
-            yield [Candidate(key, _unsigned(key_hash), updated, missed) for key, key_hash, updated, missed in rows]
-            after = rows[-1][1]
+            yield [Candidate(key, _unsigned(key_hash), updated, missed) for _, key, key_hash, updated, missed in rows]
+            after = rows[-1][0]
 
     def decide(self, *, deleted: Sequence[int] = (), missed: Sequence[int] = ()) -> None:
         """Remember what was done with these candidates (by key hash): a delete was published for
@@ -190,6 +212,7 @@ class Reconcile:
     def commit(self) -> None:
         """Apply the decisions and make the folded rows, plus whatever was appended since, the index."""
         self.index.execute_many("", (), script=[
+            ("DROP TABLE pending", ()),
             ("UPDATE folded SET deleted = 1, missed = 0, updated_us = max(updated_us, ?) "
              "WHERE key_hash IN (SELECT key_hash FROM decided WHERE deleted = 1)", (self.started_us,)),
             ("UPDATE folded SET missed = missed + 1 WHERE key_hash IN (SELECT key_hash FROM decided WHERE deleted = 0)",
@@ -203,7 +226,14 @@ class Reconcile:
 
     def abandon(self) -> None:
         self.index.execute_many("", (), script=[("DROP TABLE IF EXISTS folded", ()),
-                                                ("DROP TABLE IF EXISTS decided", ())])
+                                                ("DROP TABLE IF EXISTS decided", ()),
+                                                ("DROP TABLE IF EXISTS pending", ())])
+
+
+def _pending_script(started_us: int) -> list[tuple[str, tuple]]:
+    return [("DROP TABLE IF EXISTS pending", ()),
+            ("CREATE TABLE pending (key TEXT NOT NULL, key_hash INTEGER NOT NULL, updated_us INTEGER NOT NULL, "
+             "missed INTEGER NOT NULL)", ()), (PENDING, (started_us,))]
 
 
 def _signed(value: int) -> int:

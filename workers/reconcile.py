@@ -60,18 +60,21 @@ class Reconciler:
         self.stable = stable
 
     async def seen(self, columns: Columns, seen_us: int, *, parent: str = "") -> None:
-        """A page of the source was published: its keys are live (or deleted) as of ``seen_us``; ``parent``:
-        the parent record's key a child source's page was listed under."""
-        if len(columns):
-            await asyncio.to_thread(self.index.seen, columns.keys, columns.key_hashes, columns.updated_us,
-                                    columns.deleted or [False] * len(columns), seen_us, parent=parent)
+        """A page of the source was published: its keys are live (or deleted) as of ``seen_us``, and so are
+        those of its dead-lettered records whose key could be read (see ``KeyIndex.seen_columns``);
+        ``parent``: the parent record's key a child source's page was listed under."""
+        if len(columns) or columns.dead:
+            await asyncio.to_thread(self.index.seen_columns, columns, seen_us, parent=parent)
 
     async def run(self, started_us: int) -> ReconcileReport:
         """Compare the index with the full sync that started at ``started_us``; publish the deletes."""
+        began = time.monotonic()
         reconcile = await asyncio.to_thread(self.index.reconcile, started_us)
-        report = ReconcileReport(at=time.time(), live=reconcile.live, checked=reconcile.missing)
+        report = ReconcileReport(at=time.time(), live=reconcile.live, checked=reconcile.missing,
+                                 sync_started_at=started_us / 1_000_000)
         if reconcile.live and reconcile.missing > self.source.reconcile_max_fraction * reconcile.live:
             await asyncio.to_thread(reconcile.abandon)
+            report.duration_s = round(time.monotonic() - began, 3)
             return self._refused(report)
         try:
             candidates = reconcile.candidates(CANDIDATE_BATCH)
@@ -85,9 +88,10 @@ class Reconciler:
             await asyncio.to_thread(reconcile.abandon)
             raise
         self._count(report)
+        report.duration_s = round(time.monotonic() - began, 3)
         logger.info("%s: reconcile after the full sync: %d live keys, %d not listed: %d deleted, %d waiting "
-                    "for a second look, %d kept", self.source.name, report.live, report.checked, report.deleted,
-                    report.waiting, report.kept)
+                    "for a second look, %d kept, in %.2f s", self.source.name, report.live, report.checked,
+                    report.deleted, report.waiting, report.kept, report.duration_s)
         return report
 
     def _refused(self, report: ReconcileReport) -> ReconcileReport:

@@ -65,6 +65,14 @@ class Identity:
         """One field of every decoded record; AttributeError if an object on the path is missing."""
         return list(map(self.getters[name], decoded))
 
+    def optional_column(self, decoded: Sequence[Any], name: str) -> list[Any]:
+        """Like ``column``, but None where an object on the path is missing: a delete marker or filter field
+        inside an object that live records leave out (``deletion.at`` without ``deletion``) is simply unset."""
+        try:
+            return self.column(decoded, name)
+        except AttributeError:
+            return [self.value(record, name)[1] for record in decoded]
+
     def value(self, decoded: Any, name: str) -> tuple[bool, Any]:
         """(found, value) of one field of one record: not found when an object on its path is missing."""
         try:
@@ -195,25 +203,32 @@ def _hashable(value: Any) -> bool:
 
 class Reshaper:
     """select / drop / rename of a record's top-level fields. The values are never parsed: each stays
-    the bytes the upstream sent."""
+    the bytes the upstream sent.
+
+    With ``select`` the fields kept are known, so a record decodes into a Struct of exactly those fields
+    (the others are skipped in C) and encodes from a twin Struct that carries the new names: about a
+    quarter of the cost of a ``dict[str, Raw]`` round trip. Without it (drop, rename) the record goes
+    through a dict, since any other field must stay."""
 
     _decoder = msgspec.json.Decoder(dict[str, Raw])
     _encoder = msgspec.json.Encoder()
 
     def __init__(self, *, select: Sequence[str] = (), drop: Sequence[str] = (),
                  rename: dict[str, str] | None = None) -> None:
-        self.select = tuple(select)
         self.drop = frozenset(drop)
+        self.select = tuple(name for name in dict.fromkeys(select) if name not in self.drop)
         self.rename = dict(rename or {})
+        self._selected: tuple[msgspec.json.Decoder, type] | None = _selection_structs(self.select, self.rename) \
+            if self.select else None
 
     def reshape(self, record: Raw) -> tuple[Raw | None, str]:
         """(the shaped record, "") or (None, why it cannot be shaped)."""
+        if self._selected is not None:
+            return self._reshape_selected(record)
         try:
             fields = self._decoder.decode(record)
         except _DECODE_ERRORS as exc:
             return None, f"record is not a JSON object: {exc}"
-        if self.select:
-            fields = {name: fields[name] for name in self.select if name in fields}
         for name in self.drop.intersection(fields):
             del fields[name]
         if self.rename:
@@ -223,6 +238,31 @@ class Reshaper:
                 return None, f"rename onto {clash!r}, which the record already has"
             fields = {self.rename.get(name, name): value for name, value in fields.items()}
         return Raw(self._encoder.encode(fields)), ""
+
+    def _reshape_selected(self, record: Raw) -> tuple[Raw | None, str]:
+        """Only the selected fields, in the order selected, renamed; a field the record lacks is left out.
+        No rename can clash here: every other field is gone, and the config refuses a rename onto a
+        selected field."""
+        decoder, renamed = self._selected
+        try:
+            selected = decoder.decode(record)
+        except _DECODE_ERRORS as exc:
+            return None, f"record is not a JSON object: {exc}"
+        return Raw(self._encoder.encode(renamed(*_astuple(selected)))), ""
+
+
+_astuple = msgspec.structs.astuple
+
+
+def _selection_structs(select: Sequence[str], rename: dict[str, str]) -> tuple[msgspec.json.Decoder, type]:
+    """A decoder of the selected fields (each the bytes sent, or UNSET when absent, which encoding leaves
+    out) and the Struct with the same fields under their new names."""
+    fields = [(f"f{index}", Raw | msgspec.UnsetType, msgspec.UNSET) for index in range(len(select))]
+    selected = msgspec.defstruct("Selected", fields, rename={f"f{i}": name for i, name in enumerate(select)},
+                                 gc=False)
+    renamed = msgspec.defstruct("Renamed", fields,
+                                rename={f"f{i}": rename.get(name, name) for i, name in enumerate(select)}, gc=False)
+    return msgspec.json.Decoder(selected), renamed
 
 
 def _short(value: Any) -> str:

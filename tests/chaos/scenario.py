@@ -1,10 +1,12 @@
-"""The chaos scenario runner: a full sync with live changes while faults are injected on a schedule.
+"""The chaos scenario runner: a full sync with live changes and deletes while faults are injected on a
+schedule.
 
 A scenario is a list of (second, fault) pairs played against a real daemon, a real demo upstream and
 a real demo sink. Faults are chosen and timed from a fixed seed, so a failing run can be replayed.
-At the end, changes stop, the pipeline must converge (the sink's checksum equals the upstream's for
-every collection), and the dead-letter queue must hold exactly the upstream's malformed records.
-The report lists every fault with when it was injected, and the records lost (which must be 0).
+At the end, changes and deletes stop, the pipeline must converge (the sink's checksum equals the
+upstream's for every collection: the live records, soft- and hard-deleted ones gone), and the
+dead-letter queue must hold exactly the upstream's malformed records. The report lists every fault
+with when it was injected, the deletes on both sides, and the records lost (which must be 0).
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ class ChaosRun:
             self.injected.append((round(time.monotonic() - self.started, 1), fault(self)))
 
     def converge(self, timeout_s: float) -> dict:
-        requests.post(f"{self.upstream_url}/admin/change-rate", json={"change_rate_per_s": 0}, timeout=10)
-        requests.post(f"{self.upstream_url}/admin/faults", json={"error_rate": 0, "throttle_rate": 0,
-                                                                  "latency_ms": 0}, timeout=10)
+        requests.post(f"{self.upstream_url}/admin/faults", json={"error_rate": 0, "throttle_rate": 0, "latency_ms": 0,
+                                                                  "change_rate_per_s": 0, "delete_rate_per_s": 0},
+                      timeout=10).raise_for_status()
+        self.request_full_syncs()
 
         def equal():
             upstream, sink = checksums(self.upstream_url, self.sink_url, self.collections)
@@ -69,7 +72,29 @@ class ChaosRun:
         lost = sum(max(0, upstream[name][1] - (sink[name][1] or 0)) for name in self.collections)
         mismatched = [name for name in self.collections if upstream[name] != sink[name]]
         return {"upstream": upstream, "sink": sink, "records_lost": lost, "collections_differing": mismatched,
-                "converged_after_s": converged_at}
+                "converged_after_s": converged_at, "deletes": self.deletes()}
+
+    def deletes(self) -> dict:
+        """What was deleted upstream, what the sink holds as tombstones, and what the daemon reconciled."""
+        upstream = requests.get(f"{self.upstream_url}/stats", timeout=10).json()
+        collections = upstream["collections"]
+        sink = requests.get(f"{self.sink_url}/stats", timeout=10).json()["sources"]
+        sources = self.daemon.status()["sources"]
+        return {"upstream": upstream["deletes"],
+                "upstream_deleted": {name: collections[c]["deleted"] for name, c in self.collections.items()},
+                "sink_tombstones": {name: sink.get(name, {}).get("tombstones") for name in self.collections},
+                "reconciled": self.daemon.metric("conflux_reconcile_keys_total", outcome="deleted") or 0,
+                "last_reconcile": {name: sources[name].get("reconcile") for name in self.collections}}
+
+    def request_full_syncs(self) -> list[str]:
+        """A hard delete shows only as a key a complete full sync no longer lists: ask for one now rather than
+        wait for full_sync_interval_s. The regular schedule takes over if a fault swallows a request."""
+        accepted = []
+        for name in self.collections:
+            response = requests.post(f"{self.daemon.url}/sync/{name}", params={"full": "true"}, timeout=30)
+            if response.status_code == 202:
+                accepted.append(name)
+        return accepted
 
     def dead_letters(self) -> list[dict]:
         out = subprocess.run([sys.executable, "-m", "conflux", "dlq", "list", "-c", str(self.daemon.config_path),
@@ -88,7 +113,11 @@ def report(run: ChaosRun, outcome: dict, dlq_equal: bool, dlq_count: int) -> str
     lines += [f"  converged after: {outcome['converged_after_s']} s",
               f"  records lost: {outcome['records_lost']}",
               f"  collections differing: {outcome['collections_differing'] or 'none'}",
-              f"  dead letters: {dlq_count}, exactly the malformed records: {dlq_equal}"]
+              f"  dead letters: {dlq_count}, exactly the malformed records: {dlq_equal}",
+              f"  deletes upstream: {outcome['deletes']['upstream']}, deleted per collection "
+              f"{outcome['deletes']['upstream_deleted']}",
+              f"  sink tombstones: {outcome['deletes']['sink_tombstones']}, keys deleted by reconciles: "
+              f"{outcome['deletes']['reconciled']:g}"]
     for name, (checksum, count) in outcome["upstream"].items():
         lines.append(f"    {name}: upstream {checksum} ({count})  sink {outcome['sink'][name][0]} "
                      f"({outcome['sink'][name][1]})")
@@ -143,6 +172,16 @@ def bad_config_reload() -> Fault:
         wait_until(lambda: "reload refused" in run.daemon.log(), timeout_s=20, message="the refused reload")
         path.write_text(good)
         return "SIGHUP with an invalid config (refused, old config kept)"
+    return fault
+
+
+def deletes_stop() -> Fault:
+    """The upstream stops deleting, and every source is asked for a full sync: its reconcile finds the hard
+    deletes while the other faults still run, as the soft ones already flowed with the incremental syncs."""
+    def fault(run: ChaosRun) -> str:
+        requests.post(f"{run.upstream_url}/admin/delete-rate", json={"delete_rate_per_s": 0},
+                      timeout=10).raise_for_status()
+        return f"upstream stops deleting; full syncs asked of {', '.join(run.request_full_syncs()) or 'none'}"
     return fault
 
 

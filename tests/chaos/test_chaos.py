@@ -1,7 +1,14 @@
-"""The chaos suite: at least 200k records with live changes under every kind of fault, fixed seeds.
+"""The chaos suite: at least 200k records with live changes and deletes under every kind of fault, fixed
+seeds.
 
-Runs in CI at this moderate size. At the end the sink must equal the upstream (no record lost) and
-the dead-letter queue must hold exactly the upstream's malformed records.
+Runs in CI at this moderate size. For the first 14 s, through the storm, the kills and the sink's
+failures, the upstream deletes records in the background, half soft (listed with "deleted": true) and
+half hard (gone from every listing); then it stops and both sources are asked for a full sync, whose
+reconcile finds the hard deletes while the remaining faults run. Both sources mark deletes (``deleted``)
+and reconcile: customers page by cursor (a missing key is deleted at once), products by page number (a
+missing key is confirmed by the by-key lookup's 404). At the end the sink must equal the upstream's live
+records (no record lost, none deleted kept) and the dead-letter queue must hold exactly the upstream's
+malformed records.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from tests.chaos.scenario import (
     ChaosRun,
     bad_config_reload,
     broker_restart,
+    deletes_stop,
     kill_random_worker,
     report,
     sink_apply_then_fail,
@@ -24,17 +32,20 @@ from tests.fixtures.daemon import source
 
 RECORDS = 200_000
 SEED = 20261127
+DELETES_PER_S = 40
 COLLECTIONS = {"customers": "customers", "products": "products"}
 
 
 def _world(upstream_factory, analytics_factory, daemon_factory, **log):
     upstream = upstream_factory(customers=RECORDS // 2, products=RECORDS // 2, seed=SEED, malformed_rate=0.001,
-                                change_rate=100)
+                                change_rate=100, delete_rate=DELETES_PER_S, delete_style="mixed")
     sink = analytics_factory(seed=SEED)
+    deletes = {"deleted": "deleted", "reconcile": True}
     daemon = daemon_factory(
         sources=[source("customers", upstream.url, path="customers/cursor", pagination="cursor", page_size=1000,
-                        poll_interval_s=1.0, full_sync_interval_s=20.0),
-                 source("products", upstream.url, page_size=1000, poll_interval_s=1.0, full_sync_interval_s=20.0)],
+                        poll_interval_s=1.0, full_sync_interval_s=20.0, **deletes),
+                 source("products", upstream.url, page_size=1000, poll_interval_s=1.0, full_sync_interval_s=20.0,
+                        lookup_url=f"{upstream.url}/api/products/{{key}}", **deletes)],
         sink_url=sink.url, retry={"base_s": 0.1, "max_s": 2.0, "max_attempts": 30, "breaker_cooldown_s": 3.0},
         workers={"heartbeat_timeout_s": 20.0}, **log)
     return upstream, sink, daemon
@@ -49,6 +60,9 @@ def _finish(run: ChaosRun) -> None:
     print(text)
     assert outcome["records_lost"] == 0 and not outcome["collections_differing"], text
     assert got == expected, f"{text}\nDLQ has {len(got - expected)} extra and misses {len(expected - got)}"
+    # Not vacuous: both kinds of delete happened, and the hard ones were found by reconciles.
+    deletes = outcome["deletes"]
+    assert deletes["upstream"]["soft"] > 0 and deletes["upstream"]["hard"] > 0 and deletes["reconciled"] > 0, text
 
 
 # Every scenario starts with the same faults on the workers, the upstream and the sink.
@@ -59,6 +73,7 @@ COMMON_FAULTS = [
     (5.0, sink_apply_then_fail(0.3, seconds=8)),
     (7.0, bad_config_reload()),
     (9.0, kill_random_worker(("fetcher",))),
+    (14.0, deletes_stop()),
 ]
 
 

@@ -73,3 +73,20 @@ def test_bench_reports_the_contract_fields(tmp_path):
         assert result[field] is not None, field
     assert result["records"] == 20000 and result["checksums_equal"] is True
     assert list(tmp_path.glob("throughput-embedded-*.svg"))
+
+
+@pytest.mark.slow
+def test_bench_runs_a_delete_heavy_and_a_shaping_export_and_compares_them_with_the_plain_one(tmp_path):
+    out = _conflux("bench", "--records", "20000", "--baseline-records", "0", "--changes-per-s", "0", "--deletes",
+                   "--shaping", "--json", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    deletes, shaping = result["deletes"], result["shaping"]
+    assert deletes["checksums_equal"] and deletes["deletes_checksums_equal"], deletes
+    assert 0.10 <= deletes["deleted_fraction"] < 0.12 and deletes["soft_deleted"] > 0 and deletes["hard_deleted"] > 0
+    for name, report in deletes["reconcile"].items():  # the hard deletes were found by the reconcile
+        assert report["deleted"] > 0 and not report["refused"] and report["duration_s"] > 0, (name, report)
+    assert sum(report["deleted"] for report in deletes["reconcile"].values()) == deletes["hard_deleted"]
+    assert shaping["records_equal"] and shaping["sample_equal"], shaping
+    for run in (deletes, shaping):
+        assert run["plain_records_per_s"] == result["records_per_s"] and run["ratio_to_plain"] > 0

@@ -156,3 +156,17 @@ def test_the_delete_column_survives_partitioning():
     seen = {key: flag for _p, batch in batches for key, flag in zip(batch.keys, batch.deleted or
                                                                     [False] * batch.count, strict=True)}
     assert seen == {str(i): i % 3 == 0 for i in range(30)}
+
+
+def test_a_marker_or_filter_inside_an_object_live_records_leave_out_keeps_the_fast_path():
+    """Regression: `deleted = "deletion.at"` sent every page without a `deletion` object down the slow path."""
+    from conflux.workers.columns import _fast
+
+    s = schema(deleted="deletion.at", filter=FilterConfig(field="plan.tier", in_=["gold"]))
+    records = [{"id": 1, "updated_at": T0, "plan": {"tier": "gold"}},
+               {"id": 2, "updated_at": T0, "deletion": {"at": T0}, "plan": {"tier": "gold"}},
+               {"id": 3, "updated_at": T0, "deletion": None}]
+    raws, fields, _meta = s.page_records(msgspec.json.encode({"data": records}))
+    fast = _fast(s.shape, raws, fields, s._latest_us())
+    assert fast is not None and fast.deleted == [False, True, True]   # 3 is outside the filter
+    assert fast == slow(s, records)

@@ -613,3 +613,42 @@ def test_config_check_hides_every_secret_form() -> None:
     producer = data["kafka"]["producer"]
     assert producer["sasl.password_env"] == "KAFKA_PW" and producer["linger.ms"] == 5  # not secrets
     assert producer["ssl.key.pem"] == producer["ssl.key.password"] == "***"
+
+
+# -- shaping and deletes: impossible combinations name the field --------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ('[sources.fields]\nselect = ["a", "b"]\ndrop = ["b"]\n', "sources[0].fields: 'b' is in both select and drop"),
+    ('[sources.fields]\nrename = {a = "x", b = "x"}\n', "sources[0].fields: rename: two fields are renamed to 'x'"),
+    ('[sources.fields]\nselect = ["a", "x"]\nrename = {a = "x"}\n',
+     "sources[0].fields: rename: 'a' -> 'x' would overwrite the selected field 'x'"),
+    ('[sources.fields]\nselect = ["a"]\nrename = {b = "x"}\n',
+     "sources[0].fields: rename: 'b' is not selected, so it is never renamed"),
+    ('[sources.fields]\ndrop = ["a"]\nrename = {a = "x"}\n', "sources[0].fields: rename: 'a' is dropped"),
+    ('filter = { field = "status", in = ["a"], not_in = ["b"] }\n',
+     "sources[0].filter: give exactly one of in and not_in"),
+    ('filter = { field = "status" }\n', "sources[0].filter: give exactly one of in and not_in"),
+    ('filter = { field = "a..b", in = ["x"] }\n', "sources[0].filter: field: 'a..b' is not a dotted path"),
+    ('key = "attributes..sku"\n', "sources[0]: key: 'attributes..sku' is not a dotted path"),
+    ('deleted = ".gone"\n', "sources[0]: deleted: '.gone' is not a dotted path"),
+    ('key = ["region", "id"]\npagination = "watermark"\n', "sources[0]: key: the watermark (keyset) style pages"),
+    ('updated_format = "epoch_ns"\n', "sources[0].updated_format: Invalid enum value 'epoch_ns'"),
+    ("reconcile_max_fraction = 0\n", "sources[0]: reconcile_max_fraction must be > 0 and <= 1"),
+    ('lookup_url = "http://upstream/api/c"\n', "sources[0]: lookup_url must hold {key}"),
+    # Regression: accepted, then every fetcher and the control process crashed building the source's decoder.
+    ('key = "meta.id"\nupdated = "meta.id.at"\n', "sources[0]: updated: 'meta.id.at' runs inside key 'meta.id'"),
+    ('key = "meta"\nupdated = "meta.updated"\n', "sources[0]: updated: 'meta.updated' runs inside key 'meta'"),
+    ('deleted = "updated_at.flag"\n', "sources[0]: deleted: 'updated_at.flag' runs inside updated 'updated_at'"),
+    ('key = "a"\nfilter = { field = "a.b", in = ["x"] }\n', "sources[0]: filter.field: 'a.b' runs inside key 'a'"),
+])
+def test_impossible_shaping_combinations_are_config_errors_naming_the_field(extra: str, words: str) -> None:
+    assert words in error(SOURCE + extra)
+
+
+def test_paths_may_share_objects_and_one_field_may_serve_twice() -> None:
+    from conflux.workers.shaping import SourceShape
+
+    config = load(SOURCE + 'key = ["meta.id", "region"]\nupdated = "meta.updated"\ndeleted = "meta.gone"\n'
+                           'filter = { field = "region", in = ["eu"] }\n')
+    SourceShape(config.sources[0])  # builds its decoder: the config check promised it can

@@ -93,3 +93,21 @@ def test_extreme_key_hashes_are_stored_and_walked(tmp_path):
     index.seen(["lo", "hi", "mid"], [0, (1 << 64) - 1, 1 << 63], [1, 1, 1], [False] * 3, 10)
     hashes = sorted(c.key_hash for batch in index.reconcile(started_us=20).candidates(batch=1) for c in batch)
     assert hashes == [0, 1 << 63, (1 << 64) - 1]
+
+
+def test_a_dead_lettered_record_with_a_readable_key_counts_as_listed_but_never_outranks_a_version(tmp_path):
+    from msgspec import Raw
+
+    from conflux.workers.columns import Columns
+
+    index = KeyIndex(tmp_path, "crm")
+    see(index, ["a", "b", "c"], at_us=100, updated_us=10)
+    reconcile = index.reconcile(started_us=100)
+    reconcile.decide(deleted=[h("c")])
+    reconcile.commit()                                  # c is deleted at 100
+    page = Columns(keys=[], updated=[], updated_us=[], hashes=[], key_hashes=[], records=[], deleted=[],
+                   dead=[(Raw(b"{}"), "a", "bad timestamp"), (Raw(b"{}"), "", "missing key field 'id'"),
+                         (Raw(b"{}"), "c", "bad timestamp")])
+    index.seen_columns(page, seen_us=200)               # the full sync that started at 150 saw a (invalid)
+    reconcile = index.reconcile(started_us=150)
+    assert (reconcile.live, candidate_keys(reconcile)) == (2, ["b"])  # c stays deleted, a stays live

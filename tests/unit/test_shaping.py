@@ -142,3 +142,34 @@ def test_a_rename_onto_a_field_the_record_has_is_refused_per_record():
 def test_a_record_that_is_not_an_object_cannot_be_reshaped():
     shaped, why = Reshaper(drop=["x"]).reshape(msgspec.Raw(b"[1, 2]"))
     assert shaped is None and "not a JSON object" in why
+
+
+names = st.sampled_from(["id", "name", "tier", "meta", "a b", "é"])
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                      max_size=3), max_leaves=5)
+
+
+def selected_as_a_dict_would(record: bytes, select: list[str], rename: dict[str, str]) -> bytes:
+    """The plain model: decode to a dict of raw values, keep the selected in select order, rename."""
+    fields = msgspec.json.decode(record, type=dict[str, msgspec.Raw])
+    kept = {name: fields[name] for name in dict.fromkeys(select) if name in fields}
+    return msgspec.json.encode({rename.get(name, name): value for name, value in kept.items()})
+
+
+@FUZZ
+@given(st.dictionaries(names, json_values, max_size=6), st.lists(names, min_size=1, max_size=4),
+       st.dictionaries(names, st.sampled_from(["x", "y", "z"]), max_size=2, dict_class=dict))
+def test_select_with_rename_gives_the_bytes_a_dict_round_trip_gives(record, select, rename):
+    if len(set(rename.values())) < len(rename):
+        rename = {}  # two fields onto one name: a config error
+    raw = msgspec.json.encode(record).replace(b",", b", ")  # as sent, spaces and all inside values
+    shaped, why = Reshaper(select=select, rename=rename).reshape(msgspec.Raw(raw))
+    assert why == "" and bytes(shaped) == selected_as_a_dict_would(raw, select, rename)
+
+
+def test_select_is_refused_for_a_record_that_is_not_an_object_and_ignores_what_it_drops():
+    shaped, why = Reshaper(select=["a"]).reshape(msgspec.Raw(b'"text"'))
+    assert shaped is None and "not a JSON object" in why
+    shaped, _ = Reshaper(select=["a", "b", "a"], drop=["b"]).reshape(msgspec.Raw(b'{"b": 1, "a": 2}'))
+    assert bytes(shaped) == b'{"a":2}'
