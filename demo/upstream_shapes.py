@@ -37,6 +37,7 @@ class ChildView:
     def __init__(self, child: Collection, entries: list[tuple[int, Key, bytes]]) -> None:
         self.name = child.name
         self.spec = child.spec
+        self.layout = child.layout
         self._child = child
         self._entries = entries
         self._positions = [(sort_us, key) for sort_us, key, _data in entries]
